@@ -1,0 +1,366 @@
+"""BIDS in and BIDS-Derivatives out: queries, naming, sidecars and provenance.
+
+Inputs are found with pybids (so bval/bvec/JSON resolve through the BIDS
+inheritance principle); outputs are named from the source file name with every
+source entity kept and ``desc-<method>`` added, and described by sidecars that
+carry the source's acquisition metadata and this file's provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bids_denoise import __version__
+from bids_denoise.io import atomic_path, write_json, write_text
+
+CODE_URL = "https://github.com/bids-denoise/bids-denoise"
+BIDS_VERSION = "1.10.0"
+
+#: Non-standard outputs the validator must not judge (see README, "Output layout").
+BIDSIGNORE_LINES = (
+    "*_desc-*_dwi.bval",  # the validator rejects bval/bvec carrying desc- in derivatives
+    "*_desc-*_dwi.bvec",
+    "*_dwimap.nii.gz",
+    "*_dwimap.json",
+    "prov/",
+    "logs/",
+    "sub-*/log/",
+    "sub-*/figures/",
+    "*.html",
+    "group.tsv",
+)
+
+
+class BIDSInputError(ValueError):
+    """The input is not a usable BIDS dataset (exit code 16 or 66)."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NothingSelectedError(ValueError):
+    """The filters selected no run (exit code 18)."""
+
+
+@dataclass
+class DWIRun:
+    """One selected DWI run and the files that go with it."""
+
+    path: Path
+    bval: Path | None
+    bvec: Path | None
+    entities: dict
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def subject(self) -> str:
+        return self.entities["subject"]
+
+    @property
+    def relpath(self) -> str:
+        return self.entities["_relpath"]
+
+    @property
+    def label(self) -> str:
+        """The source file name without extension, e.g. ``sub-01_run-1_dwi``."""
+        return re.sub(r"\.nii(\.gz)?$", "", self.path.name)
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    return label[len(prefix) :] if label.startswith(prefix) else label
+
+
+def check_bids_root(bids_dir: Path) -> None:
+    if not bids_dir.is_dir():
+        raise BIDSInputError(f"{bids_dir}: BIDS_DIR does not exist or is not a folder", 66)
+    description = bids_dir / "dataset_description.json"
+    if not description.is_file():
+        raise BIDSInputError(
+            f"{bids_dir}: not a BIDS dataset (no dataset_description.json at its top)", 16
+        )
+    try:
+        json.loads(description.read_text())
+    except (OSError, ValueError) as err:
+        raise BIDSInputError(f"{description}: not valid JSON ({err})", 16) from None
+
+
+def find_validator() -> str | None:
+    """The official BIDS validator's executable, if installed."""
+    here = Path(sys.executable).parent
+    for name in ("bids-validator-deno", "bids-validator"):
+        candidate = here / name
+        if candidate.exists():
+            return str(candidate)
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def validate_dataset(path: Path, *, timeout=600) -> tuple[int, list[str]]:
+    """Run the official validator; return (number of errors, error lines)."""
+    validator = find_validator()
+    if validator is None:
+        raise FileNotFoundError("the BIDS validator (bids-validator-deno) is not installed")
+    env = dict(os.environ, NO_COLOR="1", DENO_NO_UPDATE_CHECK="1")
+    proc = subprocess.run(
+        [validator, str(path), "--format", "json", "--ignoreWarnings"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        return 1, [f"validator failed to run: {proc.stderr.strip()[:500]}"]
+    issues = report.get("issues", {}).get("issues", [])
+    errors = [issue for issue in issues if issue.get("severity") == "error"]
+    lines = [
+        f"{issue.get('code')}: {issue.get('location', '')} {issue.get('issueMessage', '') or ''}".strip()
+        for issue in errors
+    ]
+    return len(errors), lines
+
+
+def build_layout(bids_dir: Path, database_dir: Path | None = None):
+    """A pybids layout of the raw dataset (never writes into it)."""
+    from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
+
+    indexer = BIDSLayoutIndexer(validate=False, index_metadata=True)
+    return BIDSLayout(
+        str(bids_dir),
+        validate=False,
+        derivatives=False,
+        indexer=indexer,
+        database_path=str(database_dir) if database_dir else None,
+    )
+
+
+def select_dwi_runs(layout, participant_labels=None, session_labels=None, bids_filters=None):
+    """Every DWI run the labels and filters select, with bval/bvec/metadata resolved.
+
+    Raises
+    ------
+    NothingSelectedError
+        With the labels that do exist, when nothing matches.
+    """
+    subjects = layout.get_subjects()
+    if not subjects:
+        raise NothingSelectedError(f"{layout.root}: no sub-* folders found in BIDS_DIR")
+    wanted = [strip_prefix(label, "sub-") for label in (participant_labels or [])] or subjects
+    missing = sorted(set(wanted) - set(subjects))
+    if missing:
+        raise NothingSelectedError(
+            f"participant label(s) {', '.join(missing)} not found; "
+            f"participants in the dataset: {', '.join(sorted(subjects))}"
+        )
+    query = {
+        "subject": wanted,
+        "datatype": "dwi",
+        "suffix": "dwi",
+        "extension": [".nii", ".nii.gz"],
+    }
+    if session_labels:
+        sessions = [strip_prefix(label, "ses-") for label in session_labels]
+        known = layout.get_sessions(subject=wanted)
+        if not set(sessions) & set(known):
+            raise NothingSelectedError(
+                f"session label(s) {', '.join(sessions)} not found for the selected participants; "
+                f"sessions present: {', '.join(sorted(known)) or 'none'}"
+            )
+        query["session"] = sessions
+    for key, value in (bids_filters or {}).get("dwi", {}).items():
+        query[key] = value
+    files = layout.get(return_type="object", **query)
+    if not files:
+        present = layout.get(subject=wanted, datatype="dwi", return_type="filename")
+        raise NothingSelectedError(
+            "the filters selected no DWI run; DWI files under the selected participants: "
+            + (", ".join(Path(p).name for p in present) or "none")
+        )
+    runs = []
+    for bids_file in files:
+        path = Path(bids_file.path)
+        entities = {
+            key: value
+            for key, value in bids_file.get_entities().items()
+            if key not in ("extension", "suffix", "datatype")
+        }
+        entities["_relpath"] = str(path.relative_to(layout.root))
+        runs.append(
+            DWIRun(
+                path=path,
+                bval=_optional(layout.get_bval, str(path)),
+                bvec=_optional(layout.get_bvec, str(path)),
+                entities=entities,
+                metadata=_metadata(layout, path),
+            )
+        )
+    return runs
+
+
+def _optional(getter, path):
+    try:
+        found = getter(path)
+    except Exception:  # pybids raises bare errors when nothing is found
+        return None
+    return Path(found) if found else None
+
+
+def _metadata(layout, path):
+    try:
+        return dict(layout.get_metadata(str(path)))
+    except Exception:
+        return {}
+
+
+def derivative_relpath(run: DWIRun, desc: str, suffix: str = "dwi", extension: str = ".nii.gz", extra=None) -> str:
+    """Derivative path relative to OUTPUT_DIR, keeping every source entity.
+
+    ``sub-01/ses-pre/dwi/sub-01_ses-pre_acq-mb_run-1_dwi.nii.gz`` with desc
+    ``patch2self`` becomes
+    ``sub-01/ses-pre/dwi/sub-01_ses-pre_acq-mb_run-1_desc-patch2self_dwi.nii.gz``.
+    """
+    source = Path(run.relpath)
+    parts = run.label.split("_")[:-1]  # drop the suffix
+    parts = [part for part in parts if not part.startswith("desc-")]
+    parts.append(f"desc-{desc}")
+    for key, value in (extra or {}).items():
+        parts.append(f"{key}-{value}")
+    name = "_".join(parts) + f"_{suffix}{extension}"
+    return str(source.parent / name)
+
+
+def bids_uri(run: DWIRun) -> str:
+    return f"bids:raw:{run.relpath}"
+
+
+def dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
+    raw = {}
+    try:
+        raw = json.loads((bids_dir / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        pass
+    generated_by = {"Name": "bids-denoise", "Version": __version__, "CodeURL": CODE_URL}
+    if container:
+        generated_by["Container"] = container
+    source = {"URL": bids_dir.resolve().as_uri()}
+    if raw.get("DatasetDOI"):
+        source["DOI"] = raw["DatasetDOI"]
+    return {
+        "Name": f"bids-denoise derivatives of {raw.get('Name', bids_dir.name)}",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+        "SourceDatasets": [source],
+        "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
+    }
+
+
+def container_info() -> dict | None:
+    """Describe the container we run in, if any (set by the Dockerfile / Singularity.def)."""
+    kind = os.environ.get("BIDS_DENOISE_CONTAINER")
+    if not kind:
+        if Path("/.dockerenv").exists():
+            kind = "docker"
+        elif os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
+            kind = "singularity"
+    if not kind:
+        return None
+    info = {"Type": kind}
+    tag = os.environ.get("BIDS_DENOISE_IMAGE")
+    if tag:
+        info["Tag"] = tag
+    return info
+
+
+def init_output_dir(output_dir: Path, bids_dir: Path) -> None:
+    """Create dataset_description.json and .bidsignore, safely under concurrent jobs.
+
+    Each file is written to a temporary name and renamed, so a reader (or a
+    concurrent participant job) sees either no file or a whole one. An existing
+    description is kept: the first job to finish defines it.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    description = output_dir / "dataset_description.json"
+    if not _valid_json(description):
+        write_json(dataset_description(bids_dir, container_info()), description)
+    ignore = output_dir / ".bidsignore"
+    existing = ignore.read_text().splitlines() if ignore.exists() else []
+    lines = existing + [line for line in BIDSIGNORE_LINES if line not in existing]
+    if lines != existing:
+        write_text("\n".join(lines) + "\n", ignore)
+
+
+def _valid_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def software_versions() -> dict:
+    """Versions of everything that shaped an output, for provenance."""
+    import importlib.metadata as metadata
+
+    versions = {"bids-denoise": __version__, "python": platform.python_version()}
+    for package in ("numpy", "scipy", "torch", "nibabel", "nipype", "pybids", "dipy", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def provenance_record(run: DWIRun, method: str, outputs: list, provenance: dict) -> dict:
+    """A BEP028-style (draft) provenance record for one run and method, as JSON-LD."""
+    activity_id = f"urn:bids-denoise:{run.label}:{method}"
+    software_id = f"urn:bids-denoise:software:{__version__}"
+    return {
+        "@context": "https://purl.org/nidash/bidsprov/context.json",
+        "Records": {
+            "Software": [
+                {"@id": software_id, "@type": "prov:SoftwareAgent", "Label": "bids-denoise",
+                 "Version": __version__, "AltIdentifier": CODE_URL}
+            ],
+            "Activities": [
+                {
+                    "@id": activity_id,
+                    "Label": method,
+                    "Command": provenance.get("CommandLine"),
+                    "AssociatedWith": software_id,
+                    "Used": [bids_uri(run)],
+                    "StartedAtTime": provenance.get("StartTime"),
+                    "EndedAtTime": provenance.get("EndTime"),
+                    "Parameters": provenance.get("Parameters"),
+                }
+            ],
+            "Entities": [
+                {"@id": bids_uri(run), "Label": run.path.name,
+                 "Digest": {"sha256": provenance.get("InputDigests", {}).get(run.path.name)}}
+            ]
+            + [
+                {"@id": f"bids::{relpath}", "Label": Path(relpath).name,
+                 "GeneratedBy": activity_id, "Digest": {"sha256": digest}}
+                for relpath, digest in outputs
+            ],
+        },
+    }
+
+
+def copy_atomic(source: Path, destination: Path) -> Path:
+    with atomic_path(destination) as temporary:
+        shutil.copyfile(source, temporary)
+    return destination

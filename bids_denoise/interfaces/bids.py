@@ -1,0 +1,122 @@
+"""Interfaces at the edges of the graph: checking a run, writing derivatives.
+
+:class:`DerivativesSink` is the only thing that writes into OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class CheckRunInputSpec(BaseInterfaceInputSpec):
+    in_file = File(mandatory=True, desc="4D DWI series")
+    bval_file = traits.Either(None, File, mandatory=True)
+    bvec_file = traits.Either(None, File, mandatory=True)
+
+
+class CheckRunOutputSpec(TraitedSpec):
+    in_file = File(exists=True)
+    bval_file = File(exists=True)
+    bvec_file = File(exists=True)
+    n_volumes = traits.Int()
+
+
+class CheckRun(SimpleInterface):
+    """Load a DWI run and check image, bval and bvec agree (one-line error otherwise)."""
+
+    input_spec = CheckRunInputSpec
+    output_spec = CheckRunOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_denoise.io import load_dwi_run
+
+        _, data, _, _ = load_dwi_run(self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file)
+        self._results.update(
+            in_file=self.inputs.in_file,
+            bval_file=self.inputs.bval_file,
+            bvec_file=self.inputs.bvec_file,
+            n_volumes=int(data.shape[3]),
+        )
+        return runtime
+
+
+class DerivativesSinkInputSpec(BaseInterfaceInputSpec):
+    output_dir = Directory(mandatory=True, desc="the derivatives dataset (OUTPUT_DIR)")
+    source_file = File(exists=True, mandatory=True, desc="the raw DWI file")
+    source_relpath = traits.Str(mandatory=True, desc="raw file path relative to BIDS_DIR")
+    source_metadata = traits.Dict(desc="the raw file's sidecar metadata (inheritance resolved)")
+    bval_file = File(exists=True, mandatory=True)
+    bvec_file = File(exists=True, mandatory=True)
+    method = traits.Str(mandatory=True)
+    derivatives = traits.List(traits.Dict, mandatory=True)
+    provenance = traits.Dict(mandatory=True)
+    command_line = traits.Str("", usedefault=True)
+    versions = traits.Dict(desc="software versions")
+
+
+class DerivativesSinkOutputSpec(TraitedSpec):
+    out_files = traits.List(File(exists=True))
+
+
+class DerivativesSink(SimpleInterface):
+    """Write a method's outputs into OUTPUT_DIR with BIDS names and sidecars, atomically."""
+
+    input_spec = DerivativesSinkInputSpec
+    output_spec = DerivativesSinkOutputSpec
+
+    def _run_interface(self, runtime):
+        from bids_denoise import bids
+        from bids_denoise.io import sha256_of, write_json
+
+        output_dir = Path(self.inputs.output_dir)
+        run = bids.DWIRun(
+            path=Path(self.inputs.source_file),
+            bval=Path(self.inputs.bval_file),
+            bvec=Path(self.inputs.bvec_file),
+            entities={"_relpath": self.inputs.source_relpath},
+            metadata=dict(self.inputs.source_metadata),
+        )
+        method = self.inputs.method
+        provenance = dict(self.inputs.provenance)
+        provenance["CommandLine"] = self.inputs.command_line
+        provenance["SoftwareVersions"] = dict(self.inputs.versions)
+        written, digests = [], []
+        for item in self.inputs.derivatives:
+            relpath = bids.derivative_relpath(run, method, suffix=item["suffix"], extra=item["entities"])
+            destination = output_dir / relpath
+            bids.copy_atomic(Path(item["path"]), destination)
+            digest = sha256_of(destination)
+            digests.append((relpath, digest))
+            sidecar = {}
+            if item["kind"] == "denoised":
+                sidecar.update(run.metadata)
+            sidecar.update(
+                {
+                    "Description": item["description"],
+                    "Sources": [bids.bids_uri(run)],
+                    "SkullStripped": False,
+                    "GeneratedBy": [{"Name": "bids-denoise", "Version": provenance["SoftwareVersions"].get("bids-denoise"),
+                                     "CodeURL": bids.CODE_URL}],
+                    "Provenance": dict(provenance, OutputDigest=digest),
+                }
+            )
+            write_json(sidecar, destination.with_name(destination.name.replace(".nii.gz", ".json")))
+            written.append(str(destination))
+            if item["kind"] == "denoised":
+                for source, extension in ((self.inputs.bval_file, ".bval"), (self.inputs.bvec_file, ".bvec")):
+                    target = output_dir / bids.derivative_relpath(run, method, extension=extension)
+                    bids.copy_atomic(Path(source), target)
+                    written.append(str(target))
+        prov_path = output_dir / "prov" / f"{run.label}_desc-{method}_prov.jsonld"
+        write_json(bids.provenance_record(run, method, digests, provenance), prov_path)
+        self._results["out_files"] = written
+        return runtime

@@ -1,0 +1,190 @@
+"""Reading and checking input images, and writing outputs atomically.
+
+Every problem with an input becomes an :class:`InputDataError` whose message is
+one line naming the file and what is wrong with it. Every output is written to
+a hidden temporary name in its destination folder and renamed into place, so
+an interrupted run never leaves a truncated file that looks finished.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class InputDataError(ValueError):
+    """An input file is missing, unreadable or inconsistent (exit code 65)."""
+
+
+def sha256_of(path) -> str:
+    """Hex SHA-256 digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_nifti(path, *, ndim=None, check_finite=True):
+    """Load a NIfTI image and its data, or raise InputDataError naming the file.
+
+    Parameters
+    ----------
+    path : path-like
+    ndim : int, optional
+        Required number of dimensions (a 4D image with one volume counts as 3D).
+    check_finite : bool
+        Reject NaN or infinite voxels.
+
+    Returns
+    -------
+    image : nibabel.Nifti1Image
+    data : ndarray (float32 unless the file holds float64)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputDataError(f"{path}: file does not exist")
+    if path.stat().st_size == 0:
+        raise InputDataError(f"{path}: file is empty (0 bytes)")
+    try:
+        image = nib.load(str(path))
+        raw = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputDataError(f"{path}: not a readable NIfTI image (truncated or corrupt: {reason})") from None
+    dtype = np.float64 if raw.dtype == np.float64 else np.float32
+    data = np.asarray(raw, dtype=dtype)
+    if ndim is not None:
+        shape = data.shape
+        if ndim == 4 and (data.ndim != 4 or shape[3] < 2):
+            raise InputDataError(
+                f"{path}: expected a 4D series of volumes, got an image of shape {shape}"
+            )
+        if ndim == 3 and data.ndim != 3:
+            raise InputDataError(f"{path}: expected a 3D image, got shape {shape}")
+    if check_finite and not np.isfinite(data).all():
+        count = int(data.size - np.isfinite(data).sum())
+        raise InputDataError(f"{path}: {count} voxel value(s) are NaN or infinite")
+    return image, data
+
+
+def read_bvals(path, n_volumes=None) -> np.ndarray:
+    """Read an FSL-style .bval file (one row), checking its length."""
+    path = Path(path)
+    try:
+        values = np.loadtxt(path, ndmin=1, dtype=float)
+    except (OSError, ValueError) as err:
+        raise InputDataError(f"{path}: not a readable .bval file ({err})") from None
+    values = values.ravel()
+    if values.size == 0:
+        raise InputDataError(f"{path}: the .bval file is empty")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise InputDataError(f"{path}: b-values must be finite and non-negative")
+    if n_volumes is not None and values.size != n_volumes:
+        raise InputDataError(f"{path}: {values.size} b-values for {n_volumes} volumes")
+    return values
+
+
+def read_bvecs(path, n_volumes=None) -> np.ndarray:
+    """Read an FSL-style .bvec file, which must be 3 rows by one column per volume."""
+    path = Path(path)
+    try:
+        values = np.loadtxt(path, ndmin=2, dtype=float)
+    except (OSError, ValueError) as err:
+        raise InputDataError(f"{path}: not a readable .bvec file ({err})") from None
+    if values.shape[0] != 3:
+        raise InputDataError(f"{path}: a .bvec file must have 3 rows, found {values.shape[0]}")
+    if not np.isfinite(values).all():
+        raise InputDataError(f"{path}: gradient directions must be finite")
+    if n_volumes is not None and values.shape[1] != n_volumes:
+        raise InputDataError(f"{path}: {values.shape[1]} gradient directions for {n_volumes} volumes")
+    return values
+
+
+def load_dwi_run(dwi_file, bval_file, bvec_file):
+    """Load and check a DWI run: a 4D finite image with matching bval/bvec.
+
+    Returns
+    -------
+    image, data, bvals, bvecs
+    """
+    if bval_file is None or not Path(bval_file).exists():
+        raise InputDataError(f"{dwi_file}: no .bval file found for this DWI run")
+    if bvec_file is None or not Path(bvec_file).exists():
+        raise InputDataError(f"{dwi_file}: no .bvec file found for this DWI run")
+    image, data = load_nifti(dwi_file, ndim=4)
+    n_volumes = data.shape[3]
+    bvals = read_bvals(bval_file, n_volumes)
+    bvecs = read_bvecs(bvec_file, n_volumes)
+    return image, data, bvals, bvecs
+
+
+@contextmanager
+def atomic_path(destination):
+    """Yield a temporary path beside ``destination``; rename it into place on success."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(destination.suffixes) or ".tmp"
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=f".part{suffix}", dir=destination.parent
+    )
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, destination)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def save_nifti(data, reference, destination, dtype=np.float32):
+    """Save ``data`` with the header (affine, qform/sform codes, zooms, units) of ``reference``."""
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    zooms = reference.header.get_zooms()
+    image = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header)
+    image.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
+    image.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
+    if data.ndim == len(zooms):
+        image.header.set_zooms(zooms)
+    else:
+        image.header.set_zooms(zooms[: data.ndim])
+    image.header.set_xyzt_units(*reference.header.get_xyzt_units())
+    image.header["scl_slope"] = np.nan
+    image.header["scl_inter"] = np.nan
+    with atomic_path(destination) as temporary:
+        nib.save(image, str(temporary))
+    return Path(destination)
+
+
+def write_text(text: str, destination) -> Path:
+    with atomic_path(destination) as temporary:
+        temporary.write_text(text)
+    return Path(destination)
+
+
+def write_json(payload, destination) -> Path:
+    return write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n", destination)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -26,14 +26,15 @@ BIDS_VERSION = "1.10.0"
 
 #: Non-standard outputs the validator must not judge (see README, "Output layout").
 BIDSIGNORE_LINES = (
-    "*_desc-*_dwi.bval",  # the validator rejects bval/bvec carrying desc- in derivatives
-    "*_desc-*_dwi.bvec",
-    "*_dwimap.nii.gz",
-    "*_dwimap.json",
-    "prov/",
-    "logs/",
-    "sub-*/log/",
-    "sub-*/figures/",
+    # bids-validator-deno 3.0.2 rejects bval/bvec carrying desc- in derivatives, and it
+    # matches neither "dir/" patterns nor "*_desc-*_dwi.bval": keep these forms.
+    "*_dwi.bval",
+    "*_dwi.bvec",
+    "*_dwimap.*",
+    "prov",
+    "logs",
+    "sub-*/log",
+    "sub-*/figures",
     "*.html",
     "group.tsv",
 )

@@ -110,6 +110,11 @@ def _setup_logging():
         LOGGER.addHandler(handler)
         LOGGER.setLevel(logging.INFO)
         logging.getLogger("bids_denoise.methods").setLevel(logging.WARNING)
+    if os.environ.get("BIDS_DENOISE_VERBOSE") != "1":
+        from nipype import logging as nipype_logging
+
+        nipype_logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
+        nipype_logging.getLogger("nipype.interface").setLevel(logging.WARNING)
 
 
 def _fail(code: int, message: str) -> int:

@@ -1,0 +1,259 @@
+"""The BIDS-App contract: end to end on a phantom dataset, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_denoise.bids import find_validator, validate_dataset
+from bids_denoise.cli import main
+from tests.conftest import rmse, tree_digest
+
+
+def run_app(*args):
+    return main([str(a) for a in args])
+
+
+def outputs(out: Path):
+    return sorted(p for p in out.rglob("*") if p.is_file() and "log" not in p.parts)
+
+
+def test_end_to_end(dataset, tmp_path, capsys):
+    raw, truths = dataset
+    out, work = tmp_path / "out", tmp_path / "work"
+    before = tree_digest(raw)
+    code = run_app(raw, out, "participant", "--methods", "patch2self", "mppca", "-w", work,
+                   "--skip-bids-validation", "--nprocs", "2")
+    assert code == 0, capsys.readouterr().err
+    assert tree_digest(raw) == before  # the input is never modified
+
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "bids-denoise"
+    assert description["DatasetLinks"]["raw"].startswith("file://")
+
+    for relpath, truth_path in truths.items():
+        source = raw / relpath
+        stem = source.name.replace("_dwi.nii.gz", "")
+        folder = out / Path(relpath).parent
+        for method in ("patch2self", "mppca"):
+            image_path = folder / f"{stem}_desc-{method}_dwi.nii.gz"
+            assert image_path.exists(), image_path
+            image, reference = nib.load(image_path), nib.load(source)
+            assert np.allclose(image.affine, reference.affine)
+            assert image.header.get_zooms() == reference.header.get_zooms()
+            assert int(image.header["sform_code"]) == int(reference.header["sform_code"])
+            assert int(image.header["qform_code"]) == int(reference.header["qform_code"])
+            assert image.get_data_dtype() == np.float32
+            for extension in (".bval", ".bvec"):
+                assert (folder / f"{stem}_desc-{method}_dwi{extension}").read_text() == \
+                    (raw / f"dwi{extension}").read_text()
+            sidecar = json.loads((folder / f"{stem}_desc-{method}_dwi.json").read_text())
+            assert sidecar["PhaseEncodingDirection"] == "j-"  # inherited from the root dwi.json
+            assert sidecar["TotalReadoutTime"] == 0.05
+            assert sidecar["Sources"] == [f"bids:raw:{relpath}"]
+            assert sidecar["SkullStripped"] is False
+            provenance = sidecar["Provenance"]
+            assert provenance["Method"] == method
+            assert provenance["Seed"] == 0 and provenance["Device"] == "cpu"
+            assert provenance["InputDigests"][source.name] == before[relpath]
+            assert provenance["OutputDigest"] == tree_digest(folder)[image_path.name]
+            assert "--methods patch2self mppca" in provenance["CommandLine"]
+            assert provenance["SoftwareVersions"]["torch"] and provenance["SoftwareVersions"]["nipype"]
+            signal = nib.load(truth_path).get_fdata()
+            noisy = reference.get_fdata()
+            brain = signal[..., 0] > 0
+            assert rmse(image.get_fdata(), signal, brain) < 0.85 * rmse(noisy, signal, brain)
+        noise_map = folder / f"{stem}_desc-mppca_stat-noise_dwimap.nii.gz"
+        assert nib.load(noise_map).shape == nib.load(source).shape[:3]
+        assert (folder / f"{stem}_desc-mppca_stat-rank_dwimap.json").exists()
+    assert list((out / "prov").glob("*_prov.jsonld"))
+    assert list((out / "sub-01" / "log").glob("*.log"))
+
+    if find_validator():
+        n_errors, lines = validate_dataset(out)
+        assert n_errors == 0, lines
+
+    # a second run with the same work dir recomputes nothing and gives identical outputs
+    digests = {p: p.read_bytes() for p in outputs(out)}
+    node_results = sorted(work.rglob("patch2self_denoised.nii.gz"))
+    stamps = [p.stat().st_mtime_ns for p in node_results]
+    code = run_app(raw, out, "participant", "--methods", "patch2self", "mppca", "-w", work,
+                   "--skip-bids-validation", "--nprocs", "2")
+    assert code == 0
+    assert [p.stat().st_mtime_ns for p in node_results] == stamps
+    assert {p: p.read_bytes() for p in outputs(out)} == digests
+
+    assert run_app(raw, out, "group") == 0
+    table = (out / "group.tsv").read_text().splitlines()
+    assert len(table) == 1 + 2 * len(truths)
+    assert table[0].startswith("subject\tsession\trun")
+
+
+def test_filters_and_labels(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    out = tmp_path / "out"
+    filters = tmp_path / "filter.json"
+    filters.write_text(json.dumps({"dwi": {"run": 2}}))
+    code = run_app(raw, out, "participant", "--participant_label", "sub-02", "--session-label", "pre",
+                   "--bids-filter-file", filters, "-w", tmp_path / "work", "--skip-bids-validation")
+    assert code == 0, capsys.readouterr().err
+    written = sorted(p.name for p in out.rglob("*_desc-patch2self_dwi.nii.gz"))
+    assert written == ["sub-02_ses-pre_acq-multiband_run-2_desc-patch2self_dwi.nii.gz"]
+
+
+def test_validation_runs_by_default(dataset, tmp_path):
+    if not find_validator():
+        pytest.skip("bids-validator-deno is not installed")
+    raw, _ = dataset
+    (raw / "sub-01" / "ses-pre" / "dwi" / "sub-01_ses-pre_bogus.txt").write_text("x")
+    code = run_app(raw, tmp_path / "out", "participant", "-w", tmp_path / "work")
+    assert code == 16
+
+
+def expect_error(capsys, code, expected_code, *fragments):
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def dwi_of(raw, subject="01", session="pre", run=1):
+    return raw / f"sub-{subject}" / f"ses-{session}" / "dwi" / f"sub-{subject}_ses-{session}_acq-multiband_run-{run}_dwi.nii.gz"
+
+
+def run_one(raw, tmp_path, *extra):
+    return run_app(raw, tmp_path / "out", "participant", "-w", tmp_path / "work", "--skip-bids-validation", *extra)
+
+
+def test_missing_bids_dir(tmp_path, capsys):
+    code = run_app(tmp_path / "nope", tmp_path / "out", "participant")
+    expect_error(capsys, code, 66, "nope", "does not exist")
+
+
+def test_not_bids(tmp_path, capsys):
+    (tmp_path / "raw").mkdir()
+    code = run_app(tmp_path / "raw", tmp_path / "out", "participant")
+    expect_error(capsys, code, 16, "dataset_description.json")
+
+
+def test_output_inside_raw(dataset, capsys):
+    raw, _ = dataset
+    for output in (raw, raw / "sub-01" / "out"):
+        code = run_app(raw, output, "participant", "--skip-bids-validation")
+        expect_error(capsys, code, 64, "must not be BIDS_DIR or inside it")
+    assert not (raw / "sub-01" / "out").exists()
+
+
+def test_output_under_derivatives_is_allowed(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    code = run_app(raw, raw / "derivatives" / "bids-denoise", "participant", "--participant-label", "01",
+                   "--session-label", "post", "-w", tmp_path / "work", "--skip-bids-validation")
+    assert code == 0, capsys.readouterr().err
+
+
+def test_unknown_label_lists_existing(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    code = run_one(raw, tmp_path, "--participant-label", "07")
+    expect_error(capsys, code, 18, "07", "01, 02")
+    assert not (tmp_path / "out" / "sub-07").exists()
+
+
+@pytest.mark.parametrize("broken, fragments", [
+    ("no_bval", ["no .bval file"]),
+    ("bval_count", ["3 b-values for", "dwi.bval"]),
+    ("bvec_rows", ["must have 3 rows"]),
+    ("image_3d", ["expected a 4D series"]),
+    ("nan", ["NaN or infinite"]),
+    ("truncated", ["truncated or corrupt"]),
+    ("empty", ["empty (0 bytes)"]),
+])
+def test_bad_run_is_reported_skipped_and_others_complete(dataset, tmp_path, capsys, broken, fragments):
+    raw, _ = dataset
+    target = dwi_of(raw)
+    image = nib.load(target)
+    if broken == "no_bval":
+        sidecar = target.with_name(target.name.replace(".nii.gz", ".bvec"))
+        np.savetxt(sidecar, np.loadtxt(raw / "dwi.bvec"))
+        (raw / "dwi.bval").rename(raw / "unrelated.txt")
+        (raw / "unrelated.txt").unlink()
+        # every run lost its bval: all bad
+    elif broken == "bval_count":
+        (raw / "dwi.bval").write_text("0 1000 1000\n")
+    elif broken == "bvec_rows":
+        target.with_name(target.name.replace(".nii.gz", ".bvec")).write_text("1 0 0\n0 1 0\n")
+    elif broken == "image_3d":
+        nib.save(nib.Nifti1Image(image.get_fdata()[..., 0], image.affine), target)
+    elif broken == "nan":
+        data = image.get_fdata()
+        data[3, 3, 3, 2] = np.nan
+        nib.save(nib.Nifti1Image(data.astype(np.float32), image.affine), target)
+    elif broken == "truncated":
+        payload = target.read_bytes()
+        target.write_bytes(payload[: len(payload) // 2])
+    elif broken == "empty":
+        target.write_bytes(b"")
+    before = tree_digest(raw)
+    code = run_one(raw, tmp_path, "--participant-label", "01")
+    err = capsys.readouterr().err
+    assert code == 65, err
+    for fragment in fragments:
+        assert fragment in err
+    assert "skipped for bad input data" in err
+    assert tree_digest(raw) == before
+    out = tmp_path / "out"
+    bad_stem = target.name.replace("_dwi.nii.gz", "")
+    assert not list(out.rglob(f"{bad_stem}_desc-*")) if out.exists() else True
+    if broken not in ("no_bval", "bval_count"):
+        # the good runs of the participant still completed
+        assert len(list(out.rglob("*_desc-patch2self_dwi.nii.gz"))) == 2
+
+
+def test_stop_on_first_crash_writes_nothing(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    dwi_of(raw).write_bytes(b"")
+    code = run_one(raw, tmp_path, "--participant-label", "01", "--stop-on-first-crash")
+    expect_error(capsys, code, 65, "empty (0 bytes)")
+    assert not list((tmp_path / "out").rglob("*.nii.gz"))
+
+
+def test_unwritable_output(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = run_app(raw, blocker / "out", "participant", "--skip-bids-validation")
+    expect_error(capsys, code, 73, "cannot create or write OUTPUT_DIR")
+
+
+def test_cuda_requested_without_gpu(dataset, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    raw, _ = dataset
+    code = run_one(raw, tmp_path, "--device", "cuda")
+    expect_error(capsys, code, 64, "no CUDA GPU")
+
+
+def test_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["a", "b", "everything"])
+    assert exit_info.value.code == 64
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert "bids-denoise" in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bids_denoise", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("bids-denoise ")

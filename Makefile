@@ -1,0 +1,34 @@
+# bids-denoise: `make test` and `make demo` work on a fresh clone with nothing installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# The CPU build of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
+TORCH  ?= torch==2.13.0
+DEMO   ?= demo
+
+.PHONY: test test-fast demo benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not container and not slurm"
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not container and not slurm" tests/methods
+
+demo: $(VENV)/.installed
+	rm -rf $(DEMO)
+	$(PY) -m bids_denoise.testing.demo $(DEMO)
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/patch2self.py
+	$(PY) benchmarks/mppca.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) work .pytest_cache

@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
-import resource
 import time
 
 
 def _child(queue, function, args, threads):
+    try:
+        _measure_here(queue, function, args, threads)
+    except BaseException as err:  # report, never leave the parent waiting
+        queue.put(err)
+
+
+def _measure_here(queue, function, args, threads):
     from threadpoolctl import threadpool_limits
     import torch
 
     torch.set_num_threads(threads)
     with threadpool_limits(threads):
         data = args[0]()  # build the input inside the child
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gc.collect()
+        _reset_peak()
+        baseline = _status_kib("VmRSS")
         start = time.perf_counter()
         result = function(data)
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = _status_kib("VmHWM")
     queue.put((seconds, (peak - baseline) * 1024, result))
+
+
+def _reset_peak():
+    """Reset the process's peak resident size (Linux: write 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
 def measure(function, make_data, threads=1):
@@ -30,6 +53,8 @@ def measure(function, make_data, threads=1):
     process.start()
     outcome = queue.get()
     process.join()
+    if isinstance(outcome, BaseException):
+        raise outcome
     return outcome
 
 

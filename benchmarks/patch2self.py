@@ -47,8 +47,9 @@ def run_case(shape, n_volumes, n_b0, radius, dipy_version, threads):
 
         signal, noisy, bvals = arrays
         np.random.seed(0)
-        out = patch2self(noisy, bvals, patch_radius=radius, version=dipy_version,
-                         shift_intensity=False, verbose=False)
+        options = {"patch_radius": radius} if dipy_version == 1 else {}  # v3 refuses any radius
+        out = patch2self(noisy, bvals, version=dipy_version, shift_intensity=False, verbose=False,
+                         **options)
         return out.astype(np.float32)
 
     signal, noisy, _ = make()

@@ -257,3 +257,26 @@ def test_module_entry_point():
 
     proc = subprocess.run([sys.executable, "-m", "bids_denoise", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("bids-denoise ")
+
+
+def test_dipy_backend_and_plugin_file(dataset, tmp_path, capsys):
+    pytest.importorskip("dipy")
+    pytest.importorskip("sklearn")
+    raw, _ = dataset
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: Linear\nplugin_args: {}\n")
+    code = run_one(raw, tmp_path, "--participant-label", "01", "--session-label", "post",
+                   "--patch2self-backend", "dipy", "--use-plugin", plugin)
+    assert code == 0, capsys.readouterr().err
+    (sidecar,) = (tmp_path / "out").rglob("*_desc-patch2self_dwi.json")
+    provenance = json.loads(sidecar.read_text())["Provenance"]
+    assert provenance["Parameters"]["backend"] == "dipy"
+    assert provenance["Details"]["backend"] == "dipy version=3"
+
+
+def test_method_options_come_from_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--patch2self-patch-radius", "--patch2self-backend", "--mppca-extent", "--mppca-estimator"):
+        assert option in text

@@ -34,6 +34,8 @@ class Patch2SelfDenoise(MethodInterface):
             if parameters.get("grouping", "b0_dwi") != "b0_dwi":
                 raise ValueError("--patch2self-backend dipy supports only --patch2self-grouping b0_dwi")
             version = 1 if common["patch_radius"] not in (0, [0, 0, 0]) else 3
+            if version == 3:
+                del common["patch_radius"]  # DIPY's version 3 refuses any patch_radius argument
             denoised = dipy_patch2self(data, bvals, version=version, verbose=False, **common)
             return denoised.astype(np.float32), {}, {"backend": f"dipy version={version}"}
 

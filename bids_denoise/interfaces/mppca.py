@@ -33,6 +33,7 @@ class MPPCADenoise(MethodInterface):
             estimator=parameters.get("estimator", "Exp2"),
             aggregate=parameters.get("aggregate", "centre"),
             stride=parameters.get("stride", 1),
+            demean=parameters.get("demean", False),
             device=device,
         )
         extras = {
@@ -69,6 +70,8 @@ SPEC = register(
             Param("aggregate", str, "centre", "rebuild the window centre (dwidenoise) or average all windows (DIPY)",
                   choices=("centre", "overcomplete")),
             Param("stride", int, 1, "window step for --mppca-aggregate overcomplete"),
+            Param("demean", lambda v: str(v).lower() in ("1", "true", "yes"), False,
+                  "remove each window's mean before the PCA, as DIPY (true/false)"),
         ),
     )
 )

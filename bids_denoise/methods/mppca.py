@@ -85,6 +85,7 @@ def mppca(
     stride=1,
     device="cpu",
     precision="float64",
+    demean=False,
     out_dtype=np.float32,
 ):
     """Denoise a 4D series with MP-PCA.
@@ -108,7 +109,11 @@ def mppca(
     device : str, optional
         ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``.
     precision : {"float64", "float32"}, optional
-        Arithmetic of the eigendecompositions (``dwidenoise`` uses float32).
+        Arithmetic of the eigendecompositions (default float64; ``dwidenoise``
+        uses float32, whose rounding flips borderline noise/signal decisions).
+    demean : bool, optional
+        Subtract each window's mean over its voxels before the PCA and add it
+        back after (as DIPY's ``mppca``). ``dwidenoise`` does not (default).
     out_dtype : dtype, optional
 
     Returns
@@ -132,15 +137,18 @@ def mppca(
             raise ValueError(f"mask shape {mask.shape} does not match image shape {shape}")
     device = resolve_device(device)
     dtype = {"float64": torch.float64, "float32": torch.float32}[precision]
-    work = np.ascontiguousarray(data, dtype=np.float64 if precision == "float64" else np.float32)
-    solver = _WindowSolver(work, extent, estimator == "Exp1", device, dtype)
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float32)
+    solver = _WindowSolver(
+        np.ascontiguousarray(data), extent, estimator == "Exp1", device, dtype, out_dtype, demean
+    )
     if aggregate == "centre":
         denoised, sigma, rank = solver.centre_voxels(mask)
     else:
         denoised, sigma, rank = solver.overcomplete(mask, int(stride))
     return MPPCAResult(
-        denoised=denoised.astype(out_dtype, copy=False),
-        noise_sigma=sigma.astype(np.float32, copy=False),
+        denoised=denoised,
+        noise_sigma=sigma,
         rank=rank,
         extent=extent,
     )
@@ -201,9 +209,14 @@ def marchenko_pastur_cutoff(eigenvalues, n_volumes, n_voxels, exp1=False):
 
 
 class _WindowSolver:
-    """Window extraction, eigendecomposition and reconstruction, in batches."""
+    """Window extraction, eigendecomposition and reconstruction, in batches.
 
-    def __init__(self, data, extent, exp1, device, dtype):
+    The series stays in its own dtype (float32 usually); each batch of windows
+    is converted to the compute precision on its own, so memory stays near the
+    input plus the output.
+    """
+
+    def __init__(self, data, extent, exp1, device, dtype, out_dtype, demean=False):
         self.data = data
         self.shape = data.shape[:3]
         self.n_volumes = data.shape[3]
@@ -212,18 +225,25 @@ class _WindowSolver:
         self.exp1 = exp1
         self.device = device
         self.dtype = dtype
+        self.out_dtype = out_dtype
+        self.demean = demean
         # windows[a, b, c] is the (V, ex, ey, ez) window whose corner is (a, b, c)
         self.windows = np.lib.stride_tricks.sliding_window_view(data, extent, axis=(0, 1, 2))
-        bytes_per_window = self.n_volumes * self.n_voxels * data.itemsize * 3
+        itemsize = torch.finfo(dtype).bits // 8
+        bytes_per_window = itemsize * (3 * self.n_volumes * self.n_voxels + 3 * min(self.n_volumes, self.n_voxels) ** 2)
         self.batch = max(64, BATCH_BYTES // bytes_per_window)
         if device.type == "cuda":
             self.batch *= 16
 
     def _decompose(self, corners):
-        """Window matrices (B, V, n), eigenvectors (B, r, r), n_noise and sigma2."""
+        """Window matrices (B, V, n), eigenvectors, kept-component flags, n_noise, sigma2 and window means."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         matrix = torch.from_numpy(block.reshape(len(corners), self.n_volumes, self.n_voxels))
         matrix = matrix.to(self.device, self.dtype)
+        mean = None
+        if self.demean:
+            mean = matrix.mean(dim=2, keepdim=True)
+            matrix = matrix - mean
         if self.n_volumes <= self.n_voxels:
             gram = matrix @ matrix.transpose(1, 2)
         else:
@@ -236,7 +256,7 @@ class _WindowSolver:
             torch.arange(eigenvalues.shape[1], device=self.device).unsqueeze(0)
             >= n_noise.unsqueeze(1)
         ).to(self.dtype)
-        return matrix, eigenvectors, keep, n_noise, sigma2
+        return matrix, eigenvectors, keep, n_noise, sigma2, mean
 
     def _corner_of(self, coordinates):
         half = np.array(self.extent) // 2
@@ -244,35 +264,51 @@ class _WindowSolver:
         return np.clip(coordinates - half, 0, upper)
 
     def centre_voxels(self, mask):
+        """dwidenoise's mode: each voxel rebuilt from its own (border-shifted) window.
+
+        Voxels near the border share one window (it is shifted, not padded): each
+        distinct window is decomposed once.
+        """
         shape, n_volumes = self.shape, self.n_volumes
-        denoised = np.zeros(shape + (n_volumes,), dtype=self.data.dtype)
-        sigma = np.zeros(shape, dtype=np.float64)
+        denoised = np.zeros(shape + (n_volumes,), dtype=self.out_dtype)
+        sigma = np.zeros(shape, dtype=np.float32)
         rank = np.zeros(shape, dtype=np.int16)
         targets = np.flatnonzero(mask.ravel()) if mask is not None else np.arange(np.prod(shape))
+        coordinates = np.stack(np.unravel_index(targets, shape), axis=1)
+        corners = self._corner_of(coordinates)
+        local = coordinates - corners
+        centres = (local[:, 0] * self.extent[1] + local[:, 1]) * self.extent[2] + local[:, 2]
+        corner_ids, window_of_target = np.unique(
+            np.ravel_multi_index(corners.T, shape), return_inverse=True
+        )
+        order = np.argsort(window_of_target, kind="stable")
+        first_target = np.searchsorted(window_of_target[order], np.arange(corner_ids.size + 1))
+        unique_corners = np.stack(np.unravel_index(corner_ids, shape), axis=1)
         r = min(n_volumes, self.n_voxels)
-        for start in range(0, targets.size, self.batch):
-            flat = targets[start : start + self.batch]
-            coordinates = np.stack(np.unravel_index(flat, shape), axis=1)
-            corners = self._corner_of(coordinates)
-            local = coordinates - corners
-            centre = (local[:, 0] * self.extent[1] + local[:, 1]) * self.extent[2] + local[:, 2]
-            matrix, vectors, keep, n_noise, sigma2 = self._decompose(corners)
-            rows = torch.arange(len(flat), device=self.device)
-            centre_t = torch.from_numpy(centre).to(self.device)
+        for start in range(0, corner_ids.size, self.batch):
+            stop = min(start + self.batch, corner_ids.size)
+            matrix, vectors, keep, n_noise, sigma2, mean = self._decompose(unique_corners[start:stop])
+            batch_targets = order[first_target[start] : first_target[stop]]
+            which = torch.from_numpy(window_of_target[batch_targets] - start).to(self.device)
+            centre = torch.from_numpy(centres[batch_targets]).to(self.device)
+            vectors_t, keep_t = vectors[which], keep[which]
             if n_volumes <= self.n_voxels:
-                column = matrix[rows, :, centre_t]  # (B, V)
-                coefficients = (vectors.transpose(1, 2) @ column.unsqueeze(2))[..., 0] * keep
-                rebuilt = (vectors @ coefficients.unsqueeze(2))[..., 0]
+                column = matrix[which, :, centre]  # (T, V)
+                coefficients = (vectors_t.transpose(1, 2) @ column.unsqueeze(2))[..., 0] * keep_t
+                rebuilt = (vectors_t @ coefficients.unsqueeze(2))[..., 0]
             else:
-                weights = (vectors * keep.unsqueeze(1)) @ vectors[rows, centre_t].unsqueeze(2)
-                rebuilt = (matrix @ weights)[..., 0]
-            index = np.unravel_index(flat, shape)
+                weights = (vectors_t * keep_t.unsqueeze(1)) @ vectors_t[torch.arange(len(which)), centre].unsqueeze(2)
+                rebuilt = (matrix[which] @ weights)[..., 0]
+            if mean is not None:
+                rebuilt = rebuilt + mean[which, :, 0]
+            index = np.unravel_index(targets[batch_targets], shape)
             denoised[index] = rebuilt.cpu().numpy()
-            sigma[index] = torch.sqrt(sigma2).cpu().numpy()
-            rank[index] = (r - n_noise).cpu().numpy()
+            sigma[index] = torch.sqrt(sigma2)[which].cpu().numpy()
+            rank[index] = (r - n_noise)[which].cpu().numpy()
         return denoised, sigma, rank
 
     def overcomplete(self, mask, stride):
+        """DIPY's mode: every voxel of every window rebuilt, averaged with weights 1/(1 + rank)."""
         shape, n_volumes = self.shape, self.n_volumes
         positions = [
             _strided_positions(size - edge + 1, stride) for size, edge in zip(shape, self.extent)
@@ -282,26 +318,25 @@ class _WindowSolver:
             np.meshgrid(*[np.arange(e) for e in self.extent], indexing="ij"), axis=-1
         ).reshape(-1, 3)
         if mask is not None:
-            covered = np.array(
-                [mask[tuple(slice(c, c + e) for c, e in zip(corner, self.extent))].any() for corner in grid],
-                dtype=bool,
-            )
-            grid = grid[covered]
+            covered = np.lib.stride_tricks.sliding_window_view(mask, self.extent).any(axis=(3, 4, 5))
+            grid = grid[covered[grid[:, 0], grid[:, 1], grid[:, 2]]]
         n_total = int(np.prod(shape))
-        accumulated = torch.zeros(n_total, n_volumes, dtype=torch.float64, device=self.device)
+        # float32 accumulators: at most a few hundred terms per voxel
+        accumulated = torch.zeros(n_total, n_volumes, dtype=torch.float32, device=self.device)
         weight = torch.zeros(n_total, dtype=torch.float64, device=self.device)
         sigma_sum = torch.zeros(n_total, dtype=torch.float64, device=self.device)
         rank_sum = torch.zeros(n_total, dtype=torch.float64, device=self.device)
         r = min(n_volumes, self.n_voxels)
         for start in range(0, len(grid), self.batch):
             corners = grid[start : start + self.batch]
-            matrix, vectors, keep, n_noise, sigma2 = self._decompose(corners)
+            matrix, vectors, keep, n_noise, sigma2, mean = self._decompose(corners)
+            projector = (vectors * keep.unsqueeze(1)) @ vectors.transpose(1, 2)
             if n_volumes <= self.n_voxels:
-                projector = (vectors * keep.unsqueeze(1)) @ vectors.transpose(1, 2)
                 rebuilt = projector @ matrix  # (B, V, n)
             else:
-                projector = (vectors * keep.unsqueeze(1)) @ vectors.transpose(1, 2)
                 rebuilt = matrix @ projector
+            if mean is not None:
+                rebuilt = rebuilt + mean
             n_signal = (r - n_noise).to(torch.float64)
             theta = 1.0 / (1.0 + n_signal)  # (B,)
             voxels = np.ravel_multi_index(
@@ -309,14 +344,15 @@ class _WindowSolver:
             )
             index = torch.from_numpy(voxels).to(self.device)
             per_voxel = theta.repeat_interleave(self.n_voxels)
-            values = (rebuilt.transpose(1, 2).to(torch.float64) * theta[:, None, None]).reshape(-1, n_volumes)
-            accumulated.index_add_(0, index, values)
+            values = (rebuilt * theta[:, None, None].to(self.dtype)).transpose(1, 2).reshape(-1, n_volumes)
+            accumulated.index_add_(0, index, values.to(torch.float32))
             weight.index_add_(0, index, per_voxel)
             sigma_sum.index_add_(0, index, per_voxel * torch.sqrt(sigma2).repeat_interleave(self.n_voxels))
             rank_sum.index_add_(0, index, per_voxel * n_signal.repeat_interleave(self.n_voxels))
         safe = weight.clamp_min(1e-300)
-        denoised = (accumulated / safe[:, None]).cpu().numpy().reshape(shape + (n_volumes,))
-        sigma = (sigma_sum / safe).cpu().numpy().reshape(shape)
+        accumulated /= safe[:, None].to(torch.float32)
+        denoised = accumulated.cpu().numpy().reshape(shape + (n_volumes,)).astype(self.out_dtype, copy=False)
+        sigma = (sigma_sum / safe).cpu().numpy().reshape(shape).astype(np.float32)
         rank = (rank_sum / safe).cpu().numpy().reshape(shape).astype(np.float32)
         if mask is not None:
             denoised[~mask] = 0

@@ -72,10 +72,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smaller arrays (for a fast check)")
+    parser.add_argument("--radius", type=int, choices=(0, 1), nargs="+", default=[0, 1],
+                        help="which cases to run (default both)")
     args = parser.parse_args()
     cases = [((81, 106, 76), 160, 10, 0, 3), ((40, 48, 32), 64, 4, 1, 1)]
     if args.quick:
         cases = [((40, 53, 38), 160, 10, 0, 3), ((20, 24, 16), 64, 4, 1, 1)]
+    cases = [case for case in cases if case[3] in args.radius]
     for shape, n_volumes, n_b0, radius, version in cases:
         print(f"\nPatch2Self radius {radius}, float32 {shape + (n_volumes,)}, {n_b0} b0s, "
               f"{args.threads} BLAS thread(s)")

@@ -31,12 +31,14 @@ BIDSIGNORE_LINES = (
     "*_dwi.bval",
     "*_dwi.bvec",
     "*_dwimap.*",
+    "*_dwiqc.tsv",
     "prov",
     "logs",
     "sub-*/log",
     "sub-*/figures",
     "*.html",
     "group.tsv",
+    "group_residuals.png",
 )
 
 

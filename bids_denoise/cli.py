@@ -9,7 +9,6 @@ output cannot be created.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -303,39 +302,30 @@ def _run_workflows(args, runs, selected, parameters, device, output_dir, command
         finally:
             LOGGER.removeHandler(handler)
             handler.close()
+        _write_reports(output_dir, subject)
     return failed
 
 
+def _write_reports(output_dir, subject):
+    from bids_denoise.reports.citation import write_citation
+    from bids_denoise.reports.html import write_participant_report
+
+    write_citation(output_dir)
+    report = write_participant_report(output_dir, subject)
+    LOGGER.info("sub-%s: report %s", subject, report)
+
+
 def run_group(args) -> int:
-    """Collect what participant runs wrote into OUTPUT_DIR/group.tsv."""
+    """Collect what participant runs wrote: OUTPUT_DIR/group.tsv and group.html."""
+    from bids_denoise.reports.group import write_group_outputs
+
     output_dir = args.output_dir.resolve()
     if not (output_dir / "dataset_description.json").exists():
         return _fail(EXIT_NOINPUT, f"{output_dir}: no participant-level outputs found (run 'participant' first)")
-    rows = []
-    for sidecar in sorted(output_dir.glob("sub-*/**/*_desc-*_dwi.json")):
-        payload = json.loads(sidecar.read_text())
-        provenance = payload.get("Provenance", {})
-        entities = dict(part.split("-", 1) for part in sidecar.name.split("_")[:-1] if "-" in part)
-        rows.append({
-            "subject": entities.get("sub", ""),
-            "session": entities.get("ses", ""),
-            "run": entities.get("run", ""),
-            "acquisition": entities.get("acq", ""),
-            "method": provenance.get("Method", entities.get("desc", "")),
-            "duration_s": provenance.get("DurationSeconds", ""),
-            "device": provenance.get("Device", ""),
-            "file": str(sidecar.relative_to(output_dir)).replace(".json", ".nii.gz"),
-        })
+    rows = write_group_outputs(output_dir)
     if not rows:
         return _fail(EXIT_NOINPUT, f"{output_dir}: no denoised runs found")
-    from bids_denoise.io import atomic_path
-
-    with atomic_path(output_dir / "group.tsv") as temporary:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t")
-            writer.writeheader()
-            writer.writerows(rows)
-    LOGGER.info("group table of %d run(s) written to %s", len(rows), output_dir / "group.tsv")
+    LOGGER.info("group table of %d run(s): %s, %s", len(rows), output_dir / "group.tsv", output_dir / "group.html")
     return EXIT_OK
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 import nibabel as nib
 import numpy as np
@@ -90,10 +96,80 @@ def test_end_to_end(dataset, tmp_path, capsys):
     assert [p.stat().st_mtime_ns for p in node_results] == stamps
     assert {p: p.read_bytes() for p in outputs(out)} == digests
 
+    check_report(out / "sub-01.html", out, expected_sections=2 * 3)
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "Patch2Self [fadnavis2020]" in citation and "[veraart2016]" in citation
+    assert "@article{corderogrande2019" in (out / "logs" / "CITATION.bib").read_text()
+    qc_tables = sorted(out.rglob("*_desc-mppca_dwiqc.tsv"))
+    assert len(qc_tables) == len(truths)
+    assert qc_tables[0].read_text().startswith("volume\tbval\tshell\tresidual_rms\toutlier")
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.sections = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag == "h2":
+            self.sections += 1
+
+
+def check_report(page: Path, out: Path, expected_sections: int):
+    """Every image the page references exists under OUTPUT_DIR and is a valid PNG."""
+    parser = _Images()
+    parser.feed(page.read_text())
+    assert parser.sections >= expected_sections
+    assert parser.images
+    for source in parser.images:
+        path = out / source
+        assert path.exists(), source
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", source
+    return parser
+
+
+def test_group_after_separate_participant_jobs(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    out = tmp_path / "out"
+    for subject in ("01", "02"):
+        code = run_app(raw, out, "participant", "--participant-label", subject, "--session-label", "post",
+                       "--methods", "mppca", "-w", tmp_path / f"work{subject}", "--skip-bids-validation")
+        assert code == 0, capsys.readouterr().err
     assert run_app(raw, out, "group") == 0
     table = (out / "group.tsv").read_text().splitlines()
-    assert len(table) == 1 + 2 * len(truths)
-    assert table[0].startswith("subject\tsession\trun")
+    assert len(table) == 3
+    header = table[0].split("\t")
+    assert header[:5] == ["subject", "session", "acquisition", "run", "method"]
+    rows = [dict(zip(header, line.split("\t"))) for line in table[1:]]
+    assert {row["subject"] for row in rows} == {"01", "02"}
+    assert all(float(row["noise_sigma"]) > 0 and float(row["residual_rms"]) > 0 for row in rows)
+    check_report(out / "group.html", out, expected_sections=1)
+    if find_validator():
+        n_errors, lines = validate_dataset(out)
+        assert n_errors == 0, lines
+
+
+def test_report_renders_in_chromium(dataset, tmp_path, capsys):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (.ci/run installs it)")
+    raw, _ = dataset
+    out = tmp_path / "out"
+    code = run_app(raw, out, "participant", "--participant-label", "01", "--session-label", "post",
+                   "--methods", "patch2self", "-w", tmp_path / "work", "--skip-bids-validation")
+    assert code == 0, capsys.readouterr().err
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", "--window-size=1000,1400", (out / "sub-01.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = plt.imread(shot)
+    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 900
+    assert pixels[..., :3].std() > 0.05  # not a blank page: text and figures were drawn
 
 
 def test_filters_and_labels(dataset, tmp_path, capsys):

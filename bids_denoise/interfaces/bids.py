@@ -61,6 +61,9 @@ class DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     provenance = traits.Dict(mandatory=True)
     command_line = traits.Str("", usedefault=True)
     versions = traits.Dict(desc="software versions")
+    figures = traits.List(traits.Dict, desc="QC figures (kind, caption, path)")
+    qc_table = File(exists=True, desc="per-volume QC table")
+    qc_summary = traits.Dict(desc="run-level QC numbers")
 
 
 class DerivativesSinkOutputSpec(TraitedSpec):
@@ -109,6 +112,8 @@ class DerivativesSink(SimpleInterface):
                     "Provenance": dict(provenance, OutputDigest=digest),
                 }
             )
+            if item["kind"] == "denoised" and self.inputs.qc_summary:
+                sidecar["QC"] = dict(self.inputs.qc_summary)
             write_json(sidecar, destination.with_name(destination.name.replace(".nii.gz", ".json")))
             written.append(str(destination))
             if item["kind"] == "denoised":
@@ -116,6 +121,16 @@ class DerivativesSink(SimpleInterface):
                     target = output_dir / bids.derivative_relpath(run, method, extension=extension)
                     bids.copy_atomic(Path(source), target)
                     written.append(str(target))
+        subject_dir = output_dir / Path(self.inputs.source_relpath).parts[0]
+        stem = f"{run.label.rsplit('_', 1)[0]}_desc-{method}"
+        for figure in self.inputs.figures or []:
+            target = subject_dir / "figures" / f"{stem}_{figure['kind']}.png"
+            bids.copy_atomic(Path(figure["path"]), target)
+            written.append(str(target))
+        if self.inputs.qc_table:
+            target = output_dir / bids.derivative_relpath(run, method, suffix="dwiqc", extension=".tsv")
+            bids.copy_atomic(Path(self.inputs.qc_table), target)
+            written.append(str(target))
         prov_path = output_dir / "prov" / f"{run.label}_desc-{method}_prov.jsonld"
         write_json(bids.provenance_record(run, method, digests, provenance), prov_path)
         self._results["out_files"] = written

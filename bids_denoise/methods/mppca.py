@@ -30,6 +30,7 @@ References
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +38,8 @@ import torch
 
 from bids_denoise.methods._device import resolve_device
 
-#: Bytes of window data handled per batch.
-BATCH_BYTES = 48 * 2**20
+#: Bytes of window data handled per batch (per worker thread).
+BATCH_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -107,7 +108,8 @@ def mppca(
         (default 1, every position). Larger steps are faster; every voxel is
         still covered.
     device : str, optional
-        ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``.
+        ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``. On the CPU, batches
+        of windows run on ``torch.get_num_threads()`` threads.
     precision : {"float64", "float32"}, optional
         Arithmetic of the eigendecompositions (default float64; ``dwidenoise``
         uses float32, whose rounding flips borderline noise/signal decisions).
@@ -227,6 +229,7 @@ class _WindowSolver:
         self.dtype = dtype
         self.out_dtype = out_dtype
         self.demean = demean
+        self.threads = max(1, torch.get_num_threads())
         # windows[a, b, c] is the (V, ex, ey, ez) window whose corner is (a, b, c)
         self.windows = np.lib.stride_tricks.sliding_window_view(data, extent, axis=(0, 1, 2))
         itemsize = torch.finfo(dtype).bits // 8
@@ -258,6 +261,35 @@ class _WindowSolver:
         ).to(self.dtype)
         return matrix, eigenvectors, keep, n_noise, sigma2, mean
 
+    def _run_batches(self, solve, count, apply=None):
+        """Run ``solve(start)`` for every batch on ``self.threads`` worker threads.
+
+        ``apply`` receives each batch's result in batch order, in this thread,
+        so overlapping accumulations add up in the same order whatever the
+        thread count (bit-identical results). Each worker keeps torch at one
+        intra-op thread: threading inside one small eigendecomposition costs
+        more than it gains; threads across batches scale.
+        """
+        apply = apply or (lambda payload: None)
+        starts = list(range(0, count, self.batch))
+        if self.threads <= 1 or self.device.type == "cuda":
+            for start in starts:
+                apply(solve(start))
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                pending = []
+                for start in starts:
+                    pending.append(pool.submit(solve, start))
+                    if len(pending) > 2 * self.threads:  # bound the results held in memory
+                        apply(pending.pop(0).result())
+                for future in pending:
+                    apply(future.result())
+        finally:
+            torch.set_num_threads(previous)
+
     def _corner_of(self, coordinates):
         half = np.array(self.extent) // 2
         upper = np.array(self.shape) - np.array(self.extent)
@@ -285,7 +317,8 @@ class _WindowSolver:
         first_target = np.searchsorted(window_of_target[order], np.arange(corner_ids.size + 1))
         unique_corners = np.stack(np.unravel_index(corner_ids, shape), axis=1)
         r = min(n_volumes, self.n_voxels)
-        for start in range(0, corner_ids.size, self.batch):
+
+        def solve(start):
             stop = min(start + self.batch, corner_ids.size)
             matrix, vectors, keep, n_noise, sigma2, mean = self._decompose(unique_corners[start:stop])
             batch_targets = order[first_target[start] : first_target[stop]]
@@ -301,10 +334,13 @@ class _WindowSolver:
                 rebuilt = (matrix[which] @ weights)[..., 0]
             if mean is not None:
                 rebuilt = rebuilt + mean[which, :, 0]
+            # each target voxel belongs to one batch: the writes never overlap
             index = np.unravel_index(targets[batch_targets], shape)
             denoised[index] = rebuilt.cpu().numpy()
             sigma[index] = torch.sqrt(sigma2)[which].cpu().numpy()
             rank[index] = (r - n_noise)[which].cpu().numpy()
+
+        self._run_batches(solve, corner_ids.size)
         return denoised, sigma, rank
 
     def overcomplete(self, mask, stride):
@@ -327,7 +363,8 @@ class _WindowSolver:
         sigma_sum = torch.zeros(n_total, dtype=torch.float64, device=self.device)
         rank_sum = torch.zeros(n_total, dtype=torch.float64, device=self.device)
         r = min(n_volumes, self.n_voxels)
-        for start in range(0, len(grid), self.batch):
+
+        def solve(start):
             corners = grid[start : start + self.batch]
             matrix, vectors, keep, n_noise, sigma2, mean = self._decompose(corners)
             projector = (vectors * keep.unsqueeze(1)) @ vectors.transpose(1, 2)
@@ -345,10 +382,19 @@ class _WindowSolver:
             index = torch.from_numpy(voxels).to(self.device)
             per_voxel = theta.repeat_interleave(self.n_voxels)
             values = (rebuilt * theta[:, None, None].to(self.dtype)).transpose(1, 2).reshape(-1, n_volumes)
-            accumulated.index_add_(0, index, values.to(torch.float32))
+            values = values.to(torch.float32)
+            sigma_values = per_voxel * torch.sqrt(sigma2).repeat_interleave(self.n_voxels)
+            rank_values = per_voxel * n_signal.repeat_interleave(self.n_voxels)
+            return index, values, per_voxel, sigma_values, rank_values
+
+        def accumulate(payload):
+            index, values, per_voxel, sigma_values, rank_values = payload
+            accumulated.index_add_(0, index, values)
             weight.index_add_(0, index, per_voxel)
-            sigma_sum.index_add_(0, index, per_voxel * torch.sqrt(sigma2).repeat_interleave(self.n_voxels))
-            rank_sum.index_add_(0, index, per_voxel * n_signal.repeat_interleave(self.n_voxels))
+            sigma_sum.index_add_(0, index, sigma_values)
+            rank_sum.index_add_(0, index, rank_values)
+
+        self._run_batches(solve, len(grid), accumulate)
         safe = weight.clamp_min(1e-300)
         accumulated /= safe[:, None].to(torch.float32)
         denoised = accumulated.cpu().numpy().reshape(shape + (n_volumes,)).astype(self.out_dtype, copy=False)

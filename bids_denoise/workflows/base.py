@@ -1,7 +1,7 @@
 """The whole processing graph, assembled in one place.
 
 One workflow per participant; inside it one sub-workflow per DWI run:
-check the run -> one node per selected method -> write the derivatives.
+check the run -> one node per selected method -> its QC report -> write the derivatives.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from nipype.pipeline import engine as pe
 
 from bids_denoise.interfaces.bids import CheckRun, DerivativesSink
+from bids_denoise.interfaces.reports import RunReport
 from bids_denoise.registry import MethodSpec
 
 
@@ -58,7 +59,9 @@ def init_run_wf(run, methods: list[MethodSpec], settings: WorkflowSettings):
         denoise.inputs.use_gpu = bool(spec.uses_gpu and on_gpu)
         denoise.inputs.seed = settings.seed
         denoise.inputs.omp_nthreads = settings.omp_nthreads
-        sink = pe.Node(DerivativesSink(), name=f"{spec.name}_sink", run_without_submitting=True)
+        report = pe.Node(RunReport(method=spec.name, title=run.label), name=f"{spec.name}_report")
+        sink = pe.Node(DerivativesSink(), name=f"{spec.name}_sink", run_without_submitting=True,
+                       overwrite=True)
         sink.inputs.output_dir = str(settings.output_dir)
         sink.inputs.source_relpath = run.relpath
         sink.inputs.source_metadata = run.metadata
@@ -68,7 +71,10 @@ def init_run_wf(run, methods: list[MethodSpec], settings: WorkflowSettings):
         workflow.connect([
             (check, denoise, [("in_file", "in_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
             (check, sink, [("in_file", "source_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
+            (check, report, [("in_file", "in_file"), ("bval_file", "bval_file")]),
+            (denoise, report, [("derivatives", "derivatives")]),
             (denoise, sink, [("derivatives", "derivatives"), ("provenance", "provenance")]),
+            (report, sink, [("figures", "figures"), ("qc_table", "qc_table"), ("qc_summary", "qc_summary")]),
         ])
     return workflow
 

@@ -107,3 +107,19 @@ def test_bad_arguments(phantom):
         mppca(phantom.noisy, estimator="Exp3")
     with pytest.raises(ValueError, match="4D"):
         mppca(phantom.noisy[..., 0])
+
+
+@pytest.mark.parametrize("aggregate", ["centre", "overcomplete"])
+def test_threads_give_identical_results(phantom, aggregate):
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = mppca(phantom.noisy, aggregate=aggregate, demean=True)
+        torch.set_num_threads(2)
+        double = mppca(phantom.noisy, aggregate=aggregate, demean=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert np.array_equal(single.denoised, double.denoised)
+    assert np.array_equal(single.noise_sigma, double.noise_sigma)

@@ -1,0 +1,77 @@
+"""The QC node of each run and method: residual statistics and figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class RunReportInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the raw DWI series")
+    bval_file = File(exists=True, mandatory=True)
+    derivatives = traits.List(traits.Dict, mandatory=True, desc="the method's outputs")
+    method = traits.Str(mandatory=True)
+    title = traits.Str(mandatory=True, desc="run label for figure titles")
+
+
+class RunReportOutputSpec(TraitedSpec):
+    figures = traits.List(traits.Dict, desc="kind and path of each figure")
+    qc_table = File(exists=True, desc="per-volume residual RMS and outlier flags (TSV)")
+    qc_summary = traits.Dict(desc="run-level QC numbers for sidecars and the group table")
+
+
+class RunReport(SimpleInterface):
+    """Mosaics of input/denoised/residual, maps, and the per-volume residual plot and table."""
+
+    input_spec = RunReportInputSpec
+    output_spec = RunReportOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from bids_denoise.io import load_nifti, read_bvals, write_text
+        from bids_denoise.methods.masking import b0_brain_mask
+        from bids_denoise.reports import figures
+
+        cwd = Path(runtime.cwd)
+        _, noisy = load_nifti(self.inputs.in_file, ndim=4)
+        bvals = read_bvals(self.inputs.bval_file, noisy.shape[3])
+        by_kind = {item["kind"]: item["path"] for item in self.inputs.derivatives}
+        _, denoised = load_nifti(by_kind["denoised"], ndim=4)
+        mask = b0_brain_mask(noisy, bvals)
+        rms, outlier, shells = figures.residual_statistics(noisy, denoised, bvals, mask)
+        method, title = self.inputs.method, self.inputs.title
+
+        representative = figures.representative_volumes(bvals, shells)
+        residual_map = np.sqrt(np.mean((noisy - denoised) ** 2, axis=3))
+        made = [
+            ("mosaic", figures.mosaic(noisy, denoised, representative, cwd / "mosaic.png", f"{title}: {method}")),
+            ("residualmap", figures.map_figure(residual_map, cwd / "residualmap.png", f"{method}: residual RMS map")),
+            ("volumes", figures.volume_plot(rms, outlier, bvals, cwd / "volumes.png", f"{method}: residual per volume")),
+        ]
+        summary = {
+            "ResidualRMS": round(float(rms.mean()), 4),
+            "OutlierVolumes": [int(v) for v in np.flatnonzero(outlier)],
+            "BrainVoxels": int(mask.sum()),
+        }
+        if "noise" in by_kind:
+            _, sigma = load_nifti(by_kind["noise"], ndim=3)
+            summary["NoiseSigmaMedian"] = round(float(np.median(sigma[mask])), 4)
+            made.append(("noisemap", figures.map_figure(sigma, cwd / "noisemap.png", f"{method}: noise sigma")))
+        if "rank" in by_kind:
+            _, rank = load_nifti(by_kind["rank"], ndim=3)
+            made.append(("rankmap", figures.map_figure(rank, cwd / "rankmap.png", f"{method}: rank", cmap="viridis")))
+
+        lines = ["volume\tbval\tshell\tresidual_rms\toutlier"]
+        lines += [f"{i}\t{bvals[i]:g}\t{shells[i]}\t{rms[i]:.6g}\t{int(outlier[i])}" for i in range(rms.size)]
+        self._results["qc_table"] = str(write_text("\n".join(lines) + "\n", cwd / "qc.tsv"))
+        self._results["figures"] = [{"kind": kind, "path": str(path)} for kind, path in made]
+        self._results["qc_summary"] = summary
+        return runtime

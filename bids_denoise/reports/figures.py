@@ -1,0 +1,129 @@
+"""Quality-control figures: what a neuroimager looks at before trusting a denoiser.
+
+Arrays in, PNG files out (matplotlib's Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bids_denoise.io import atomic_path  # noqa: E402
+
+ORIENTATIONS = (("sagittal", 0), ("coronal", 1), ("axial", 2))
+
+
+def residual_statistics(noisy, denoised, bvals, mask, b0_threshold=50.0):
+    """Per-volume residual RMS inside the mask, and robust outlier flags.
+
+    A volume is flagged when its residual RMS lies more than 3.5 robust
+    standard deviations (1.4826 x MAD) above the median of its shell.
+    """
+    from bids_denoise.methods.shells import cluster_shells
+
+    residual = (noisy - denoised)[mask]  # (voxels, volumes)
+    rms = np.sqrt(np.mean(residual.astype(np.float64) ** 2, axis=0))
+    shells = cluster_shells(bvals, b0_threshold=b0_threshold)
+    outlier = np.zeros(rms.shape, dtype=bool)
+    for label in np.unique(shells):
+        members = shells == label
+        if members.sum() < 4:
+            continue
+        median = np.median(rms[members])
+        spread = 1.4826 * np.median(np.abs(rms[members] - median))
+        if spread > 0:
+            outlier[members] = (rms[members] - median) / spread > 3.5
+    return rms, outlier, shells
+
+
+def representative_volumes(bvals, shells):
+    """The first b0 and the first volume of each shell, as (label, index) pairs."""
+    picks = []
+    for label in np.unique(shells):
+        index = int(np.flatnonzero(shells == label)[0])
+        name = "b0" if label == 0 else f"b={int(round(bvals[index]))}"
+        picks.append((name, index))
+    return picks
+
+
+def _middle_slice(volume, axis):
+    index = volume.shape[axis] // 2
+    return np.rot90(np.take(volume, index, axis=axis))
+
+
+def _save(figure, path):
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=80, bbox_inches="tight")
+    plt.close(figure)
+    return Path(path)
+
+
+def mosaic(noisy, denoised, picks, path, title):
+    """Input, denoised and residual (symmetric colour scale) in three orientations per picked volume."""
+    rows = len(picks) * 3
+    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.4 * rows), squeeze=False)
+    for block, (name, index) in enumerate(picks):
+        source, result = noisy[..., index], denoised[..., index]
+        residual = source - result
+        top = np.percentile(source, 99.5) or 1.0
+        limit = np.percentile(np.abs(residual), 99.5) or 1.0
+        for column, (orientation, axis) in enumerate(ORIENTATIONS):
+            panels = (
+                (source, "gray", 0, top, f"{name} input"),
+                (result, "gray", 0, top, f"{name} denoised"),
+                (residual, "RdBu_r", -limit, limit, f"{name} residual"),
+            )
+            for offset, (image, cmap, low, high, label) in enumerate(panels):
+                ax = axes[block * 3 + offset, column]
+                ax.imshow(_middle_slice(image, axis), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+                ax.set_axis_off()
+                ax.set_title(f"{label} ({orientation})", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
+def map_figure(volume, path, title, cmap="magma"):
+    """A 3D map (noise sigma, rank, residual RMS) in three orientations with a colour bar."""
+    figure, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
+    top = float(np.percentile(volume, 99.5)) or 1.0
+    for ax, (orientation, axis) in zip(axes, ORIENTATIONS):
+        shown = ax.imshow(_middle_slice(volume, axis), cmap=cmap, vmin=0, vmax=top, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(orientation, fontsize=7)
+    figure.colorbar(shown, ax=axes, shrink=0.8)
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
+def volume_plot(rms, outlier, bvals, path, title):
+    """Residual RMS over volume index, outliers marked."""
+    figure, ax = plt.subplots(figsize=(7.5, 2.4))
+    index = np.arange(rms.size)
+    scatter = ax.scatter(index, rms, c=bvals, cmap="viridis", s=14)
+    if outlier.any():
+        ax.scatter(index[outlier], rms[outlier], s=80, facecolors="none", edgecolors="red", label="outlier")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("volume")
+    ax.set_ylabel("residual RMS")
+    figure.colorbar(scatter, ax=ax, label="b-value")
+    ax.set_title(title, fontsize=9)
+    return _save(figure, path)
+
+
+def group_plot(table_rows, path):
+    """Residual RMS of each run, per method, across subjects."""
+    methods = sorted({row["method"] for row in table_rows})
+    figure, ax = plt.subplots(figsize=(7.5, 3))
+    for position, method in enumerate(methods):
+        values = [float(row["residual_rms"]) for row in table_rows if row["method"] == method]
+        jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
+        ax.scatter(position + np.asarray(jitter), values, s=20)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("mean residual RMS")
+    ax.set_title("Residual RMS per run", fontsize=9)
+    return _save(figure, path)

@@ -45,9 +45,9 @@ def representative_volumes(bvals, shells):
     """The first b0 and the first volume of each shell, as (label, index) pairs."""
     picks = []
     for label in np.unique(shells):
-        index = int(np.flatnonzero(shells == label)[0])
-        name = "b0" if label == 0 else f"b={int(round(bvals[index]))}"
-        picks.append((name, index))
+        members = np.flatnonzero(shells == label)
+        name = "b0" if label == 0 else f"b={int(round(float(np.mean(bvals[members])), -1))}"
+        picks.append((name, int(members[0])))
     return picks
 
 
@@ -66,7 +66,7 @@ def _save(figure, path):
 def mosaic(noisy, denoised, picks, path, title):
     """Input, denoised and residual (symmetric colour scale) in three orientations per picked volume."""
     rows = len(picks) * 3
-    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.4 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.2 * rows), squeeze=False, layout="constrained")
     for block, (name, index) in enumerate(picks):
         source, result = noisy[..., index], denoised[..., index]
         residual = source - result

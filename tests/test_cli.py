@@ -356,3 +356,30 @@ def test_method_options_come_from_the_registry(capsys):
     text = capsys.readouterr().out
     for option in ("--patch2self-patch-radius", "--patch2self-backend", "--mppca-extent", "--mppca-estimator"):
         assert option in text
+
+
+def test_learned_and_calibrated_methods_in_the_app(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    out = tmp_path / "out"
+    code = run_one(raw, tmp_path, "--participant-label", "02", "--session-label", "post",
+                   "--methods", "noise2noise", "noise2self", "median",
+                   "--noise2noise-epochs", "2", "--noise2noise-steps-per-epoch", "3", "--noise2noise-batch-size", "4",
+                   "--noise2self-epochs", "2", "--noise2self-steps-per-epoch", "3", "--noise2self-batch-size", "4",
+                   "--seed", "7")
+    assert code == 0, capsys.readouterr().err
+    folder = out / "sub-02" / "ses-post" / "dwi"
+    stem = "sub-02_ses-post_acq-multiband"
+    n2n = json.loads((folder / f"{stem}_desc-noise2noise_dwi.json").read_text())["Provenance"]
+    assert n2n["Parameters"]["epochs"] == 2 and n2n["Seed"] == 7
+    assert len(n2n["Details"]["pairs"]) == nib.load(folder / f"{stem}_desc-noise2noise_dwi.nii.gz").shape[3]
+    assert len(n2n["Details"]["history"]["epochs"]) == 2
+    n2s = json.loads((folder / f"{stem}_desc-noise2self_dwi.json").read_text())["Provenance"]
+    assert n2s["Parameters"]["context"] == "series"
+    median = json.loads((folder / f"{stem}_desc-median_dwi.json").read_text())["Provenance"]["Details"]
+    assert median["calibration"]["best"] == median["radius"]
+    assert len(median["calibration"]["losses"]) == 3
+    figures = out / "sub-02" / "figures"
+    assert (figures / f"{stem}_desc-noise2noise_training.png").exists()
+    assert (figures / f"{stem}_desc-median_calibration.png").exists()
+    check_report(out / "sub-02.html", out, expected_sections=3)
+    assert "Noise2" in (out / "logs" / "CITATION.md").read_text()

@@ -67,6 +67,7 @@ class MethodInterface(SimpleInterface):
             _, mask_data = load_nifti(self.inputs.mask_file, ndim=3)
             mask = mask_data > 0
         device = resolve_device(self.inputs.device)
+        self._cwd = runtime.cwd
         torch.manual_seed(self.inputs.seed)
         np.random.seed(self.inputs.seed % 2**32)
         started = datetime.now(timezone.utc)

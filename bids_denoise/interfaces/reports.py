@@ -19,6 +19,7 @@ class RunReportInputSpec(BaseInterfaceInputSpec):
     derivatives = traits.List(traits.Dict, mandatory=True, desc="the method's outputs")
     method = traits.Str(mandatory=True)
     title = traits.Str(mandatory=True, desc="run label for figure titles")
+    provenance = traits.Dict(desc="the method's provenance (training history, calibration)")
 
 
 class RunReportOutputSpec(TraitedSpec):
@@ -68,6 +69,13 @@ class RunReport(SimpleInterface):
         if "rank" in by_kind:
             _, rank = load_nifti(by_kind["rank"], ndim=3)
             made.append(("rankmap", figures.map_figure(rank, cwd / "rankmap.png", f"{method}: rank", cmap="viridis")))
+
+        details = (self.inputs.provenance or {}).get("Details", {})
+        if details.get("history", {}).get("epochs"):
+            made.append(("training", figures.loss_curves(details["history"], cwd / "training.png", f"{method} training")))
+        if details.get("calibration"):
+            made.append(("calibration", figures.calibration_curve(details["calibration"], cwd / "calibration.png",
+                                                                   f"{method}: self-supervised calibration")))
 
         lines = ["volume\tbval\tshell\tresidual_rms\toutlier"]
         lines += [f"{i}\t{bvals[i]:g}\t{shells[i]}\t{rms[i]:.6g}\t{int(outlier[i])}" for i in range(rms.size)]

@@ -26,6 +26,13 @@ REFERENCES = {
                           "Hutter, Jana and Price, Anthony N. and Hajnal, Jo V.},\n  title={Complex diffusion-weighted "
                           "image estimation via matrix recovery under general noise models},\n  journal={NeuroImage},\n"
                           "  volume={200},\n  pages={391--404},\n  year={2019}\n}"),
+    "noise2noise": ("lehtinen2018", "Lehtinen J, Munkberg J, Hasselgren J, Laine S, Karras T, Aittala M, Aila T. "
+                    "Noise2Noise: Learning Image Restoration without Clean Data. ICML 2018.",
+                    "@inproceedings{lehtinen2018,\n  author={Lehtinen, Jaakko and others},\n  title={Noise2Noise: "
+                    "Learning Image Restoration without Clean Data},\n  booktitle={ICML},\n  year={2018}\n}"),
+    "noise2self": ("batson2019", "Batson J, Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019.",
+                   "@inproceedings{batson2019,\n  author={Batson, Joshua and Royer, Loic},\n  title={Noise2Self: Blind "
+                   "Denoising by Self-Supervision},\n  booktitle={ICML},\n  year={2019}\n}"),
     "nipype": ("gorgolewski2011", "Gorgolewski K, et al. Nipype: a flexible, lightweight and extensible neuroimaging "
                "data processing framework in Python. Frontiers in Neuroinformatics 5:13, 2011.",
                "@article{gorgolewski2011,\n  author={Gorgolewski, Krzysztof and others},\n  title={Nipype: a flexible, "
@@ -69,6 +76,18 @@ def _sentence(method, parameters, versions):
                 f"window of extent {extent}, with the {estimator} noise estimator"
                 f"{' [corderogrande2019]' if estimator == 'Exp2' else ''}; the noise level was mapped per voxel.",
                 cites)
+    if method == "noise2noise":
+        return ("Diffusion-weighted images were denoised with Noise2Noise [lehtinen2018]: a U-Net trained on the "
+                "run itself to map each volume to the volume of its shell with the nearest gradient direction "
+                f"(slices along axis {parameters.get('slice_axis', 2)}, at most {parameters.get('epochs')} epochs).",
+                ["noise2noise"])
+    if method == "noise2self":
+        return ("Diffusion-weighted images were denoised with a J-invariant network trained by Noise2Self "
+                f"[batson2019] on the run itself ({parameters.get('context')} context, masker width "
+                f"{parameters.get('mask_width')}).", ["noise2self"])
+    if method == "median":
+        return ("Images were denoised with a median filter whose radius was chosen by the self-supervised "
+                "Noise2Self loss [batson2019].", ["noise2self"])
     return f"Images were denoised with {method}.", []
 
 

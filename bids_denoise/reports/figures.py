@@ -127,3 +127,29 @@ def group_plot(table_rows, path):
     ax.set_ylabel("mean residual RMS")
     ax.set_title("Residual RMS per run", fontsize=9)
     return _save(figure, path)
+
+
+def loss_curves(history, path, title):
+    """Training and validation loss per epoch."""
+    epochs = [row["epoch"] for row in history["epochs"]]
+    figure, ax = plt.subplots(figsize=(6, 2.6))
+    ax.plot(epochs, [row["train_loss"] for row in history["epochs"]], "o-", label="training")
+    ax.plot(epochs, [row["val_loss"] for row in history["epochs"]], "s-", label="validation (held out)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title} ({history.get('stopped', '')})", fontsize=8)
+    return _save(figure, path)
+
+
+def calibration_curve(calibration, path, title):
+    """Self-supervised loss of each candidate parameter, the chosen one marked."""
+    figure, ax = plt.subplots(figsize=(6, 2.6))
+    ax.plot(calibration["thetas"], calibration["losses"], "o-")
+    ax.axvline(calibration["best"], color="red", linestyle="--", label=f"chosen: {calibration['best']:g}")
+    ax.set_xlabel(calibration["parameter"])
+    ax.set_ylabel("self-supervised loss")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(figure, path)

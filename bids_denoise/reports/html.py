@@ -43,6 +43,8 @@ CAPTIONS = {
     "volumes": "Residual RMS of each volume inside the brain; red circles mark outliers within their shell.",
     "noisemap": "Estimated noise standard deviation per voxel.",
     "rankmap": "Number of signal components kept per voxel.",
+    "training": "Training and held-out validation loss per epoch.",
+    "calibration": "Self-supervised (J-invariant) loss of each candidate parameter; the least is chosen.",
 }
 
 

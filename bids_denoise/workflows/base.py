@@ -72,7 +72,7 @@ def init_run_wf(run, methods: list[MethodSpec], settings: WorkflowSettings):
             (check, denoise, [("in_file", "in_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
             (check, sink, [("in_file", "source_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
             (check, report, [("in_file", "in_file"), ("bval_file", "bval_file")]),
-            (denoise, report, [("derivatives", "derivatives")]),
+            (denoise, report, [("derivatives", "derivatives"), ("provenance", "provenance")]),
             (denoise, sink, [("derivatives", "derivatives"), ("provenance", "provenance")]),
             (report, sink, [("figures", "figures"), ("qc_table", "qc_table"), ("qc_summary", "qc_summary")]),
         ])

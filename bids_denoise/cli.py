@@ -70,6 +70,10 @@ def build_parser(methods) -> argparse.ArgumentParser:
     engine.add_argument("--mem-gb", type=float, default=None, help="memory MultiProc may use")
     engine.add_argument("--omp-nthreads", type=int, default=1, help="BLAS/torch threads per node (default 1)")
     engine.add_argument("--use-plugin", type=Path, metavar="FILE", help="Nipype plugin settings (YAML, fMRIPrep's format)")
+    engine.add_argument("--plugin", help="Nipype plugin (MultiProc, Linear, SLURM, ...); overrides --use-plugin's")
+    engine.add_argument("--plugin-args", metavar="JSON",
+                        help='plugin arguments as JSON, e.g. \'{"sbatch_args": "-p cpu -c 2", '
+                             '"gpu_sbatch_args": "-p gpu --gres=gpu:1"}\' (gpu_sbatch_args go to GPU nodes only)')
     engine.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing run")
 
     for spec in methods.values():
@@ -158,11 +162,20 @@ def run_participant(args, methods, command_line) -> int:
         return code
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
 
-    try:
-        device = resolve_device(args.device)
-    except DeviceUnavailableError as err:
-        return _fail(EXIT_USAGE, str(err))
-    LOGGER.info("device: %s%s", device, " (CUDA GPU found)" if device.type == "cuda" else "")
+    plugin = _plugin_settings(args)
+    if plugin["plugin"] in LOCAL_PLUGINS:
+        try:
+            device = str(resolve_device(args.device))
+        except DeviceUnavailableError as err:
+            return _fail(EXIT_USAGE, str(err))
+        LOGGER.info("device: %s%s", device, " (CUDA GPU found)" if device.startswith("cuda") else "")
+        if plugin["plugin"] == "MultiProc":
+            plugin["plugin_args"].setdefault("n_gpu_procs", 1 if device.startswith("cuda") else 0)
+    else:
+        # nodes run elsewhere: each resolves --device on its own machine (and fails there if asked
+        # for CUDA without a GPU)
+        device = args.device
+        LOGGER.info("plugin %s: device %r is resolved on the compute nodes", plugin["plugin"], device)
 
     filters = {}
     if args.bids_filter_file:
@@ -209,7 +222,7 @@ def run_participant(args, methods, command_line) -> int:
     failed = False
     if good_runs:
         bids.init_output_dir(output_dir, bids_dir)
-        failed = _run_workflows(args, good_runs, selected, parameters, device, output_dir, command_line)
+        failed = _run_workflows(args, good_runs, selected, parameters, device, output_dir, command_line, plugin)
 
     if bad_runs:
         print(f"bids-denoise: {len(bad_runs)} run(s) skipped for bad input data:", file=sys.stderr)
@@ -223,7 +236,10 @@ def run_participant(args, methods, command_line) -> int:
     return EXIT_OK
 
 
-def _plugin_settings(args, device):
+LOCAL_PLUGINS = ("MultiProc", "Linear")
+
+
+def _plugin_settings(args):
     settings = {"plugin": "MultiProc", "plugin_args": {}}
     if args.use_plugin:
         import yaml
@@ -234,19 +250,27 @@ def _plugin_settings(args, device):
             raise UsageError(f"{args.use_plugin}: not a readable plugin file ({err})") from None
         settings["plugin"] = loaded.get("plugin", "MultiProc")
         settings["plugin_args"] = dict(loaded.get("plugin_args") or {})
+    if args.plugin:
+        settings["plugin"] = args.plugin
+    if args.plugin_args:
+        try:
+            settings["plugin_args"].update(json.loads(args.plugin_args))
+        except ValueError as err:
+            raise UsageError(f"--plugin-args: not valid JSON ({err})") from None
     plugin_args = settings["plugin_args"]
     if settings["plugin"] == "MultiProc":
         plugin_args.setdefault("n_procs", args.nprocs)
         if args.mem_gb:
             plugin_args.setdefault("memory_gb", args.mem_gb)
-        plugin_args.setdefault("n_gpu_procs", 1 if device.type == "cuda" else 0)
         plugin_args.setdefault("raise_insufficient", False)
         plugin_args.setdefault("maxtasksperchild", 1)
-    plugin_args.setdefault("poll_sleep_duration", 0.1 if settings["plugin"] in ("MultiProc", "Linear") else 2)
+    plugin_args.setdefault("poll_sleep_duration", 0.1 if settings["plugin"] in LOCAL_PLUGINS else 2)
+    gpu_args = plugin_args.pop("gpu_sbatch_args", None)
+    settings["gpu_plugin_args"] = {"sbatch_args": gpu_args} if gpu_args else {}
     return settings
 
 
-def _run_workflows(args, runs, selected, parameters, device, output_dir, command_line) -> bool:
+def _run_workflows(args, runs, selected, parameters, device, output_dir, command_line, plugin) -> bool:
     """Build and run one workflow per participant; return True if anything failed."""
     from nipype import config as nipype_config
 
@@ -257,14 +281,15 @@ def _run_workflows(args, runs, selected, parameters, device, output_dir, command
     settings = WorkflowSettings(
         output_dir=output_dir,
         work_dir=work_dir,
-        device=str(device),
+        device=device,
         seed=args.seed,
         omp_nthreads=args.omp_nthreads,
         method_parameters=parameters,
         command_line=command_line,
         versions=bids.software_versions(),
+        gpu_plugin_args=plugin["gpu_plugin_args"],
     )
-    plugin = _plugin_settings(args, device)
+    run_args = {"plugin": plugin["plugin"], "plugin_args": plugin["plugin_args"]}
     failed = False
     by_subject = {}
     for run in runs:
@@ -292,7 +317,7 @@ def _run_workflows(args, runs, selected, parameters, device, output_dir, command
             LOGGER.info("sub-%s: %d run(s), methods %s, plugin %s", subject, len(subject_runs),
                         ", ".join(s.name for s in selected), plugin["plugin"])
             try:
-                workflow.run(**plugin)
+                workflow.run(**run_args)
             except RuntimeError as err:
                 failed = True
                 LOGGER.error("sub-%s: processing failed (%s); crash reports in %s", subject,

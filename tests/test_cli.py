@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -383,3 +384,27 @@ def test_learned_and_calibrated_methods_in_the_app(dataset, tmp_path, capsys):
     assert (figures / f"{stem}_desc-median_calibration.png").exists()
     check_report(out / "sub-02.html", out, expected_sections=3)
     assert "Noise2" in (out / "logs" / "CITATION.md").read_text()
+
+
+def test_concurrent_participants_share_one_output_dir(dataset, tmp_path):
+    raw, _ = dataset
+    out = tmp_path / "out"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bids_denoise", str(raw), str(out), "participant", "--participant-label", label,
+             "--session-label", "post", "-w", str(tmp_path / f"work{label}"), "--skip-bids-validation"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for label in ("01", "02")
+    ]
+    for process in processes:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    lines = (out / ".bidsignore").read_text().splitlines()
+    assert len(lines) == len(set(lines)) and "prov" in lines
+    assert not list(out.rglob(".*.part*"))  # no temporary file left behind
+    assert len(list(out.rglob("*_desc-patch2self_dwi.nii.gz"))) == 2
+    if find_validator():
+        n_errors, errors = validate_dataset(out)
+        assert n_errors == 0, errors

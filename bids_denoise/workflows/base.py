@@ -29,6 +29,7 @@ class WorkflowSettings:
     method_parameters: dict = field(default_factory=dict)
     command_line: str = ""
     versions: dict = field(default_factory=dict)
+    gpu_plugin_args: dict = field(default_factory=dict)  # e.g. {"sbatch_args": "--gres=gpu:1"}
 
 
 def init_participant_wf(subject: str, runs, methods: list[MethodSpec], settings: WorkflowSettings):
@@ -57,6 +58,9 @@ def init_run_wf(run, methods: list[MethodSpec], settings: WorkflowSettings):
         denoise.inputs.parameters = settings.method_parameters.get(spec.name, spec.defaults())
         denoise.inputs.device = settings.device if spec.uses_gpu else "cpu"
         denoise.inputs.use_gpu = bool(spec.uses_gpu and on_gpu)
+        if spec.uses_gpu and settings.gpu_plugin_args and settings.device != "cpu":
+            # batch plugins: GPU nodes ask for a GPU, CPU nodes keep the plugin's own arguments
+            denoise.plugin_args = dict(settings.gpu_plugin_args, overwrite=True)
         denoise.inputs.seed = settings.seed
         denoise.inputs.omp_nthreads = settings.omp_nthreads
         report = pe.Node(RunReport(method=spec.name, title=run.label), name=f"{spec.name}_report")

@@ -383,6 +383,7 @@ def test_learned_and_calibrated_methods_in_the_app(dataset, tmp_path, capsys):
     assert (figures / f"{stem}_desc-noise2noise_training.png").exists()
     assert (figures / f"{stem}_desc-median_calibration.png").exists()
     check_report(out / "sub-02.html", out, expected_sections=3)
+    assert "Volume pairs used for training" in (out / "sub-02.html").read_text()
     assert "Noise2" in (out / "logs" / "CITATION.md").read_text()
 
 

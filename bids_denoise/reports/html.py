@@ -88,6 +88,12 @@ def write_participant_report(output_dir: Path, subject: str) -> Path:
                     f'<figure><img src="{html.escape(str(figure.relative_to(output_dir)))}" alt="{kind}">'
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>"
                 )
+        pairs = provenance.get("Details", {}).get("pairs")
+        if pairs:
+            cells = "".join(f"<tr><td>{p['volume']}</td><td>{p['partner']}</td><td>{p['angle_deg']:.1f}</td></tr>"
+                            for p in pairs)
+            figures.append("<details><summary>Volume pairs used for training</summary><table><tr><th>volume</th>"
+                           f"<th>partner</th><th>angle (deg)</th></tr>{cells}</table></details>")
         sections.append(
             f"<h2>{html.escape(stem)}</h2>\n{_table(rows)}\n{flag}\n{''.join(figures)}\n"
             f"<details><summary>Files</summary><ul>{link_list}</ul></details>"

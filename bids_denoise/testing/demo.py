@@ -42,6 +42,7 @@ def main(argv=None) -> int:
             row.append(f"{method} {np.sqrt(np.mean((denoised - signal)[brain] ** 2)):7.2f}")
         print("  " + "  ".join(row))
     print(f"\nlook at: {out}/sub-01/ (denoised series, noise maps, sidecars), {out}/group.tsv")
+    print(f"report: {out / 'sub-01.html'} (group summary: {out / 'group.html'})")
     return 0
 
 

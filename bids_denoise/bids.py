@@ -54,15 +54,24 @@ class NothingSelectedError(ValueError):
     """The filters selected no run (exit code 18)."""
 
 
+#: What each modality selects: (datatype, suffixes, bids-filter-file keys)
+MODALITIES = {
+    "dwi": ("dwi", ["dwi"], ["dwi"]),
+    "anat": ("anat", ["T1w", "T2w"], ["t1w", "t2w"]),
+}
+
+
 @dataclass
-class DWIRun:
-    """One selected DWI run and the files that go with it."""
+class Run:
+    """One selected run and the files that go with it."""
 
     path: Path
     bval: Path | None
     bvec: Path | None
     entities: dict
     metadata: dict = field(default_factory=dict)
+    modality: str = "dwi"
+    suffix: str = "dwi"
 
     @property
     def subject(self) -> str:
@@ -150,8 +159,11 @@ def build_layout(bids_dir: Path, database_dir: Path | None = None):
     )
 
 
-def select_dwi_runs(layout, participant_labels=None, session_labels=None, bids_filters=None):
-    """Every DWI run the labels and filters select, with bval/bvec/metadata resolved.
+def select_runs(layout, participant_labels=None, session_labels=None, bids_filters=None, modalities=("dwi",)):
+    """Every run of the given modalities the labels and filters select.
+
+    DWI runs come with their bval/bvec; every run with its metadata, resolved
+    through the inheritance principle.
 
     Raises
     ------
@@ -168,12 +180,7 @@ def select_dwi_runs(layout, participant_labels=None, session_labels=None, bids_f
             f"participant label(s) {', '.join(missing)} not found; "
             f"participants in the dataset: {', '.join(sorted(subjects))}"
         )
-    query = {
-        "subject": wanted,
-        "datatype": "dwi",
-        "suffix": "dwi",
-        "extension": [".nii", ".nii.gz"],
-    }
+    sessions = None
     if session_labels:
         sessions = [strip_prefix(label, "ses-") for label in session_labels]
         known = layout.get_sessions(subject=wanted)
@@ -182,35 +189,43 @@ def select_dwi_runs(layout, participant_labels=None, session_labels=None, bids_f
                 f"session label(s) {', '.join(sessions)} not found for the selected participants; "
                 f"sessions present: {', '.join(sorted(known)) or 'none'}"
             )
-        query["session"] = sessions
-    for key, value in (bids_filters or {}).get("dwi", {}).items():
-        query[key] = value
-    files = layout.get(return_type="object", **query)
-    if not files:
-        present = layout.get(subject=wanted, datatype="dwi", return_type="filename")
-        raise NothingSelectedError(
-            "the filters selected no DWI run; DWI files under the selected participants: "
-            + (", ".join(Path(p).name for p in present) or "none")
-        )
     runs = []
-    for bids_file in files:
-        path = Path(bids_file.path)
-        entities = {
-            key: value
-            for key, value in bids_file.get_entities().items()
-            if key not in ("extension", "suffix", "datatype")
-        }
-        entities["_relpath"] = str(path.relative_to(layout.root))
-        runs.append(
-            DWIRun(
-                path=path,
-                bval=_optional(layout.get_bval, str(path)),
-                bvec=_optional(layout.get_bvec, str(path)),
-                entities=entities,
-                metadata=_metadata(layout, path),
-            )
+    for modality in modalities:
+        datatype, suffixes, filter_keys = MODALITIES[modality]
+        for suffix, filter_key in zip(suffixes, filter_keys):
+            query = {"subject": wanted, "datatype": datatype, "suffix": suffix, "extension": [".nii", ".nii.gz"]}
+            if sessions:
+                query["session"] = sessions
+            query.update((bids_filters or {}).get(filter_key, {}))
+            for bids_file in layout.get(return_type="object", **query):
+                runs.append(_run_of(layout, bids_file, modality, suffix))
+    if not runs:
+        present = layout.get(subject=wanted, datatype=[MODALITIES[m][0] for m in modalities], return_type="filename")
+        raise NothingSelectedError(
+            f"the filters selected no {'/'.join(modalities)} run; files under the selected participants: "
+            + (", ".join(Path(p).name for p in present if p.endswith((".nii", ".nii.gz"))) or "none")
         )
     return runs
+
+
+def _run_of(layout, bids_file, modality, suffix):
+    path = Path(bids_file.path)
+    entities = {
+        key: value
+        for key, value in bids_file.get_entities().items()
+        if key not in ("extension", "suffix", "datatype")
+    }
+    entities["_relpath"] = str(path.relative_to(layout.root))
+    is_dwi = modality == "dwi"
+    return Run(
+        path=path,
+        bval=_optional(layout.get_bval, str(path)) if is_dwi else None,
+        bvec=_optional(layout.get_bvec, str(path)) if is_dwi else None,
+        entities=entities,
+        metadata=_metadata(layout, path),
+        modality=modality,
+        suffix=suffix,
+    )
 
 
 def _optional(getter, path):
@@ -228,7 +243,7 @@ def _metadata(layout, path):
         return {}
 
 
-def derivative_relpath(run: DWIRun, desc: str, suffix: str = "dwi", extension: str = ".nii.gz", extra=None) -> str:
+def derivative_relpath(run: Run, desc: str, suffix: str | None = None, extension: str = ".nii.gz", extra=None) -> str:
     """Derivative path relative to OUTPUT_DIR, keeping every source entity.
 
     ``sub-01/ses-pre/dwi/sub-01_ses-pre_acq-mb_run-1_dwi.nii.gz`` with desc
@@ -241,11 +256,11 @@ def derivative_relpath(run: DWIRun, desc: str, suffix: str = "dwi", extension: s
     parts.append(f"desc-{desc}")
     for key, value in (extra or {}).items():
         parts.append(f"{key}-{value}")
-    name = "_".join(parts) + f"_{suffix}{extension}"
+    name = "_".join(parts) + f"_{suffix or run.suffix}{extension}"
     return str(source.parent / name)
 
 
-def bids_uri(run: DWIRun) -> str:
+def bids_uri(run: Run) -> str:
     return f"bids:raw:{run.relpath}"
 
 
@@ -327,7 +342,7 @@ def software_versions() -> dict:
     return versions
 
 
-def provenance_record(run: DWIRun, method: str, outputs: list, provenance: dict) -> dict:
+def provenance_record(run: Run, method: str, outputs: list, provenance: dict) -> dict:
     """A BEP028-style (draft) provenance record for one run and method, as JSON-LD."""
     activity_id = f"urn:bids-denoise:{run.label}:{method}"
     software_id = f"urn:bids-denoise:software:{__version__}"

@@ -154,7 +154,7 @@ def _check_dirs(args):
 
 def run_participant(args, methods, command_line) -> int:
     from bids_denoise import bids
-    from bids_denoise.io import InputDataError, load_dwi_run
+    from bids_denoise.io import InputDataError, check_run
     from bids_denoise.methods._device import DeviceUnavailableError, resolve_device
 
     code = _check_dirs(args)
@@ -198,14 +198,15 @@ def run_participant(args, methods, command_line) -> int:
 
     try:
         layout = bids.build_layout(bids_dir)
-        runs = bids.select_dwi_runs(layout, args.participant_label, args.session_label, filters)
+        modalities = sorted({m for name in args.methods for m in methods[name].modalities}, key=["dwi", "anat"].index)
+        runs = bids.select_runs(layout, args.participant_label, args.session_label, filters, modalities)
     except bids.NothingSelectedError as err:
         return _fail(EXIT_NOTHING_SELECTED, str(err))
 
     good_runs, bad_runs = [], []
     for run in runs:
         try:
-            load_dwi_run(run.path, run.bval, run.bvec)
+            check_run(run.path, run.bval, run.bvec, run.modality)
         except InputDataError as err:
             print(f"bids-denoise: error: {err}", file=sys.stderr)
             if args.stop_on_first_crash:

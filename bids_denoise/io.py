@@ -188,3 +188,16 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi") -> int:
+    """Check a run as the app needs it; return its number of volumes (1 for a 3D image)."""
+    if modality == "dwi":
+        _, data, _, _ = load_dwi_run(in_file, bval_file, bvec_file)
+        return int(data.shape[3])
+    image, data = load_nifti(in_file)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputDataError(f"{in_file}: expected a 3D anatomical image, got shape {data.shape}")
+    return 1

@@ -18,6 +18,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -25,9 +26,9 @@ from bids_denoise.io import load_dwi_run, load_nifti, save_nifti, sha256_of
 
 
 class MethodInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="4D DWI series")
-    bval_file = File(exists=True, mandatory=True, desc="FSL-style b-values")
-    bvec_file = File(exists=True, mandatory=True, desc="FSL-style b-vectors")
+    in_file = File(exists=True, mandatory=True, desc="4D DWI series, or a 3D anatomical image")
+    bval_file = File(exists=True, desc="FSL-style b-values (DWI)")
+    bvec_file = File(exists=True, desc="FSL-style b-vectors (DWI)")
     mask_file = File(exists=True, desc="brain mask (3D)")
     parameters = traits.Dict(mandatory=True, desc="method parameter values")
     device = traits.Str("cpu", usedefault=True, desc="torch device: cpu, cuda, cuda:N")
@@ -50,7 +51,10 @@ class MethodInterface(SimpleInterface):
     method_name = ""
 
     def _denoise(self, data, bvals, bvecs, mask, parameters, device):
-        """Return (denoised array, {name: (array, suffix, entities, description)}, details)."""
+        """Return (denoised array, {name: (array, suffix, entities, description)}, details).
+
+        For anatomical images ``data`` is 3D and ``bvals``/``bvecs`` are None.
+        """
         raise NotImplementedError
 
     def _run_interface(self, runtime):
@@ -59,9 +63,14 @@ class MethodInterface(SimpleInterface):
 
         from bids_denoise.methods._device import device_description, resolve_device
 
-        image, data, bvals, bvecs = load_dwi_run(
-            self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file
-        )
+        has_gradients = isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file)
+        if has_gradients:
+            image, data, bvals, bvecs = load_dwi_run(
+                self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file
+            )
+        else:
+            image, data = load_nifti(self.inputs.in_file)
+            data, bvals, bvecs = (data[..., 0] if data.ndim == 4 else data), None, None
         mask = None
         if self.inputs.mask_file:
             _, mask_data = load_nifti(self.inputs.mask_file, ndim=3)
@@ -88,7 +97,7 @@ class MethodInterface(SimpleInterface):
         out_file = save_nifti(denoised, image, cwd / f"{self.method_name}_denoised.nii.gz")
         derivatives = [
             {"path": str(out_file), "suffix": "dwi", "entities": {}, "kind": "denoised",
-             "description": f"DWI series denoised with {self.method_name}"}
+             "description": f"{'DWI series' if has_gradients else 'Image'} denoised with {self.method_name}"}
         ]
         for name, (array, suffix, entities, description) in extras.items():
             path = save_nifti(array, image, cwd / f"{self.method_name}_{name}.nii.gz")
@@ -111,6 +120,7 @@ class MethodInterface(SimpleInterface):
             "InputDigests": {
                 Path(path).name: sha256_of(path)
                 for path in (self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file)
+                if isdefined(path)
             },
             "Host": os.uname().nodename,
         }

@@ -13,14 +13,16 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
 
 class CheckRunInputSpec(BaseInterfaceInputSpec):
-    in_file = File(mandatory=True, desc="4D DWI series")
+    in_file = File(mandatory=True, desc="4D DWI series, or a 3D anatomical image")
     bval_file = traits.Either(None, File, mandatory=True)
     bvec_file = traits.Either(None, File, mandatory=True)
+    modality = traits.Enum("dwi", "anat", usedefault=True)
 
 
 class CheckRunOutputSpec(TraitedSpec):
@@ -31,21 +33,19 @@ class CheckRunOutputSpec(TraitedSpec):
 
 
 class CheckRun(SimpleInterface):
-    """Load a DWI run and check image, bval and bvec agree (one-line error otherwise)."""
+    """Load a run and check it: a 4D series with matching bval/bvec, or a 3D image (one-line error otherwise)."""
 
     input_spec = CheckRunInputSpec
     output_spec = CheckRunOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_denoise.io import load_dwi_run
+        from bids_denoise.io import check_run
 
-        _, data, _, _ = load_dwi_run(self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file)
-        self._results.update(
-            in_file=self.inputs.in_file,
-            bval_file=self.inputs.bval_file,
-            bvec_file=self.inputs.bvec_file,
-            n_volumes=int(data.shape[3]),
-        )
+        n_volumes = check_run(self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file,
+                              self.inputs.modality)
+        self._results.update(in_file=self.inputs.in_file, n_volumes=n_volumes)
+        if self.inputs.modality == "dwi":
+            self._results.update(bval_file=self.inputs.bval_file, bvec_file=self.inputs.bvec_file)
         return runtime
 
 
@@ -54,8 +54,9 @@ class DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     source_file = File(exists=True, mandatory=True, desc="the raw DWI file")
     source_relpath = traits.Str(mandatory=True, desc="raw file path relative to BIDS_DIR")
     source_metadata = traits.Dict(desc="the raw file's sidecar metadata (inheritance resolved)")
-    bval_file = File(exists=True, mandatory=True)
-    bvec_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, desc="DWI only")
+    bvec_file = File(exists=True, desc="DWI only")
+    suffix = traits.Str("dwi", usedefault=True, desc="BIDS suffix of the source (dwi, T1w, T2w)")
     method = traits.Str(mandatory=True)
     derivatives = traits.List(traits.Dict, mandatory=True)
     provenance = traits.Dict(mandatory=True)
@@ -81,12 +82,14 @@ class DerivativesSink(SimpleInterface):
         from bids_denoise.io import sha256_of, write_json
 
         output_dir = Path(self.inputs.output_dir)
-        run = bids.DWIRun(
+        has_gradients = isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file)
+        run = bids.Run(
             path=Path(self.inputs.source_file),
-            bval=Path(self.inputs.bval_file),
-            bvec=Path(self.inputs.bvec_file),
+            bval=Path(self.inputs.bval_file) if has_gradients else None,
+            bvec=Path(self.inputs.bvec_file) if has_gradients else None,
             entities={"_relpath": self.inputs.source_relpath},
             metadata=dict(self.inputs.source_metadata),
+            suffix=self.inputs.suffix,
         )
         method = self.inputs.method
         provenance = dict(self.inputs.provenance)
@@ -94,7 +97,8 @@ class DerivativesSink(SimpleInterface):
         provenance["SoftwareVersions"] = dict(self.inputs.versions)
         written, digests = [], []
         for item in self.inputs.derivatives:
-            relpath = bids.derivative_relpath(run, method, suffix=item["suffix"], extra=item["entities"])
+            suffix = run.suffix if item["kind"] == "denoised" else item["suffix"]
+            relpath = bids.derivative_relpath(run, method, suffix=suffix, extra=item["entities"])
             destination = output_dir / relpath
             bids.copy_atomic(Path(item["path"]), destination)
             digest = sha256_of(destination)
@@ -116,7 +120,7 @@ class DerivativesSink(SimpleInterface):
                 sidecar["QC"] = dict(self.inputs.qc_summary)
             write_json(sidecar, destination.with_name(destination.name.replace(".nii.gz", ".json")))
             written.append(str(destination))
-            if item["kind"] == "denoised":
+            if item["kind"] == "denoised" and has_gradients:
                 for source, extension in ((self.inputs.bval_file, ".bval"), (self.inputs.bvec_file, ".bvec")):
                     target = output_dir / bids.derivative_relpath(run, method, extension=extension)
                     bids.copy_atomic(Path(source), target)
@@ -127,7 +131,7 @@ class DerivativesSink(SimpleInterface):
             target = subject_dir / "figures" / f"{stem}_{figure['kind']}.png"
             bids.copy_atomic(Path(figure["path"]), target)
             written.append(str(target))
-        if self.inputs.qc_table:
+        if isdefined(self.inputs.qc_table):
             target = output_dir / bids.derivative_relpath(run, method, suffix="dwiqc", extension=".tsv")
             bids.copy_atomic(Path(self.inputs.qc_table), target)
             written.append(str(target))

@@ -70,11 +70,12 @@ class Noise2SelfDenoise(MethodInterface):
     def _denoise(self, data, bvals, bvecs, mask, parameters, device):
         from bids_denoise.methods.noise2self import noise2self
 
+        context = parameters["context"] if data.ndim == 4 else "volume"  # an anatomical image has no series
         result = noise2self(
-            data, bvals, context=parameters["context"], width=parameters["mask_width"], mode=parameters["fill"],
+            data, bvals, context=context, width=parameters["mask_width"], mode=parameters["fill"],
             slice_axis=parameters["slice_axis"], seed=self.inputs.seed, device=device, **_budget(parameters),
         )
-        details = {"history": result.history, "final_validation_loss": result.final_loss,
+        details = {"context": context, "history": result.history, "final_validation_loss": result.final_loss,
                    "weights": _save_weights(result.state_dict, self._cwd)}
         return result.denoised, {}, details
 
@@ -89,6 +90,9 @@ class CalibratedMedian(MethodInterface):
 
         radius = parameters["radius"]
         details = {}
+        anatomical = data.ndim == 3
+        if anatomical:
+            data = data[..., None]
         if radius == "auto":
             # calibrate on up to 8 volumes spread over the run: one radius for the run
             picks = np.unique(np.linspace(0, data.shape[3] - 1, min(8, data.shape[3])).round().astype(int))
@@ -98,6 +102,8 @@ class CalibratedMedian(MethodInterface):
         radius = int(radius)
         details["radius"] = radius
         denoised = np.stack([donut_median(data[..., v], radius) for v in range(data.shape[3])], axis=-1)
+        if anatomical:
+            denoised = denoised[..., 0]
         return denoised.astype(np.float32), {}, details
 
 
@@ -117,7 +123,7 @@ register(MethodSpec(
 ))
 
 register(MethodSpec(
-    name="noise2self", interface=Noise2SelfDenoise, uses_gpu=True, mem_gb=4.0,
+    name="noise2self", interface=Noise2SelfDenoise, uses_gpu=True, mem_gb=4.0, modalities=("dwi", "anat"),
     description="Noise2Self: a J-invariant U-Net trained on the run itself (masked self-supervised loss)",
     citation="Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019.",
     params=BUDGET_PARAMS + (
@@ -130,7 +136,7 @@ register(MethodSpec(
 ))
 
 register(MethodSpec(
-    name="median", interface=CalibratedMedian, uses_gpu=False, mem_gb=1.0,
+    name="median", interface=CalibratedMedian, uses_gpu=False, mem_gb=1.0, modalities=("dwi", "anat"),
     description="Donut median filter (centre excluded) with the radius chosen by the Noise2Self self-supervised loss",
     citation="Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019.",
     params=(Param("radius", _radius, "auto", "filter radius in voxels, or auto (calibrated)"),),

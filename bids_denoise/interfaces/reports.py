@@ -9,13 +9,14 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
 
 class RunReportInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="the raw DWI series")
-    bval_file = File(exists=True, mandatory=True)
+    in_file = File(exists=True, mandatory=True, desc="the raw DWI series or anatomical image")
+    bval_file = File(exists=True, desc="DWI only")
     derivatives = traits.List(traits.Dict, mandatory=True, desc="the method's outputs")
     method = traits.Str(mandatory=True)
     title = traits.Str(mandatory=True, desc="run label for figure titles")
@@ -42,10 +43,13 @@ class RunReport(SimpleInterface):
         from bids_denoise.reports import figures
 
         cwd = Path(runtime.cwd)
-        _, noisy = load_nifti(self.inputs.in_file, ndim=4)
-        bvals = read_bvals(self.inputs.bval_file, noisy.shape[3])
+        series = isdefined(self.inputs.bval_file)
         by_kind = {item["kind"]: item["path"] for item in self.inputs.derivatives}
-        _, denoised = load_nifti(by_kind["denoised"], ndim=4)
+        _, noisy = load_nifti(self.inputs.in_file)
+        _, denoised = load_nifti(by_kind["denoised"])
+        if not series:  # an anatomical image: one "volume"
+            noisy, denoised = noisy.reshape(noisy.shape[:3] + (1,)), denoised.reshape(denoised.shape[:3] + (1,))
+        bvals = read_bvals(self.inputs.bval_file, noisy.shape[3]) if series else np.zeros(1)
         mask = b0_brain_mask(noisy, bvals)
         rms, outlier, shells = figures.residual_statistics(noisy, denoised, bvals, mask)
         method, title = self.inputs.method, self.inputs.title
@@ -55,8 +59,10 @@ class RunReport(SimpleInterface):
         made = [
             ("mosaic", figures.mosaic(noisy, denoised, representative, cwd / "mosaic.png", f"{title}: {method}")),
             ("residualmap", figures.map_figure(residual_map, cwd / "residualmap.png", f"{method}: residual RMS map")),
-            ("volumes", figures.volume_plot(rms, outlier, bvals, cwd / "volumes.png", f"{method}: residual per volume")),
         ]
+        if series:
+            made.append(("volumes", figures.volume_plot(rms, outlier, bvals, cwd / "volumes.png",
+                                                        f"{method}: residual per volume")))
         summary = {
             "ResidualRMS": round(float(rms.mean()), 4),
             "OutlierVolumes": [int(v) for v in np.flatnonzero(outlier)],
@@ -77,9 +83,10 @@ class RunReport(SimpleInterface):
             made.append(("calibration", figures.calibration_curve(details["calibration"], cwd / "calibration.png",
                                                                    f"{method}: self-supervised calibration")))
 
-        lines = ["volume\tbval\tshell\tresidual_rms\toutlier"]
-        lines += [f"{i}\t{bvals[i]:g}\t{shells[i]}\t{rms[i]:.6g}\t{int(outlier[i])}" for i in range(rms.size)]
-        self._results["qc_table"] = str(write_text("\n".join(lines) + "\n", cwd / "qc.tsv"))
+        if series:
+            lines = ["volume\tbval\tshell\tresidual_rms\toutlier"]
+            lines += [f"{i}\t{bvals[i]:g}\t{shells[i]}\t{rms[i]:.6g}\t{int(outlier[i])}" for i in range(rms.size)]
+            self._results["qc_table"] = str(write_text("\n".join(lines) + "\n", cwd / "qc.tsv"))
         self._results["figures"] = [{"kind": kind, "path": str(path)} for kind, path in made]
         self._results["qc_summary"] = summary
         return runtime

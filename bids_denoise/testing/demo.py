@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         if path.is_file() and "log" not in path.parts:
             print("  " + str(path.relative_to(out)))
     print("\nerror against the known noise-free signal (RMSE inside the brain):")
-    for relpath, truth in truths.items():
+    for relpath, truth in ((r, t) for r, t in truths.items() if "/dwi/" in r):
         signal = nib.load(truth).get_fdata()
         brain = signal[..., 0] > 0
         noisy = nib.load(raw / relpath).get_fdata()

@@ -93,6 +93,20 @@ def make_phantom(shape=(24, 24, 14), *, n_b0=3, shells=((1000.0, 24),), noise_si
     return Phantom(signal.astype(np.float32), noisy.astype(np.float32), bvals, bvecs, affine, brain)
 
 
+def make_anatomical(shape=(24, 24, 16), *, noise_sigma=0.05, seed=0, voxel_size=1.5):
+    """A T1w-like image (white > grey > CSF) with Rician noise: (signal, noisy, affine)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
+    radius = np.sqrt(((grid / np.array([0.85, 0.9, 0.85])) ** 2).sum(-1))
+    signal = np.select([radius < 0.25, radius < 0.75, radius < 1.0], [300.0, 1000.0, 650.0], 0.0)
+    signal *= 1.0 + 0.1 * np.cos(3 * grid[..., 0]) * np.cos(2 * grid[..., 1])
+    sigma = noise_sigma * 1000.0
+    noisy = np.sqrt((signal + rng.normal(0, sigma, shape)) ** 2 + rng.normal(0, sigma, shape) ** 2)
+    affine = np.diag([voxel_size] * 3 + [1.0])
+    affine[:3, 3] = -voxel_size * (np.array(shape) - 1) / 2
+    return signal.astype(np.float32), noisy.astype(np.float32), affine
+
+
 def _save(array, affine, path, dtype=np.float32):
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     image.set_qform(affine, code=1)
@@ -103,12 +117,13 @@ def _save(array, affine, path, dtype=np.float32):
 
 def make_bids_dataset(root, *, subjects=("01", "02"), sessions=("pre", "post"), runs_in_first_session=2,
                       shape=(20, 20, 12), shells=((1000.0, 20),), n_b0=3, noise_sigma=0.05, seed=0,
-                      truth_dir=None):
+                      truth_dir=None, anat_shape=(24, 24, 16)):
     """Write a small BIDS dataset of phantom DWI runs; return {relpath: clean signal path}.
 
     bval/bvec and the acquisition JSON live at the dataset root (``dwi.bval``,
     ``dwi.bvec``, ``dwi.json``) and apply to every run by inheritance, as in
-    the public example dataset ds114. The noise-free signals are written to
+    the public example dataset ds114. Each session also has a T1w image
+    (``anat_shape``; None for none). The noise-free signals are written to
     ``truth_dir`` (default: ``<root>_truth``), outside the dataset.
     """
     root = Path(root)
@@ -128,6 +143,15 @@ def make_bids_dataset(root, *, subjects=("01", "02"), sessions=("pre", "post"), 
     counter = 0
     for subject in subjects:
         for index, session in enumerate(sessions or [None]):
+            if anat_shape:
+                folder = f"sub-{subject}" + (f"/ses-{session}" if session else "") + "/anat"
+                name = f"sub-{subject}" + (f"_ses-{session}" if session else "") + "_T1w"
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                signal, noisy, affine = make_anatomical(anat_shape, noise_sigma=noise_sigma, seed=seed * 1000 + 500 + counter)
+                _save(np.round(noisy).astype(np.int16), affine, root / folder / f"{name}.nii.gz", dtype=np.int16)
+                truth = truth_dir / f"{name}_signal.nii.gz"
+                _save(signal, affine, truth)
+                truths[f"{folder}/{name}.nii.gz"] = truth
             n_runs = runs_in_first_session if index == 0 else 1
             for run in range(1, n_runs + 1):
                 phantom = make_phantom(shape, n_b0=n_b0, shells=shells, noise_sigma=noise_sigma,

@@ -41,9 +41,10 @@ def init_participant_wf(subject: str, runs, methods: list[MethodSpec], settings:
 
 
 def init_run_wf(run, methods: list[MethodSpec], settings: WorkflowSettings):
-    """Check one DWI run, run each method on it, write the derivatives."""
+    """Check one run, run each method that takes its modality, write the derivatives."""
+    methods = [spec for spec in methods if run.modality in spec.modalities]
     workflow = pe.Workflow(name=f"{_safe(run.label)}_wf")
-    check = pe.Node(CheckRun(), name="check_run")
+    check = pe.Node(CheckRun(modality=run.modality), name="check_run")
     check.inputs.in_file = str(run.path)
     check.inputs.bval_file = str(run.bval) if run.bval else None
     check.inputs.bvec_file = str(run.bvec) if run.bvec else None
@@ -70,16 +71,24 @@ def init_run_wf(run, methods: list[MethodSpec], settings: WorkflowSettings):
         sink.inputs.source_relpath = run.relpath
         sink.inputs.source_metadata = run.metadata
         sink.inputs.method = spec.name
+        sink.inputs.suffix = run.suffix
         sink.inputs.command_line = settings.command_line
         sink.inputs.versions = settings.versions
         workflow.connect([
-            (check, denoise, [("in_file", "in_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-            (check, sink, [("in_file", "source_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-            (check, report, [("in_file", "in_file"), ("bval_file", "bval_file")]),
+            (check, denoise, [("in_file", "in_file")]),
+            (check, sink, [("in_file", "source_file")]),
+            (check, report, [("in_file", "in_file")]),
             (denoise, report, [("derivatives", "derivatives"), ("provenance", "provenance")]),
             (denoise, sink, [("derivatives", "derivatives"), ("provenance", "provenance")]),
-            (report, sink, [("figures", "figures"), ("qc_table", "qc_table"), ("qc_summary", "qc_summary")]),
+            (report, sink, [("figures", "figures"), ("qc_summary", "qc_summary")]),
         ])
+        if run.modality == "dwi":
+            workflow.connect([
+                (check, denoise, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
+                (check, sink, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
+                (check, report, [("bval_file", "bval_file")]),
+                (report, sink, [("qc_table", "qc_table")]),
+            ])
     return workflow
 
 

@@ -142,6 +142,11 @@ def _check_dirs(args):
             f"{output_dir}: OUTPUT_DIR must not be BIDS_DIR or inside it, except under its derivatives/ "
             f"(e.g. {derivatives / 'bids-denoise'})",
         )
+    return None
+
+
+def _prepare_output(output_dir):
+    """Create OUTPUT_DIR (only once there is something to write) and prove it writable."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{uuid.uuid4().hex}"
@@ -222,6 +227,9 @@ def run_participant(args, methods, command_line) -> int:
     }
     failed = False
     if good_runs:
+        code = _prepare_output(output_dir)
+        if code is not None:
+            return code
         bids.init_output_dir(output_dir, bids_dir)
         failed = _run_workflows(args, good_runs, selected, parameters, device, output_dir, command_line, plugin)
 

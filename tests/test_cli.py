@@ -219,6 +219,7 @@ def test_not_bids(tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     code = run_app(tmp_path / "raw", tmp_path / "out", "participant")
     expect_error(capsys, code, 16, "dataset_description.json")
+    assert not (tmp_path / "out").exists()  # nothing is created for a run that cannot start
 
 
 def test_output_inside_raw(dataset, capsys):

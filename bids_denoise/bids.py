@@ -253,8 +253,12 @@ def derivative_relpath(run: Run, desc: str, suffix: str | None = None, extension
     source = Path(run.relpath)
     parts = run.label.split("_")[:-1]  # drop the suffix
     parts = [part for part in parts if not part.startswith("desc-")]
+    extra = dict(extra or {})
+    for key in ("space", "res", "den"):  # entities the BIDS order puts before desc
+        if key in extra:
+            parts.append(f"{key}-{extra.pop(key)}")
     parts.append(f"desc-{desc}")
-    for key, value in (extra or {}).items():
+    for key, value in extra.items():
         parts.append(f"{key}-{value}")
     name = "_".join(parts) + f"_{suffix or run.suffix}{extension}"
     return str(source.parent / name)

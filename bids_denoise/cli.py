@@ -60,6 +60,9 @@ def build_parser(methods) -> argparse.ArgumentParser:
     processing = parser.add_argument_group("Processing")
     processing.add_argument("--methods", nargs="+", default=["patch2self"], choices=sorted(methods),
                             metavar="METHOD", help=f"methods to run (default patch2self; available: {', '.join(sorted(methods))})")
+    processing.add_argument("--super-resolution", choices=["wasa"], default=None,
+                            help="also raise the resolution (wasa: wavelet-attention network trained on the "
+                                 "subject's own in-plane detail); see the wasa options (--sr-scale, --sr-axes)")
     processing.add_argument("--device", default="auto", help="auto (CUDA if torch sees a GPU), cpu, cuda or cuda:N")
     processing.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
 
@@ -83,7 +86,9 @@ def build_parser(methods) -> argparse.ArgumentParser:
             if param.choices:
                 kwargs["choices"] = param.choices
             kwargs["type"] = param.type
-            group.add_argument(f"--{spec.name}-{param.option}", **kwargs)
+            if param.nargs:
+                kwargs["nargs"] = param.nargs
+            group.add_argument(f"--{spec.name}-{param.option}", *param.aliases, **kwargs)
     return parser
 
 
@@ -95,6 +100,8 @@ def main(argv=None) -> int:
     methods = registry.load_all()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(methods).parse_args(argv)
+    if args.super_resolution and args.super_resolution not in args.methods:
+        args.methods = list(args.methods) + [args.super_resolution]
     _setup_logging()
     command_line = "bids-denoise " + " ".join(shlex.quote(a) for a in argv)
     try:

@@ -148,18 +148,23 @@ def atomic_path(destination):
             temporary.unlink()
 
 
-def save_nifti(data, reference, destination, dtype=np.float32):
-    """Save ``data`` with the header (affine, qform/sform codes, zooms, units) of ``reference``."""
+def save_nifti(data, reference, destination, dtype=np.float32, affine=None):
+    """Save ``data`` with the header (affine, qform/sform codes, zooms, units) of ``reference``.
+
+    ``affine`` replaces the reference's (a new grid, e.g. after super-resolution); the voxel sizes
+    follow from it and the qform/sform codes stay the reference's.
+    """
     header = reference.header.copy()
     header.set_data_dtype(dtype)
-    zooms = reference.header.get_zooms()
-    image = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine, header)
-    image.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
-    image.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
-    if data.ndim == len(zooms):
-        image.header.set_zooms(zooms)
-    else:
-        image.header.set_zooms(zooms[: data.ndim])
+    zooms = list(reference.header.get_zooms())
+    qform, sform = reference.get_qform(), reference.get_sform()
+    if affine is not None:
+        qform = sform = np.asarray(affine, dtype=float)
+        zooms[:3] = np.linalg.norm(sform[:3, :3], axis=0)
+    image = nib.Nifti1Image(np.asarray(data, dtype=dtype), sform, header)
+    image.set_qform(qform, code=int(reference.header["qform_code"]))
+    image.set_sform(sform, code=int(reference.header["sform_code"]))
+    image.header.set_zooms(tuple(zooms[: data.ndim]))
     image.header.set_xyzt_units(*reference.header.get_xyzt_units())
     image.header["scl_slope"] = np.nan
     image.header["scl_inter"] = np.nan

@@ -25,6 +25,7 @@ class Param:
     help: str = ""
     choices: tuple | None = None
     nargs: str | None = None
+    aliases: tuple = ()  # extra option strings, e.g. ("--sr-scale",)
 
     @property
     def option(self) -> str:

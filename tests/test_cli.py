@@ -437,7 +437,40 @@ def test_anatomical_images_with_the_methods_that_take_them(dataset, tmp_path, ca
     assert white.sum() > 50
     noisy_error = rmse(nib.load(source).get_fdata(), signal, white)
     assert rmse(nib.load(denoised).get_fdata(), signal, white) < 0.5 * noisy_error
-    check_report(out / "sub-01.html", out, expected_sections=3)
+    parser = check_report(out / "sub-01.html", out, expected_sections=3)
+    assert any("desc-median_calibration" in image for image in parser.images)
+    assert "sub-01_ses-post_desc-median</h2>" in (out / "sub-01.html").read_text()
+    if find_validator():
+        n_errors, errors = validate_dataset(out)
+        assert n_errors == 0, errors
+
+
+def test_super_resolution_in_the_app(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    out = tmp_path / "out"
+    code = run_one(raw, tmp_path, "--participant-label", "01", "--session-label", "post", "--methods", "median",
+                   "--super-resolution", "wasa", "--sr-scale", "2", "--sr-axes", "2",
+                   "--wasa-epochs", "2", "--wasa-steps-per-epoch", "3", "--wasa-batch-size", "2")
+    assert code == 0, capsys.readouterr().err
+    anat_source = raw / "sub-01" / "ses-post" / "anat" / "sub-01_ses-post_T1w.nii.gz"
+    anat = out / "sub-01" / "ses-post" / "anat" / "sub-01_ses-post_res-sr2_desc-wasa_T1w.nii.gz"
+    dwi = out / "sub-01" / "ses-post" / "dwi" / "sub-01_ses-post_acq-multiband_res-sr2_desc-wasa_dwi.nii.gz"
+    for result, source in ((anat, anat_source), (dwi, raw / "sub-01" / "ses-post" / "dwi" /
+                                                  "sub-01_ses-post_acq-multiband_dwi.nii.gz")):
+        before, after = nib.load(source), nib.load(result)
+        assert after.shape[:3] == (before.shape[0], before.shape[1], 2 * before.shape[2])
+        assert after.shape[3:] == before.shape[3:]
+        assert np.isclose(after.header.get_zooms()[2], before.header.get_zooms()[2] / 2)
+        # the outer corner of the grid stays where it was in scanner space
+        corner_before = before.affine @ np.r_[np.array(before.shape[:3]) - 0.5, 1]
+        corner_after = after.affine @ np.r_[np.array(after.shape[:3]) - 0.5, 1]
+        assert np.allclose(corner_before, corner_after, atol=1e-4)
+        sidecar = json.loads(result.with_name(result.name.replace(".nii.gz", ".json")).read_text())
+        assert "sr2" in sidecar["Resolution"]
+        assert sidecar["Provenance"]["Parameters"]["scale"] == 2
+    assert (dwi.with_name(dwi.name.replace(".nii.gz", ".bval"))).read_text() == (raw / "dwi.bval").read_text()
+    assert (out / "sub-01" / "figures" / "sub-01_ses-post_res-sr2_desc-wasa_superres.png").exists()
+    check_report(out / "sub-01.html", out, expected_sections=4)
     if find_validator():
         n_errors, errors = validate_dataset(out)
         assert n_errors == 0, errors

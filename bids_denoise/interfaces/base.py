@@ -49,6 +49,11 @@ class MethodInterface(SimpleInterface):
     input_spec = MethodInputSpec
     output_spec = MethodOutputSpec
     method_name = ""
+    #: set by a method whose output lies on a new grid (super-resolution)
+    _output_affine = None
+    #: extra BIDS entities and sidecar fields of the main output
+    _output_entities: dict = {}
+    _output_sidecar: dict = {}
 
     def _denoise(self, data, bvals, bvecs, mask, parameters, device):
         """Return (denoised array, {name: (array, suffix, entities, description)}, details).
@@ -77,6 +82,7 @@ class MethodInterface(SimpleInterface):
             mask = mask_data > 0
         device = resolve_device(self.inputs.device)
         self._cwd = runtime.cwd
+        self._reference_affine = image.affine
         torch.manual_seed(self.inputs.seed)
         np.random.seed(self.inputs.seed % 2**32)
         started = datetime.now(timezone.utc)
@@ -94,10 +100,13 @@ class MethodInterface(SimpleInterface):
         ended = datetime.now(timezone.utc)
 
         cwd = Path(runtime.cwd)
-        out_file = save_nifti(denoised, image, cwd / f"{self.method_name}_denoised.nii.gz")
+        out_file = save_nifti(denoised, image, cwd / f"{self.method_name}_denoised.nii.gz",
+                              affine=self._output_affine)
         derivatives = [
-            {"path": str(out_file), "suffix": "dwi", "entities": {}, "kind": "denoised",
-             "description": f"{'DWI series' if has_gradients else 'Image'} denoised with {self.method_name}"}
+            {"path": str(out_file), "suffix": "dwi", "entities": dict(self._output_entities), "kind": "denoised",
+             "description": details.pop("_description", None)
+             or f"{'DWI series' if has_gradients else 'Image'} denoised with {self.method_name}",
+             "sidecar": dict(self._output_sidecar)}
         ]
         for name, (array, suffix, entities, description) in extras.items():
             path = save_nifti(array, image, cwd / f"{self.method_name}_{name}.nii.gz")

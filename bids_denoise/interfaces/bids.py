@@ -116,17 +116,20 @@ class DerivativesSink(SimpleInterface):
                     "Provenance": dict(provenance, OutputDigest=digest),
                 }
             )
+            sidecar.update(item.get("sidecar", {}))
             if item["kind"] == "denoised" and self.inputs.qc_summary:
                 sidecar["QC"] = dict(self.inputs.qc_summary)
             write_json(sidecar, destination.with_name(destination.name.replace(".nii.gz", ".json")))
             written.append(str(destination))
             if item["kind"] == "denoised" and has_gradients:
                 for source, extension in ((self.inputs.bval_file, ".bval"), (self.inputs.bvec_file, ".bvec")):
-                    target = output_dir / bids.derivative_relpath(run, method, extension=extension)
+                    target = output_dir / bids.derivative_relpath(run, method, extension=extension,
+                                                                  extra=item["entities"])
                     bids.copy_atomic(Path(source), target)
                     written.append(str(target))
         subject_dir = output_dir / Path(self.inputs.source_relpath).parts[0]
-        stem = f"{run.label.rsplit('_', 1)[0]}_desc-{method}"
+        main_item = next(item for item in self.inputs.derivatives if item["kind"] == "denoised")
+        stem = Path(bids.derivative_relpath(run, method, extra=main_item["entities"])).name.rsplit("_", 1)[0]
         for figure in self.inputs.figures or []:
             target = subject_dir / "figures" / f"{stem}_{figure['kind']}.png"
             bids.copy_atomic(Path(figure["path"]), target)
@@ -135,7 +138,7 @@ class DerivativesSink(SimpleInterface):
             target = output_dir / bids.derivative_relpath(run, method, suffix="dwiqc", extension=".tsv")
             bids.copy_atomic(Path(self.inputs.qc_table), target)
             written.append(str(target))
-        prov_path = output_dir / "prov" / f"{run.label}_desc-{method}_prov.jsonld"
+        prov_path = output_dir / "prov" / f"{stem}_prov.jsonld"
         write_json(bids.provenance_record(run, method, digests, provenance), prov_path)
         self._results["out_files"] = written
         return runtime

@@ -49,6 +49,12 @@ class RunReport(SimpleInterface):
         _, denoised = load_nifti(by_kind["denoised"])
         if not series:  # an anatomical image: one "volume"
             noisy, denoised = noisy.reshape(noisy.shape[:3] + (1,)), denoised.reshape(denoised.shape[:3] + (1,))
+        if noisy.shape[:3] != denoised.shape[:3]:  # super-resolution: a new grid, no residual
+            figure = figures.superres_figure(noisy[..., 0], denoised[..., 0], cwd / "superres.png",
+                                             f"{self.inputs.title}: {self.inputs.method}")
+            self._results["figures"] = [{"kind": "superres", "path": str(figure)}]
+            self._results["qc_summary"] = {"InputShape": list(noisy.shape), "OutputShape": list(denoised.shape)}
+            return runtime
         bvals = read_bvals(self.inputs.bval_file, noisy.shape[3]) if series else np.zeros(1)
         mask = b0_brain_mask(noisy, bvals)
         rms, outlier, shells = figures.residual_statistics(noisy, denoised, bvals, mask)

@@ -153,3 +153,22 @@ def calibration_curve(calibration, path, title):
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     return _save(figure, path)
+
+
+def superres_figure(source, result, path, title):
+    """Input and super-resolved output, central crops of the same region, each plane shown
+    in world proportions (the input's thick voxels stretched)."""
+    ratios = [result.shape[a] / source.shape[a] for a in range(3)]
+    figure, axes = plt.subplots(2, 3, figsize=(7.5, 5), layout="constrained")
+    for column, (orientation, axis) in enumerate(ORIENTATIONS):
+        shown = [a for a in range(3) if a != axis]
+        for row, (image, label) in enumerate(((source, "input"), (result, "super-resolved"))):
+            plane = np.take(image, image.shape[axis] // 2, axis=axis)
+            crop = tuple(slice(n // 4, n - n // 4) for n in plane.shape)
+            aspect = (ratios[shown[1]] / ratios[shown[0]]) if image is source else 1.0
+            ax = axes[row, column]
+            ax.imshow(np.rot90(plane[crop]), cmap="gray", interpolation="nearest", aspect=1.0 / aspect)
+            ax.set_axis_off()
+            ax.set_title(f"{label} ({orientation})", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)

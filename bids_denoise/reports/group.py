@@ -10,7 +10,7 @@ from bids_denoise.io import atomic_path
 from bids_denoise.reports.html import denoised_sidecars, write_group_report
 
 COLUMNS = ("subject", "session", "acquisition", "run", "method", "duration_s", "device",
-           "residual_rms", "noise_sigma", "outlier_volumes", "file")
+           "residual_rms", "noise_sigma", "outlier_volumes", "suffix", "file")
 
 
 def collect_rows(output_dir: Path) -> list[dict]:
@@ -30,6 +30,7 @@ def collect_rows(output_dir: Path) -> list[dict]:
             "residual_rms": qc.get("ResidualRMS", ""),
             "noise_sigma": qc.get("NoiseSigmaMedian", "n/a"),
             "outlier_volumes": " ".join(str(v) for v in qc.get("OutlierVolumes", [])) or "none",
+            "suffix": sidecar.stem.rsplit("_", 1)[-1],
             "file": str(sidecar.relative_to(output_dir)).replace(".json", ".nii.gz"),
         })
     return rows

@@ -45,12 +45,17 @@ CAPTIONS = {
     "rankmap": "Number of signal components kept per voxel.",
     "training": "Training and held-out validation loss per epoch.",
     "calibration": "Self-supervised (J-invariant) loss of each candidate parameter; the least is chosen.",
+    "superres": "Input and super-resolved output: central crops of the same region in three orientations.",
 }
 
 
+IMAGE_SUFFIXES = ("dwi", "T1w", "T2w")
+
+
 def denoised_sidecars(output_dir: Path, subject: str | None = None):
-    pattern = f"sub-{subject}/**/*_desc-*_dwi.json" if subject else "sub-*/**/*_desc-*_dwi.json"
-    return sorted(output_dir.glob(pattern))
+    """Sidecars of the main outputs (denoised or super-resolved images), not of maps."""
+    pattern = f"sub-{subject}/**/*_desc-*.json" if subject else "sub-*/**/*_desc-*.json"
+    return sorted(p for p in output_dir.glob(pattern) if p.stem.rsplit("_", 1)[-1] in IMAGE_SUFFIXES)
 
 
 def write_participant_report(output_dir: Path, subject: str) -> Path:
@@ -61,7 +66,7 @@ def write_participant_report(output_dir: Path, subject: str) -> Path:
         payload = json.loads(sidecar.read_text())
         provenance = payload.get("Provenance", {})
         qc = payload.get("QC", {})
-        stem = sidecar.name[: -len("_dwi.json")]
+        stem = sidecar.stem.rsplit("_", 1)[0]
         image = sidecar.with_name(sidecar.name.replace(".json", ".nii.gz"))
         rows = [
             ("Method", provenance.get("Method")),

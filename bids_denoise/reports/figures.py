@@ -167,7 +167,7 @@ def superres_figure(source, result, path, title):
             crop = tuple(slice(n // 4, n - n // 4) for n in plane.shape)
             aspect = (ratios[shown[1]] / ratios[shown[0]]) if image is source else 1.0
             ax = axes[row, column]
-            ax.imshow(np.rot90(plane[crop]), cmap="gray", interpolation="nearest", aspect=1.0 / aspect)
+            ax.imshow(np.rot90(plane[crop]), cmap="gray", interpolation="nearest", aspect=aspect)
             ax.set_axis_off()
             ax.set_title(f"{label} ({orientation})", fontsize=7)
     figure.suptitle(title, fontsize=9)

@@ -93,3 +93,18 @@ def test_three_dimensional_image():
     image = np.random.default_rng(0).uniform(0, 100, (12, 12, 6)).astype(np.float32)
     result = noise2self(image, epochs=1, steps_per_epoch=2, batch_size=4, net_width=4)
     assert result.denoised.shape == image.shape
+
+
+def test_nlmeans_strength_is_calibrated_near_the_true_best():
+    pytest.importorskip("dipy.denoise.nlmeans")
+    grid = np.meshgrid(*[np.linspace(0, 1, n) for n in (20, 20, 10)], indexing="ij")
+    signal = 100 * (np.sin(5 * grid[0]) * np.cos(3 * grid[1]) + 1.5) + 20 * grid[2]
+    noisy = signal + np.random.default_rng(1).normal(0, 15, signal.shape)
+    strengths = [0.25, 0.5, 1.0, 2.0, 4.0]
+    calibration, sigma = calibrate.calibrated_nlmeans([noisy], strengths, noise_sigma=15.0)
+    from dipy.denoise.nlmeans import nlmeans
+
+    true_error = [np.mean((calibrate.j_invariant(
+        lambda x, h=h: nlmeans(x, sigma=h * sigma, patch_radius=1, block_radius=2, rician=False), noisy)
+        - signal) ** 2) for h in strengths]
+    assert abs(strengths.index(calibration.best) - int(np.argmin(true_error))) <= 1

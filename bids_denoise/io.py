@@ -77,14 +77,17 @@ def load_nifti(path, *, ndim=None, check_finite=True):
     return image, data
 
 
+def _read_table(path, ndmin, kind) -> np.ndarray:
+    try:
+        return np.loadtxt(path, ndmin=ndmin, dtype=float)
+    except (OSError, ValueError) as err:
+        raise InputDataError(f"{path}: not a readable {kind} file ({err})") from None
+
+
 def read_bvals(path, n_volumes=None) -> np.ndarray:
     """Read an FSL-style .bval file (one row), checking its length."""
     path = Path(path)
-    try:
-        values = np.loadtxt(path, ndmin=1, dtype=float)
-    except (OSError, ValueError) as err:
-        raise InputDataError(f"{path}: not a readable .bval file ({err})") from None
-    values = values.ravel()
+    values = _read_table(path, 1, ".bval").ravel()
     if values.size == 0:
         raise InputDataError(f"{path}: the .bval file is empty")
     if not np.isfinite(values).all() or (values < 0).any():
@@ -97,10 +100,7 @@ def read_bvals(path, n_volumes=None) -> np.ndarray:
 def read_bvecs(path, n_volumes=None) -> np.ndarray:
     """Read an FSL-style .bvec file, which must be 3 rows by one column per volume."""
     path = Path(path)
-    try:
-        values = np.loadtxt(path, ndmin=2, dtype=float)
-    except (OSError, ValueError) as err:
-        raise InputDataError(f"{path}: not a readable .bvec file ({err})") from None
+    values = _read_table(path, 2, ".bvec")
     if values.shape[0] != 3:
         raise InputDataError(f"{path}: a .bvec file must have 3 rows, found {values.shape[0]}")
     if not np.isfinite(values).all():

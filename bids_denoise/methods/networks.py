@@ -239,6 +239,20 @@ def train(model, sample_batch, loss_fn, validation_batches, *, budget: TrainingB
     return history
 
 
+def train_or_reuse(model, state_dict, sample_batch, loss_fn, validation_batches, *, budget, device, generator,
+                   label="training") -> dict:
+    """Load ``state_dict`` into ``model`` if given (no training), else :func:`train` it.
+
+    Returns the training history as a dict (empty epochs when weights were reused).
+    """
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+        model.to(device).eval()
+        return {"epochs": [], "stopped": "reused trained weights"}
+    return train(model, sample_batch, loss_fn, validation_batches, budget=budget, device=device,
+                 generator=generator, label=label).as_dict()
+
+
 def predict_in_batches(model, inputs: np.ndarray, device, batch_size=16) -> np.ndarray:
     """Run ``model`` over a (N, C, ...) float32 array; return (N, out, ...)."""
     outputs = []

@@ -35,7 +35,7 @@ from bids_denoise.methods.networks import (
     seed_everything,
     ssim,
     to_slices,
-    train,
+    train_or_reuse,
 )
 from bids_denoise.methods.shells import cluster_shells
 
@@ -162,13 +162,9 @@ def noise2noise(data, bvals, bvecs, *, slice_axis=2, context=0, b0_threshold=50.
     model = UNet(dims=2, in_channels=2 * context + 1, out_channels=1, width=width, depth=depth)
     budget = TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
                             batch_size=batch_size, learning_rate=learning_rate)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-        model.to(device).eval()
-        history = {"epochs": [], "stopped": "reused trained weights"}
-    else:
-        history = train(model, sample_batch, loss_fn, validation or [sample_batch(generator, batch_size)],
-                        budget=budget, device=device, generator=generator, label="noise2noise").as_dict()
+    history = train_or_reuse(model, state_dict, sample_batch, loss_fn,
+                             validation or [sample_batch(generator, batch_size)], budget=budget, device=device,
+                             generator=generator, label="noise2noise")
 
     denoised = data.copy()
     for volume in range(data.shape[3]):

@@ -36,7 +36,7 @@ from bids_denoise.methods.networks import (
     from_slices,
     seed_everything,
     to_slices,
-    train,
+    train_or_reuse,
 )
 from bids_denoise.methods.shells import cluster_shells
 
@@ -201,13 +201,8 @@ def noise2self(data, bvals=None, *, context="volume", width=3, mode="interpolate
     model = UNet(dims=2, in_channels=in_channels, out_channels=1, width=net_width, depth=depth)
     budget = TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
                             batch_size=batch_size, learning_rate=learning_rate)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-        model.to(device).eval()
-        history = {"epochs": [], "stopped": "reused trained weights"}
-    else:
-        history = train(model, sample_batch, loss_fn, validation, budget=budget, device=device,
-                        generator=generator, label=f"noise2self ({context})").as_dict()
+    history = train_or_reuse(model, state_dict, sample_batch, loss_fn, validation, budget=budget, device=device,
+                             generator=generator, label=f"noise2self ({context})")
 
     denoised = np.empty_like(stack)
     for volume in range(n_volumes):

@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from bids_denoise.methods._device import resolve_device
+from bids_denoise.methods.calibrate import grid_mask
 from bids_denoise.methods.networks import (
     IntensityScale,
     TrainingBudget,
@@ -59,12 +60,8 @@ class Masker:
 
     def mask(self, shape, phase, device=None):
         """Boolean mask (spatial shape) of phase ``phase``."""
-        offsets = np.unravel_index(int(phase) % self.n_phases, (self.width,) * self.dims)
-        grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-        hidden = np.ones(shape, dtype=bool)
-        for grid, offset in zip(grids, offsets):
-            hidden &= (grid % self.width) == offset
-        return torch.from_numpy(hidden).to(device) if device is not None else torch.from_numpy(hidden)
+        hidden = torch.from_numpy(grid_mask(tuple(shape), self.width, int(phase) % self.n_phases))
+        return hidden.to(device) if device is not None else hidden
 
     def apply(self, images, phase):
         """Hide phase ``phase`` in (N, C, *spatial) images; return (masked images, mask)."""

@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not container and not slurm"
+	$(PY) -m pytest -q -m "not container and not slurm and not image"
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not container and not slurm" tests/methods
+	$(PY) -m pytest -q -m "not container and not slurm and not image" tests/methods
 
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)

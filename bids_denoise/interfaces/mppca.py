@@ -7,10 +7,15 @@ from bids_denoise.registry import MethodSpec, Param, register
 
 
 def _extent(text):
+    """One integer or three ('5,3,1'); None for the default."""
     if text in (None, "", "auto"):
         return None
     values = [int(v) for v in str(text).replace(",", " ").split()]
     return values[0] if len(values) == 1 else values
+
+
+def _stride(text):
+    return _extent(text) or 1
 
 
 class MPPCADenoise(MethodInterface):
@@ -69,7 +74,7 @@ SPEC = register(
                   choices=("none", "auto")),
             Param("aggregate", str, "centre", "rebuild the window centre (dwidenoise) or average all windows (DIPY)",
                   choices=("centre", "overcomplete")),
-            Param("stride", int, 1, "window step for --mppca-aggregate overcomplete"),
+            Param("stride", _stride, 1, "window step for --mppca-aggregate overcomplete: one or 'x,y,z'"),
             Param("demean", lambda v: str(v).lower() in ("1", "true", "yes"), False,
                   "remove each window's mean before the PCA, as DIPY (true/false)"),
         ),

@@ -103,10 +103,10 @@ def mppca(
     aggregate : {"centre", "overcomplete"}, optional
         Rebuild the centre voxel of each voxel's window (``dwidenoise``), or
         every voxel of every window, averaged with weights 1/(1 + rank) (DIPY).
-    stride : int, optional
-        Step between window positions for ``aggregate="overcomplete"``
-        (default 1, every position). Larger steps are faster; every voxel is
-        still covered.
+    stride : int or sequence of 3 int, optional
+        Step between window positions for ``aggregate="overcomplete"``, one
+        for all axes or one per axis (default 1, every position). Larger steps
+        are faster; every voxel is still covered.
     device : str, optional
         ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``. On the CPU, batches
         of windows run on ``torch.get_num_threads()`` threads.
@@ -129,8 +129,10 @@ def mppca(
         raise ValueError(f"estimator must be 'Exp1' or 'Exp2', not {estimator!r}")
     if aggregate not in ("centre", "overcomplete"):
         raise ValueError(f"aggregate must be 'centre' or 'overcomplete', not {aggregate!r}")
-    if int(stride) < 1:
-        raise ValueError("stride must be >= 1")
+    stride = tuple(int(step) for step in np.atleast_1d(stride))
+    stride = stride * 3 if len(stride) == 1 else stride
+    if len(stride) != 3 or min(stride) < 1:
+        raise ValueError(f"stride must be one or three integers >= 1, got {stride}")
     shape = data.shape[:3]
     extent = _check_extent(extent, data.shape[3], shape)
     if mask is not None:
@@ -147,7 +149,7 @@ def mppca(
     if aggregate == "centre":
         denoised, sigma, rank = solver.centre_voxels(mask)
     else:
-        denoised, sigma, rank = solver.overcomplete(mask, int(stride))
+        denoised, sigma, rank = solver.overcomplete(mask, stride)
     return MPPCAResult(
         denoised=denoised,
         noise_sigma=sigma,
@@ -347,7 +349,8 @@ class _WindowSolver:
         """DIPY's mode: every voxel of every window rebuilt, averaged with weights 1/(1 + rank)."""
         shape, n_volumes = self.shape, self.n_volumes
         positions = [
-            _strided_positions(size - edge + 1, stride) for size, edge in zip(shape, self.extent)
+            _strided_positions(size - edge + 1, step)
+            for size, edge, step in zip(shape, self.extent, stride)
         ]
         grid = np.stack(np.meshgrid(*positions, indexing="ij"), axis=-1).reshape(-1, 3)
         offsets = np.stack(

@@ -60,7 +60,10 @@ SPEC = register(
             "with a per-voxel noise map and rank map"
         ),
         modalities=("dwi",),
-        uses_gpu=True,
+        # the cost is one small eigendecomposition per window: CUDA's batched eigh loops over
+        # matrices this size (about 1,000 68x68 matrices a second on an H100, the issue's
+        # measurement) while one CPU core does about 2,000, so MP-PCA runs on CPU threads
+        uses_gpu=False,
         mem_gb=2.0,
         citation=(
             "Veraart J. et al. Denoising of diffusion MRI using random matrix theory. NeuroImage 142 "

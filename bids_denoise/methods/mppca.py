@@ -232,27 +232,34 @@ class _WindowSolver:
         self.out_dtype = out_dtype
         self.demean = demean
         self.threads = max(1, torch.get_num_threads())
-        # windows[a, b, c] is the (V, ex, ey, ez) window whose corner is (a, b, c)
-        self.windows = np.lib.stride_tricks.sliding_window_view(data, extent, axis=(0, 1, 2))
+        # windows[a, b, c] is the (ex, ey, ez, V) window whose corner is (a, b, c); the volumes stay
+        # innermost, so gathering a window copies contiguous runs of V values
+        self.windows = np.lib.stride_tricks.sliding_window_view(data, extent, axis=(0, 1, 2)).transpose(
+            0, 1, 2, 4, 5, 6, 3
+        )
         itemsize = torch.finfo(dtype).bits // 8
         bytes_per_window = itemsize * (3 * self.n_volumes * self.n_voxels + 3 * min(self.n_volumes, self.n_voxels) ** 2)
-        self.batch = max(64, BATCH_BYTES // bytes_per_window)
+        # batches of about BATCH_BYTES, smaller for small inputs so that the buffers of all worker
+        # threads stay a fraction of the input (peak memory about the input plus the output)
+        budget = min(BATCH_BYTES, data.nbytes // 4)  # independent of the thread count: same sums
+        self.batch = max(32, budget // bytes_per_window)
         if device.type == "cuda":
             self.batch *= 16
 
     def _decompose(self, corners):
-        """Window matrices (B, V, n), eigenvectors, kept-component flags, n_noise, sigma2 and window means."""
+        """Window matrices, voxels by volumes (B, n, V); eigenvectors of the smaller Gram matrix
+        (ascending), kept-component flags, n_noise, sigma2 and the window means (B, 1, V) or None."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
-        matrix = torch.from_numpy(block.reshape(len(corners), self.n_volumes, self.n_voxels))
+        matrix = torch.from_numpy(block.reshape(len(corners), self.n_voxels, self.n_volumes))
         matrix = matrix.to(self.device, self.dtype)
         mean = None
         if self.demean:
-            mean = matrix.mean(dim=2, keepdim=True)
+            mean = matrix.mean(dim=1, keepdim=True)
             matrix = matrix - mean
         if self.n_volumes <= self.n_voxels:
-            gram = matrix @ matrix.transpose(1, 2)
-        else:
             gram = matrix.transpose(1, 2) @ matrix
+        else:
+            gram = matrix @ matrix.transpose(1, 2)
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         n_noise, sigma2 = marchenko_pastur_cutoff(
             eigenvalues, self.n_volumes, self.n_voxels, self.exp1
@@ -328,14 +335,14 @@ class _WindowSolver:
             centre = torch.from_numpy(centres[batch_targets]).to(self.device)
             vectors_t, keep_t = vectors[which], keep[which]
             if n_volumes <= self.n_voxels:
-                column = matrix[which, :, centre]  # (T, V)
+                column = matrix[which, centre, :]  # (T, V)
                 coefficients = (vectors_t.transpose(1, 2) @ column.unsqueeze(2))[..., 0] * keep_t
                 rebuilt = (vectors_t @ coefficients.unsqueeze(2))[..., 0]
             else:
                 weights = (vectors_t * keep_t.unsqueeze(1)) @ vectors_t[torch.arange(len(which)), centre].unsqueeze(2)
-                rebuilt = (matrix[which] @ weights)[..., 0]
+                rebuilt = (matrix[which].transpose(1, 2) @ weights)[..., 0]
             if mean is not None:
-                rebuilt = rebuilt + mean[which, :, 0]
+                rebuilt = rebuilt + mean[which, 0, :]
             # each target voxel belongs to one batch: the writes never overlap
             index = np.unravel_index(targets[batch_targets], shape)
             denoised[index] = rebuilt.cpu().numpy()
@@ -360,49 +367,48 @@ class _WindowSolver:
             covered = np.lib.stride_tricks.sliding_window_view(mask, self.extent).any(axis=(3, 4, 5))
             grid = grid[covered[grid[:, 0], grid[:, 1], grid[:, 2]]]
         n_total = int(np.prod(shape))
-        # float32 accumulators: at most a few hundred terms per voxel
+        # float32 sums of the rebuilt series (at most a few hundred terms per voxel); float64 sums
+        # of the weights and of the weighted noise level and rank
         accumulated = torch.zeros(n_total, n_volumes, dtype=torch.float32, device=self.device)
-        weight = torch.zeros(n_total, dtype=torch.float64, device=self.device)
-        sigma_sum = torch.zeros(n_total, dtype=torch.float64, device=self.device)
-        rank_sum = torch.zeros(n_total, dtype=torch.float64, device=self.device)
+        statistics = torch.zeros(n_total, 3, dtype=torch.float64, device=self.device)
         r = min(n_volumes, self.n_voxels)
 
         def solve(start):
             corners = grid[start : start + self.batch]
             matrix, vectors, keep, n_noise, sigma2, mean = self._decompose(corners)
-            projector = (vectors * keep.unsqueeze(1)) @ vectors.transpose(1, 2)
+            n_signal = r - n_noise
+            theta = 1.0 / (1.0 + n_signal.to(torch.float64))  # (B,)
+            # eigh sorts ascending: the signal components are the last n_signal columns, so only
+            # the last max(n_signal) columns are needed (the others are zeroed by ``keep``)
+            k = max(1, int(n_signal.max()))
+            signal = vectors[:, :, -k:] * keep[:, None, -k:]
+            weighted = signal * theta[:, None, None].to(self.dtype)
+            # the rebuilt windows, voxels by volumes (B, n, V): rows go straight to the accumulator
             if n_volumes <= self.n_voxels:
-                rebuilt = projector @ matrix  # (B, V, n)
+                rebuilt = (matrix @ signal) @ weighted.transpose(1, 2)
             else:
-                rebuilt = matrix @ projector
+                rebuilt = weighted @ (signal.transpose(1, 2) @ matrix)
             if mean is not None:
-                rebuilt = rebuilt + mean
-            n_signal = (r - n_noise).to(torch.float64)
-            theta = 1.0 / (1.0 + n_signal)  # (B,)
+                rebuilt = rebuilt + mean * theta[:, None, None].to(self.dtype)
             voxels = np.ravel_multi_index(
                 (corners[:, None, :] + offsets[None, :, :]).reshape(-1, 3).T, shape
             )
             index = torch.from_numpy(voxels).to(self.device)
-            per_voxel = theta.repeat_interleave(self.n_voxels)
-            values = (rebuilt * theta[:, None, None].to(self.dtype)).transpose(1, 2).reshape(-1, n_volumes)
-            values = values.to(torch.float32)
-            sigma_values = per_voxel * torch.sqrt(sigma2).repeat_interleave(self.n_voxels)
-            rank_values = per_voxel * n_signal.repeat_interleave(self.n_voxels)
-            return index, values, per_voxel, sigma_values, rank_values
+            values = rebuilt.reshape(-1, n_volumes).to(torch.float32)
+            per_window = torch.stack([theta, theta * torch.sqrt(sigma2), theta * n_signal], dim=1)
+            return index, values, per_window.repeat_interleave(self.n_voxels, dim=0)
 
         def accumulate(payload):
-            index, values, per_voxel, sigma_values, rank_values = payload
+            index, values, per_voxel = payload
             accumulated.index_add_(0, index, values)
-            weight.index_add_(0, index, per_voxel)
-            sigma_sum.index_add_(0, index, sigma_values)
-            rank_sum.index_add_(0, index, rank_values)
+            statistics.index_add_(0, index, per_voxel)
 
         self._run_batches(solve, len(grid), accumulate)
-        safe = weight.clamp_min(1e-300)
+        safe = statistics[:, 0].clamp_min(1e-300)
         accumulated /= safe[:, None].to(torch.float32)
         denoised = accumulated.cpu().numpy().reshape(shape + (n_volumes,)).astype(self.out_dtype, copy=False)
-        sigma = (sigma_sum / safe).cpu().numpy().reshape(shape).astype(np.float32)
-        rank = (rank_sum / safe).cpu().numpy().reshape(shape).astype(np.float32)
+        sigma = (statistics[:, 1] / safe).cpu().numpy().reshape(shape).astype(np.float32)
+        rank = (statistics[:, 2] / safe).cpu().numpy().reshape(shape).astype(np.float32)
         if mask is not None:
             denoised[~mask] = 0
             sigma[~mask] = 0

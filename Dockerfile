@@ -23,6 +23,16 @@ COPY wheels/ /tmp/wheels/
 RUN --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     pip install --find-links /tmp/wheels "${TORCH_SPEC}"
+# the dependencies first, read from pyproject.toml, in a layer of their own: a change to the code
+# alone rebuilds from the next step (skipped where the base's Python has no tomllib, < 3.11)
+COPY pyproject.toml /tmp/pyproject.toml
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    if python3 -c "import tomllib" 2>/dev/null; then \
+        python3 -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['validator']))" > /tmp/requirements.txt \
+        && pip install --find-links /tmp/wheels -r /tmp/requirements.txt; \
+    fi
 COPY pyproject.toml README.md CHANGES.md LICENSE /src/
 COPY bids_denoise /src/bids_denoise
 RUN --mount=type=secret,id=ca,required=false \

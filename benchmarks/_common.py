@@ -7,20 +7,22 @@ import multiprocessing as mp
 import time
 
 
-def _child(queue, function, args, threads):
+def _child(queue, function, args, threads, warmup):
     try:
-        _measure_here(queue, function, args, threads)
+        _measure_here(queue, function, args, threads, warmup)
     except BaseException as err:  # report, never leave the parent waiting
         queue.put(err)
 
 
-def _measure_here(queue, function, args, threads):
+def _measure_here(queue, function, args, threads, warmup=None):
     from threadpoolctl import threadpool_limits
     import torch
 
     torch.set_num_threads(threads)
     with threadpool_limits(threads):
         data = args[0]()  # build the input inside the child
+        if warmup is not None:  # library code loaded on first use is not the algorithm's memory
+            function(warmup())
         gc.collect()
         _reset_peak()
         baseline = _status_kib("VmRSS")
@@ -45,11 +47,14 @@ def _status_kib(field):
     raise KeyError(field)
 
 
-def measure(function, make_data, threads=1):
-    """(seconds, extra peak bytes over the input, function's small result) in a fresh process."""
+def measure(function, make_data, threads=1, warmup=None):
+    """(seconds, extra peak bytes over the input, function's small result) in a fresh process.
+
+    ``warmup``, if given, makes a small input that the function runs on first, untimed, so that
+    neither the time nor the peak memory counts what a first call loads (library code, caches)."""
     context = mp.get_context("fork")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, function, (make_data,), threads))
+    process = context.Process(target=_child, args=(queue, function, (make_data,), threads, warmup))
     process.start()
     outcome = queue.get()
     process.join()
@@ -58,11 +63,11 @@ def measure(function, make_data, threads=1):
     return outcome
 
 
-def measure_best(function, make_data, threads=1, repeat=1):
+def measure_best(function, make_data, threads=1, repeat=1, warmup=None):
     """:func:`measure` ``repeat`` times: the shortest time, the largest peak memory, the last result.
 
     The shortest of a few runs is the usual estimate of a program's own cost on a shared machine."""
-    runs = [measure(function, make_data, threads) for _ in range(max(1, repeat))]
+    runs = [measure(function, make_data, threads, warmup) for _ in range(max(1, repeat))]
     return min(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
 
 

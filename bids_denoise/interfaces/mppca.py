@@ -60,9 +60,9 @@ SPEC = register(
             "with a per-voxel noise map and rank map"
         ),
         modalities=("dwi",),
-        # the cost is one small eigendecomposition per window: CUDA's batched eigh loops over
-        # matrices this size (about 1,000 68x68 matrices a second on an H100, the issue's
-        # measurement) while one CPU core does about 2,000, so MP-PCA runs on CPU threads
+        # the cost is one small eigendecomposition per window: torch's batched CUDA eigh did about
+        # 1,000 68x68 matrices a second on an H100 (measurement reported in the MP-PCA issue) while
+        # one CPU core here does about 1,500-2,000, so MP-PCA runs on CPU threads
         uses_gpu=False,
         mem_gb=2.0,
         citation=(

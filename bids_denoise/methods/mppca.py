@@ -259,7 +259,7 @@ class _WindowSolver:
         mean = None
         if self.demean:
             mean = matrix.mean(dim=1, keepdim=True)
-            matrix = matrix - mean
+            matrix.sub_(mean)  # a fresh copy: fancy indexing above never returns a view
         if self.n_volumes <= self.n_voxels:
             gram = matrix.transpose(1, 2) @ matrix
         else:
@@ -296,7 +296,7 @@ class _WindowSolver:
                 pending = []
                 for start in starts:
                     pending.append(pool.submit(solve, start))
-                    if len(pending) > 2 * self.threads:  # bound the results held in memory
+                    if len(pending) > self.threads:  # bound the results held in memory
                         apply(pending.pop(0).result())
                 for future in pending:
                     apply(future.result())
@@ -393,7 +393,7 @@ class _WindowSolver:
             else:
                 rebuilt = weighted @ (signal.transpose(1, 2) @ matrix)
             if mean is not None:
-                rebuilt = rebuilt + mean * theta[:, None, None].to(self.dtype)
+                rebuilt.add_(mean * theta[:, None, None].to(self.dtype))
             voxels = np.ravel_multi_index(
                 (corners[:, None, :] + offsets[None, :, :]).reshape(-1, 3).T, shape
             )

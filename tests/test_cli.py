@@ -353,6 +353,22 @@ def test_dipy_backend_and_plugin_file(dataset, tmp_path, capsys):
     assert provenance["Details"]["backend"] == "dipy version=3"
 
 
+def test_mppca_overcomplete_with_per_axis_stride(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    code = run_one(raw, tmp_path, "--participant-label", "01", "--session-label", "post", "--methods", "mppca",
+                   "--mppca-aggregate", "overcomplete", "--mppca-stride", "1,1,2", "--mppca-demean", "true",
+                   "--mppca-extent", "3")
+    assert code == 0, capsys.readouterr().err
+    (sidecar,) = (tmp_path / "out").rglob("*_desc-mppca_dwi.json")
+    provenance = json.loads(sidecar.read_text())["Provenance"]
+    assert provenance["Parameters"]["stride"] == [1, 1, 2]
+    assert provenance["Parameters"]["aggregate"] == "overcomplete" and provenance["Parameters"]["demean"] is True
+    assert provenance["Device"] == "cpu"
+    (denoised,) = (tmp_path / "out").rglob("*_desc-mppca_dwi.nii.gz")
+    # every voxel is covered by some window (demeaned: even a rank-0 window gives back its mean)
+    assert np.all(np.abs(nib.load(denoised).get_fdata()).sum(-1) > 0)
+
+
 def test_method_options_come_from_the_registry(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

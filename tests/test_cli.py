@@ -328,6 +328,11 @@ def test_usage_errors(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert "bids-denoise" in capsys.readouterr().out
+    for bad in ("0", "1,0,2"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["a", "b", "participant", "--mppca-stride", bad])
+        assert exit_info.value.code == 64
+        assert "--mppca-stride" in capsys.readouterr().err
 
 
 def test_module_entry_point():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bids_denoise.interfaces.base import MethodInterface
 from bids_denoise.registry import MethodSpec, Param, register
 
@@ -15,7 +17,13 @@ def _extent(text):
 
 
 def _stride(text):
-    return _extent(text) or 1
+    """One step or three ('1,1,2'), each at least 1; the default 1 is every window position."""
+    value = _extent(text)
+    if value is None:
+        return 1
+    if min(np.atleast_1d(value)) < 1:
+        raise ValueError(f"a window stride must be at least 1, got {text!r}")
+    return value
 
 
 class MPPCADenoise(MethodInterface):

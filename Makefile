@@ -9,7 +9,7 @@ DEMO   ?= demo
 
 .PHONY: test test-fast demo benchmark clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py bids_denoise/methods/_mppca_kernel.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"

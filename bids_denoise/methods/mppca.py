@@ -30,8 +30,11 @@ References
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib.util import find_spec
 
 import numpy as np
 import torch
@@ -64,6 +67,25 @@ class MPPCAResult:
     extent: tuple
 
 
+@lru_cache(maxsize=1)
+def _kernel():
+    """The compiled window solver (``_mppca_kernel.c``), or None where it was not built."""
+    try:
+        library = ctypes.CDLL(find_spec("bids_denoise.methods._mppca_kernel").origin)
+    except (AttributeError, ImportError, OSError, TypeError):
+        return None
+    function = library.mppca_signal_subspace
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return function
+
+
+def kernel_available() -> bool:
+    """Whether the compiled window solver was built (``solver="auto"`` then uses it on the CPU)."""
+    return _kernel() is not None
+
+
 def default_extent(n_volumes: int, shape) -> tuple:
     """MRtrix3's default window: smallest odd e with e**3 >= n_volumes, capped by the image."""
     edge = 1
@@ -87,6 +109,7 @@ def mppca(
     device="cpu",
     precision="float64",
     demean=False,
+    solver="auto",
     out_dtype=np.float32,
 ):
     """Denoise a 4D series with MP-PCA.
@@ -120,6 +143,15 @@ def mppca(
     demean : bool, optional
         Subtract each window's mean over its voxels before the PCA and add it
         back after (as DIPY's ``mppca``). ``dwidenoise`` does not (default).
+    solver : {"auto", "tridiagonal", "eigh"}, optional
+        How each window's Gram matrix is decomposed. ``tridiagonal``: the
+        compiled solver of this package (Householder tridiagonalisation; by
+        bisection only the eigenvalues the cut-off needs, the noise sums from
+        the trace; inverse iteration for the signal eigenvectors only), float64
+        on the CPU. ``eigh``: a full ``torch.linalg.eigh``. ``auto`` (default)
+        takes ``tridiagonal`` where it applies (CPU, float64, extension built)
+        and ``eigh`` otherwise. Both give the same cut-offs and the same
+        signal subspaces to rounding.
     out_dtype : dtype, optional
 
     Returns
@@ -147,8 +179,17 @@ def mppca(
     dtype = {"float64": torch.float64, "float32": torch.float32}[precision]
     if data.dtype not in (np.float32, np.float64):
         data = data.astype(np.float32)
+    if solver not in ("auto", "tridiagonal", "eigh"):
+        raise ValueError(f"solver must be 'auto', 'tridiagonal' or 'eigh', not {solver!r}")
+    applies = device.type == "cpu" and dtype == torch.float64 and kernel_available()
+    if solver == "tridiagonal" and not applies:
+        raise ValueError(
+            "solver='tridiagonal' needs device='cpu', precision='float64' and the compiled extension "
+            f"(built: {kernel_available()})"
+        )
+    use_kernel = applies and solver != "eigh"
     solver = _WindowSolver(
-        np.ascontiguousarray(data), extent, estimator == "Exp1", device, dtype, out_dtype, demean
+        np.ascontiguousarray(data), extent, estimator == "Exp1", device, dtype, out_dtype, demean, use_kernel
     )
     if aggregate == "centre":
         denoised, sigma, rank = solver.centre_voxels(mask)
@@ -198,7 +239,11 @@ def marchenko_pastur_cutoff(eigenvalues, n_volumes, n_voxels, exp1=False):
     """
     r = eigenvalues.shape[1]
     q = max(n_volumes, n_voxels)
-    lam = eigenvalues.to(torch.float64).clamp_min(0.0) / q
+    lam = eigenvalues.to(torch.float64)
+    # values at the rounding level of the largest eigenvalue count as zero (the compiled solver uses
+    # the same rule), so rank-deficient windows do not hinge on the sign of round-off
+    negligible = r * torch.finfo(torch.float64).eps * lam.abs().amax(dim=1, keepdim=True)
+    lam = torch.where(lam > negligible, lam, torch.zeros_like(lam)) / q
     count = torch.arange(1, r + 1, dtype=torch.float64, device=lam.device)
     if exp1:
         gamma = count / q
@@ -224,7 +269,7 @@ class _WindowSolver:
     input plus the output.
     """
 
-    def __init__(self, data, extent, exp1, device, dtype, out_dtype, demean=False):
+    def __init__(self, data, extent, exp1, device, dtype, out_dtype, demean=False, use_kernel=False):
         self.data = data
         self.shape = data.shape[:3]
         self.n_volumes = data.shape[3]
@@ -235,6 +280,7 @@ class _WindowSolver:
         self.dtype = dtype
         self.out_dtype = out_dtype
         self.demean = demean
+        self.use_kernel = use_kernel
         self.threads = max(1, torch.get_num_threads())
         # windows[a, b, c] is the (ex, ey, ez, V) window whose corner is (a, b, c); the volumes stay
         # innermost, so gathering a window copies contiguous runs of V values
@@ -264,15 +310,32 @@ class _WindowSolver:
             gram = matrix.transpose(1, 2) @ matrix
         else:
             gram = matrix @ matrix.transpose(1, 2)
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        n_noise, sigma2 = marchenko_pastur_cutoff(
-            eigenvalues, self.n_volumes, self.n_voxels, self.exp1
-        )
+        if self.use_kernel:
+            eigenvectors, n_noise, sigma2 = self._signal_subspace(gram)
+        else:
+            eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+            n_noise, sigma2 = marchenko_pastur_cutoff(
+                eigenvalues, self.n_volumes, self.n_voxels, self.exp1
+            )
         keep = (
-            torch.arange(eigenvalues.shape[1], device=self.device).unsqueeze(0)
+            torch.arange(gram.shape[1], device=self.device).unsqueeze(0)
             >= n_noise.unsqueeze(1)
         ).to(self.dtype)
         return matrix, eigenvectors, keep, n_noise, sigma2, mean
+
+    def _signal_subspace(self, gram):
+        """The compiled solver: signal eigenvectors in the last columns (zeros elsewhere), n_noise,
+        sigma2; the same cut-off rule as :func:`marchenko_pastur_cutoff`."""
+        gram = gram.contiguous()
+        batch, r = gram.shape[0], gram.shape[1]
+        n_noise = torch.empty(batch, dtype=torch.int64)
+        sigma2 = torch.empty(batch, dtype=torch.float64)
+        vectors = torch.empty(batch, r, r, dtype=torch.float64)
+        status = _kernel()(batch, r, gram.data_ptr(), max(self.n_volumes, self.n_voxels), int(self.exp1),
+                           n_noise.data_ptr(), sigma2.data_ptr(), vectors.data_ptr())
+        if status != 0:
+            raise MemoryError("MP-PCA: the window solver could not allocate its buffers")
+        return vectors, n_noise, sigma2
 
     def _run_batches(self, solve, count, apply=None):
         """Run ``solve(start)`` for every batch on ``self.threads`` worker threads.

@@ -1,0 +1,436 @@
+/*
+ * MP-PCA window solver: the Marchenko-Pastur cut-off and the signal eigenvectors of a batch of small
+ * symmetric (Gram) matrices, without a full eigendecomposition.
+ *
+ * For each n x n matrix G (all in float64):
+ *   1. Householder reduction to tridiagonal form T = Q' G Q, eight matrices at a time interleaved
+ *      (the innermost loops run across the eight, so they vectorise whatever n is);
+ *   2. eigenvalues of T by Sturm-sequence bisection, only those the cut-off needs: the smallest, then
+ *      from the largest down until the Marchenko-Pastur noise condition holds. The cumulative sums of
+ *      the noise eigenvalues come from the trace (trace(T) = trace(G)), so the bulk of the noise
+ *      spectrum is never resolved one eigenvalue at a time;
+ *   3. the eigenvectors of the signal eigenvalues only, by inverse iteration on T (Gram-Schmidt
+ *      within clusters of close eigenvalues), mapped back through the Householder reflectors.
+ * The cut-off rule is the one of bids_denoise.methods.mppca.marchenko_pastur_cutoff (MRtrix3 3.0
+ * dwidenoise): scanning p = r-1, r-2, ... the first p at which sigsq2 < sigsq1 gives the noise count.
+ *
+ * Loaded with ctypes (no Python API is called); the module init below only lets setuptools build it
+ * as an extension. The caller releases nothing: ctypes drops the GIL for the call.
+ */
+#include <Python.h>
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 8
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+/* Reduce LANES interleaved symmetric matrices A[(i*n + j)*LANES + l] (lower triangle read and
+ * updated) to tridiagonal form: diagonal d, sub-diagonal e (n*LANES each), reflectors in H (row k
+ * holds v_k with v_k[k+1] = 1) and their factors tau. p: n*LANES scratch. */
+MULTIVERSION
+static void tridiagonalize(int n, double *restrict A, double *restrict d, double *restrict e,
+                           double *restrict tau, double *restrict H, double *restrict p)
+{
+    double norm2[LANES], t[LANES], scale[LANES], c[LANES];
+    for (int k = 0; k < n - 2; ++k) {
+        const int m0 = k + 1;
+        double *restrict v = H + (size_t)k * n * LANES;
+        for (int l = 0; l < LANES; ++l) norm2[l] = 0.0;
+        for (int i = m0 + 1; i < n; ++i) {
+            const double *a = A + ((size_t)i * n + k) * LANES;
+            for (int l = 0; l < LANES; ++l) norm2[l] += a[l] * a[l];
+        }
+        for (int l = 0; l < LANES; ++l) {
+            const double alpha = A[((size_t)m0 * n + k) * LANES + l];
+            d[k * LANES + l] = A[((size_t)k * n + k) * LANES + l];
+            if (norm2[l] == 0.0) { /* already tridiagonal in this column: H = I */
+                t[l] = 0.0;
+                scale[l] = 0.0;
+                e[k * LANES + l] = alpha;
+            } else {
+                const double norm = sqrt(alpha * alpha + norm2[l]);
+                const double beta = alpha >= 0.0 ? -norm : norm;
+                t[l] = (beta - alpha) / beta;
+                scale[l] = 1.0 / (alpha - beta);
+                e[k * LANES + l] = beta;
+            }
+            tau[k * LANES + l] = t[l];
+            v[m0 * LANES + l] = 1.0;
+        }
+        for (int i = m0 + 1; i < n; ++i) {
+            const double *a = A + ((size_t)i * n + k) * LANES;
+            for (int l = 0; l < LANES; ++l) v[i * LANES + l] = a[l] * scale[l];
+        }
+        /* p = tau * A22 v, from the lower triangle */
+        for (int i = m0; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) p[i * LANES + l] = 0.0;
+        for (int i = m0; i < n; ++i) {
+            const double *restrict row = A + (size_t)i * n * LANES;
+            double acc[LANES];
+            for (int l = 0; l < LANES; ++l) acc[l] = row[i * LANES + l] * v[i * LANES + l];
+            for (int j = m0; j < i; ++j)
+                for (int l = 0; l < LANES; ++l) {
+                    acc[l] += row[j * LANES + l] * v[j * LANES + l];
+                    p[j * LANES + l] += row[j * LANES + l] * v[i * LANES + l];
+                }
+            for (int l = 0; l < LANES; ++l) p[i * LANES + l] += acc[l];
+        }
+        /* w = p - (tau/2)(p.v) v, into p */
+        for (int l = 0; l < LANES; ++l) c[l] = 0.0;
+        for (int i = m0; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) {
+                p[i * LANES + l] *= t[l];
+                c[l] += p[i * LANES + l] * v[i * LANES + l];
+            }
+        for (int l = 0; l < LANES; ++l) c[l] *= 0.5 * t[l];
+        for (int i = m0; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) p[i * LANES + l] -= c[l] * v[i * LANES + l];
+        /* A22 -= v w' + w v' */
+        for (int i = m0; i < n; ++i) {
+            double *restrict row = A + (size_t)i * n * LANES;
+            for (int j = m0; j <= i; ++j)
+                for (int l = 0; l < LANES; ++l)
+                    row[j * LANES + l] -= v[i * LANES + l] * p[j * LANES + l] + p[i * LANES + l] * v[j * LANES + l];
+        }
+    }
+    for (int l = 0; l < LANES; ++l) {
+        if (n >= 2) {
+            d[(n - 2) * LANES + l] = A[((size_t)(n - 2) * n + n - 2) * LANES + l];
+            e[(n - 2) * LANES + l] = A[((size_t)(n - 1) * n + n - 2) * LANES + l];
+        }
+        d[(n - 1) * LANES + l] = A[((size_t)(n - 1) * n + n - 1) * LANES + l];
+        e[(n - 1) * LANES + l] = 0.0;
+    }
+}
+
+/* Two eigenvalues of each lane's tridiagonal matrix at once (two independent Sturm recurrences per
+ * sweep hide the latency of the division): the a[l]-th and b[l]-th smallest (0-based), by bisection
+ * within [lo, hi] (which must bracket them) to an absolute tolerance of a few ulps of the matrix
+ * norm; an index < 0 skips that search. */
+MULTIVERSION
+static void bisect2(int n, const double *restrict d, const double *restrict e2, const int *a, const int *b,
+                    const double *restrict pivmin, const double *restrict tol, double *restrict lo_a,
+                    double *restrict hi_a, double *restrict lo_b, double *restrict hi_b,
+                    double *restrict out_a, double *restrict out_b)
+{
+    double mid_a[LANES], mid_b[LANES], qa[LANES], qb[LANES], na[LANES], nb[LANES];
+    for (int iteration = 0; iteration < 160; ++iteration) {
+        int open = 0;
+        for (int l = 0; l < LANES; ++l) {
+            open |= (a[l] >= 0 && hi_a[l] - lo_a[l] > tol[l]) || (b[l] >= 0 && hi_b[l] - lo_b[l] > tol[l]);
+            mid_a[l] = 0.5 * (lo_a[l] + hi_a[l]);
+            mid_b[l] = 0.5 * (lo_b[l] + hi_b[l]);
+        }
+        if (!open) break;
+        for (int l = 0; l < LANES; ++l) {
+            double va = d[l] - mid_a[l], vb = d[l] - mid_b[l];
+            va = fabs(va) < pivmin[l] ? -pivmin[l] : va;
+            vb = fabs(vb) < pivmin[l] ? -pivmin[l] : vb;
+            qa[l] = va;
+            qb[l] = vb;
+            na[l] = va < 0.0 ? 1.0 : 0.0;
+            nb[l] = vb < 0.0 ? 1.0 : 0.0;
+        }
+        for (int i = 1; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) {
+                const double off = e2[(i - 1) * LANES + l];
+                double va = d[i * LANES + l] - mid_a[l] - off / qa[l];
+                double vb = d[i * LANES + l] - mid_b[l] - off / qb[l];
+                va = fabs(va) < pivmin[l] ? -pivmin[l] : va;
+                vb = fabs(vb) < pivmin[l] ? -pivmin[l] : vb;
+                qa[l] = va;
+                qb[l] = vb;
+                na[l] += va < 0.0 ? 1.0 : 0.0;
+                nb[l] += vb < 0.0 ? 1.0 : 0.0;
+            }
+        for (int l = 0; l < LANES; ++l) {
+            /* the count of eigenvalues below mid exceeds the index: the eigenvalue is below mid */
+            if (na[l] > a[l] + 0.5) hi_a[l] = mid_a[l];
+            else lo_a[l] = mid_a[l];
+            if (nb[l] > b[l] + 0.5) hi_b[l] = mid_b[l];
+            else lo_b[l] = mid_b[l];
+        }
+    }
+    for (int l = 0; l < LANES; ++l) {
+        out_a[l] = 0.5 * (lo_a[l] + hi_a[l]);
+        out_b[l] = 0.5 * (lo_b[l] + hi_b[l]);
+    }
+}
+
+/* Solve (T - shift I) x = b in place for one tridiagonal matrix (d, e of length n), by Gaussian
+ * elimination with partial pivoting; tiny pivots are replaced by +-tiny. Scratch: 4n doubles. */
+static void tridiagonal_solve(int n, const double *d, const double *e, double shift, double tiny,
+                              double *x, double *scratch, int *swap)
+{
+    double *diag = scratch, *upper = scratch + n, *upper2 = scratch + 2 * n, *low = scratch + 3 * n;
+    for (int i = 0; i < n; ++i) {
+        diag[i] = d[i] - shift;
+        upper[i] = i + 1 < n ? e[i] : 0.0;
+        upper2[i] = 0.0;
+    }
+    /* LU of the tridiagonal band with row interchanges (fill-in in upper2) */
+    for (int i = 0; i + 1 < n; ++i) {
+        const double below = e[i];
+        if (fabs(diag[i]) >= fabs(below)) {
+            swap[i] = 0;
+            const double pivot = diag[i] != 0.0 ? diag[i] : tiny;
+            diag[i] = pivot;
+            low[i] = below / pivot;
+            diag[i + 1] -= low[i] * upper[i];
+        } else {
+            swap[i] = 1;
+            low[i] = diag[i] / below;
+            diag[i] = below;
+            const double next_diag = diag[i + 1];
+            const double next_upper = i + 2 < n ? upper[i + 1] : 0.0;
+            diag[i + 1] = upper[i] - low[i] * next_diag;
+            upper[i] = next_diag;
+            upper2[i] = next_upper;
+            if (i + 2 < n) upper[i + 1] = -low[i] * next_upper;
+        }
+    }
+    if (diag[n - 1] == 0.0) diag[n - 1] = tiny;
+    for (int i = 0; i < n; ++i)
+        if (fabs(diag[i]) < tiny) diag[i] = diag[i] < 0.0 ? -tiny : tiny;
+    /* forward: L y = P b */
+    for (int i = 0; i + 1 < n; ++i) {
+        if (swap[i]) {
+            const double keep = x[i];
+            x[i] = x[i + 1];
+            x[i + 1] = keep - low[i] * x[i];
+        } else {
+            x[i + 1] -= low[i] * x[i];
+        }
+    }
+    /* back: U x = y */
+    for (int i = n - 1; i >= 0; --i) {
+        double value = x[i];
+        if (i + 1 < n) value -= upper[i] * x[i + 1];
+        if (i + 2 < n) value -= upper2[i] * x[i + 2];
+        x[i] = value / diag[i];
+    }
+}
+
+static double normalise(int n, double *x)
+{
+    double norm = 0.0;
+    for (int i = 0; i < n; ++i) norm += x[i] * x[i];
+    norm = sqrt(norm);
+    if (norm > 0.0)
+        for (int i = 0; i < n; ++i) x[i] /= norm;
+    return norm;
+}
+
+/* Eigenvector of one lane's tridiagonal matrix for eigenvalue lambda, orthogonal to the `previous`
+ * vectors (rows of z, length n) of its cluster; the result is written to z[previous]. */
+static void inverse_iteration(int n, const double *d, const double *e, double lambda, double tnorm,
+                              double *z, int cluster_start, int previous, double *scratch, int *swap)
+{
+    double *x = z + (size_t)previous * n;
+    const double tiny = DBL_EPSILON * tnorm + DBL_MIN;
+    /* a fixed, deterministic start with components in every direction */
+    for (int i = 0; i < n; ++i) x[i] = 1.0 + 0.5 * sin(1.0 + 2.3 * i + 0.7 * previous);
+    normalise(n, x);
+    for (int iteration = 0; iteration < 4; ++iteration) {
+        tridiagonal_solve(n, d, e, lambda, tiny, x, scratch, swap);
+        for (int pass = 0; pass < 2; ++pass)
+            for (int other = cluster_start; other < previous; ++other) {
+                const double *y = z + (size_t)other * n;
+                double dot = 0.0;
+                for (int i = 0; i < n; ++i) dot += x[i] * y[i];
+                for (int i = 0; i < n; ++i) x[i] -= dot * y[i];
+            }
+        const double growth = normalise(n, x);
+        if (iteration >= 1 && growth * DBL_EPSILON * tnorm > 1e-3) break; /* converged */
+    }
+}
+
+/* y <- Q y for every lane, Q = H_0 H_1 ... H_{n-3}: apply H_{n-3} first. y: n*LANES interleaved. */
+MULTIVERSION
+static void back_transform(int n, const double *restrict H, const double *restrict tau, double *restrict y)
+{
+    double dot[LANES];
+    for (int k = n - 3; k >= 0; --k) {
+        const double *restrict v = H + (size_t)k * n * LANES;
+        for (int l = 0; l < LANES; ++l) dot[l] = 0.0;
+        for (int i = k + 1; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) dot[l] += v[i * LANES + l] * y[i * LANES + l];
+        for (int l = 0; l < LANES; ++l) dot[l] *= tau[k * LANES + l];
+        for (int i = k + 1; i < n; ++i)
+            for (int l = 0; l < LANES; ++l) y[i * LANES + l] -= dot[l] * v[i * LANES + l];
+    }
+}
+
+/*
+ * gram: (batch, n, n) symmetric; q = max(volumes, voxels) of the window matrix; exp1: Veraart's
+ * estimator instead of Cordero-Grande's. Outputs: n_noise (batch), sigma2 (batch; 0 where no noise
+ * component), vectors (batch, n, n): the signal eigenvectors in the last n - n_noise columns (largest
+ * eigenvalue last, as an ascending eigh), zeros elsewhere. Returns 0, or -1 if memory ran out.
+ */
+int mppca_signal_subspace(int batch, int n, const double *gram, int q, int exp1, long long *n_noise,
+                          double *sigma2, double *vectors)
+{
+    const size_t nn = (size_t)n * n;
+    double *A = malloc(sizeof(double) * nn * LANES), *H = calloc(nn * LANES, sizeof(double));
+    double *d = malloc(sizeof(double) * n * LANES), *e = malloc(sizeof(double) * n * LANES);
+    double *e2 = malloc(sizeof(double) * n * LANES), *tau = malloc(sizeof(double) * n * LANES);
+    double *p = malloc(sizeof(double) * n * LANES), *lambda = malloc(sizeof(double) * n * LANES);
+    double *dl = malloc(sizeof(double) * n * LANES), *el = malloc(sizeof(double) * n * LANES);
+    double *z = malloc(sizeof(double) * nn * LANES), *scratch = malloc(sizeof(double) * 4 * n);
+    int *swap = malloc(sizeof(int) * n);
+    int status = 0;
+    if (!A || !H || !d || !e || !e2 || !tau || !p || !lambda || !dl || !el || !z || !scratch || !swap) {
+        status = -1;
+        goto done;
+    }
+    memset(vectors, 0, sizeof(double) * nn * (size_t)batch);
+    for (int first = 0; first < batch; first += LANES) {
+        int window[LANES];
+        for (int l = 0; l < LANES; ++l) window[l] = first + l < batch ? first + l : first;
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j <= i; ++j)
+                for (int l = 0; l < LANES; ++l)
+                    A[((size_t)i * n + j) * LANES + l] = gram[nn * window[l] + (size_t)i * n + j];
+        tridiagonalize(n, A, d, e, tau, H, p);
+        memset(lambda, 0, sizeof(double) * n * LANES);
+
+        double trace[LANES], pivmin[LANES], tnorm[LANES], glo[LANES], ghi[LANES];
+        for (int l = 0; l < LANES; ++l) {
+            double sum = 0.0, largest_e2 = 0.0, low = INFINITY, high = -INFINITY;
+            for (int i = 0; i < n; ++i) {
+                const double off = (i > 0 ? fabs(e[(i - 1) * LANES + l]) : 0.0) + fabs(e[i * LANES + l]);
+                const double di = d[i * LANES + l];
+                sum += di;
+                e2[i * LANES + l] = e[i * LANES + l] * e[i * LANES + l];
+                largest_e2 = fmax(largest_e2, e2[i * LANES + l]);
+                low = fmin(low, di - off);
+                high = fmax(high, di + off);
+            }
+            trace[l] = sum;
+            tnorm[l] = fmax(fabs(low), fabs(high));
+            pivmin[l] = DBL_MIN * fmax(1.0, largest_e2);
+            glo[l] = low - 2.0 * DBL_EPSILON * tnorm[l] - pivmin[l];
+            ghi[l] = high + 2.0 * DBL_EPSILON * tnorm[l] + pivmin[l];
+        }
+
+        /* the smallest and the largest eigenvalues, then the next largest two at a time (the second
+         * of a pair is wasted where the cut-off falls on the first) down to the cut-off */
+        int index_a[LANES], index_b[LANES], found[LANES];
+        double tol[LANES], negligible[LANES], lam0[LANES], above[LANES];
+        double lo_a[LANES], hi_a[LANES], lo_b[LANES], hi_b[LANES], value_a[LANES], value_b[LANES];
+        for (int l = 0; l < LANES; ++l) {
+            found[l] = trace[l] == 0.0; /* an all-zero window: nothing to find, no noise */
+            index_a[l] = found[l] ? -1 : 0;
+            index_b[l] = found[l] ? -1 : n - 1;
+            tol[l] = 4.0 * DBL_EPSILON * tnorm[l] + 4.0 * pivmin[l];
+            negligible[l] = n * DBL_EPSILON * tnorm[l];
+            lo_a[l] = lo_b[l] = glo[l];
+            hi_a[l] = hi_b[l] = ghi[l];
+            above[l] = 0.0;
+            n_noise[window[l]] = 0;
+            sigma2[window[l]] = 0.0;
+        }
+        bisect2(n, d, e2, index_a, index_b, pivmin, tol, lo_a, hi_a, lo_b, hi_b, value_a, value_b);
+        for (int l = 0; l < LANES; ++l) {
+            lambda[0 * LANES + l] = value_a[l];
+            lambda[(n - 1) * LANES + l] = value_b[l];
+            lam0[l] = value_a[l] > negligible[l] ? value_a[l] / q : 0.0;
+        }
+        for (int position = n - 1; position >= 0; --position) {
+            int open = 0;
+            for (int l = 0; l < LANES; ++l) open |= !found[l];
+            if (!open) break;
+            /* eigenvalues at position and position - 1 are known (computed in pairs) when the
+             * distance from the top is odd, or at the two ends */
+            if (position < n - 1 && position > 0 && (n - 1 - position) % 2 == 1) {
+                for (int l = 0; l < LANES; ++l) {
+                    index_a[l] = found[l] ? -1 : position;
+                    index_b[l] = found[l] || position - 1 < 1 ? -1 : position - 1;
+                    lo_a[l] = lo_b[l] = lambda[l] - tol[l];
+                    hi_a[l] = hi_b[l] = lambda[(position + 1) * LANES + l] + tol[l];
+                }
+                bisect2(n, d, e2, index_a, index_b, pivmin, tol, lo_a, hi_a, lo_b, hi_b, value_a, value_b);
+                for (int l = 0; l < LANES; ++l) {
+                    if (index_a[l] >= 0) lambda[position * LANES + l] = value_a[l];
+                    if (index_b[l] >= 0) lambda[(position - 1) * LANES + l] = value_b[l];
+                }
+            }
+            for (int l = 0; l < LANES; ++l) {
+                if (found[l]) continue;
+                const double eigenvalue = lambda[position * LANES + l];
+                const double count = position + 1.0;
+                /* values at the rounding level of the largest eigenvalue count as zero (as in the
+                 * Python rule), so rank-deficient windows do not hinge on the sign of round-off */
+                const double lam = eigenvalue > negligible[l] ? eigenvalue / q : 0.0;
+                double cumulative = trace[l] - above[l]; /* sum of the lowest p+1 */
+                cumulative = cumulative > negligible[l] ? cumulative / q : 0.0;
+                const double gamma = exp1 ? count / q : count / (q - (n - count));
+                const double sigsq1 = cumulative / count;
+                const double sigsq2 = (lam - lam0[l]) / (4.0 * sqrt(gamma));
+                if (sigsq2 < sigsq1) {
+                    found[l] = 1;
+                    n_noise[window[l]] = position + 1;
+                    sigma2[window[l]] = sigsq1;
+                }
+                above[l] += eigenvalue;
+            }
+        }
+
+        /* signal eigenvectors by inverse iteration (one lane at a time), mapped back to the Gram
+         * matrix's basis through the reflectors (all lanes at once) */
+        int rank[LANES], cluster_start[LANES], most = 0;
+        for (int l = 0; l < LANES; ++l) {
+            const int noise = first + l < batch ? (int)n_noise[window[l]] : n;
+            rank[l] = noise == 0 ? 0 : n - noise;
+            cluster_start[l] = 0;
+            most = rank[l] > most ? rank[l] : most;
+            if (first + l < batch && noise == 0) { /* no noise component: all kept, the identity */
+                double *out = vectors + nn * window[l];
+                for (int i = 0; i < n; ++i) out[(size_t)i * n + i] = 1.0;
+            }
+            for (int i = 0; i < n; ++i) {
+                dl[l * n + i] = d[i * LANES + l];
+                el[l * n + i] = e[i * LANES + l];
+            }
+        }
+        for (int s = 0; s < most; ++s) {
+            const int position = n - 1 - s;
+            for (int l = 0; l < LANES; ++l) {
+                if (s >= rank[l]) {
+                    for (int i = 0; i < n; ++i) p[i * LANES + l] = 0.0;
+                    continue;
+                }
+                const double eigenvalue = lambda[position * LANES + l];
+                if (s > 0 && fabs(lambda[(position + 1) * LANES + l] - eigenvalue) > 1e-3 * tnorm[l])
+                    cluster_start[l] = s;
+                double *zl = z + (size_t)l * nn;
+                inverse_iteration(n, dl + l * n, el + l * n, eigenvalue, tnorm[l], zl, cluster_start[l], s,
+                                  scratch, swap);
+                for (int i = 0; i < n; ++i) p[i * LANES + l] = zl[(size_t)s * n + i];
+            }
+            back_transform(n, H, tau, p);
+            for (int l = 0; l < LANES; ++l) {
+                if (s >= rank[l]) continue;
+                double *out = vectors + nn * window[l];
+                for (int i = 0; i < n; ++i) out[(size_t)i * n + position] = p[i * LANES + l];
+            }
+        }
+    }
+done:
+    free(A); free(H); free(d); free(e); free(e2); free(tau); free(p); free(lambda);
+    free(dl); free(el); free(z); free(scratch); free(swap);
+    return status;
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_mppca_kernel",
+                                    "MP-PCA window solver (called through ctypes).", -1, NULL,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__mppca_kernel(void) { return PyModule_Create(&module); }

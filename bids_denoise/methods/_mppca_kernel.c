@@ -236,7 +236,11 @@ static void inverse_iteration(int n, const double *d, const double *e, double la
     double *x = z + (size_t)previous * n;
     const double tiny = DBL_EPSILON * tnorm + DBL_MIN;
     /* a fixed, deterministic start with components in every direction */
-    for (int i = 0; i < n; ++i) x[i] = 1.0 + 0.5 * sin(1.0 + 2.3 * i + 0.7 * previous);
+    unsigned int state = 2654435761u * (unsigned int)(previous + 1);
+    for (int i = 0; i < n; ++i) { /* a fixed pseudo-random sequence in [0.5, 1.5) */
+        state = state * 1664525u + 1013904223u;
+        x[i] = 0.5 + (state >> 8) * (1.0 / 16777216.0);
+    }
     normalise(n, x);
     for (int iteration = 0; iteration < 4; ++iteration) {
         tridiagonal_solve(n, d, e, lambda, tiny, x, scratch, swap);
@@ -268,14 +272,52 @@ static void back_transform(int n, const double *restrict H, const double *restri
     }
 }
 
+/* Each lane's Gram matrix (lower triangle) into A: the sum of its `depth` parts (row w of
+ * part_index), less s s' / count where part_sums is given (s the sum of the parts' sums: a window
+ * matrix whose mean over its voxels is removed). */
+static void load_lanes(int n, const int *window, const double *parts, const double *part_sums,
+                       const long long *part_index, int depth, double count, double *A, double *s)
+{
+    const size_t nn = (size_t)n * n;
+    double *row = s + n; /* scratch of at least 2n */
+    for (int l = 0; l < LANES; ++l) {
+        const long long *index = part_index + (size_t)window[l] * depth;
+        if (part_sums != NULL) {
+            for (int i = 0; i < n; ++i) s[i] = 0.0;
+            for (int t = 0; t < depth; ++t)
+                for (int i = 0; i < n; ++i) s[i] += part_sums[(size_t)index[t] * n + i];
+        }
+        for (int i = 0; i < n; ++i) {
+            /* row i of the lower triangle, summed over the parts with contiguous loads */
+            const double *first = parts + nn * index[0] + (size_t)i * n;
+            for (int j = 0; j <= i; ++j) row[j] = first[j];
+            for (int t = 1; t < depth; ++t) {
+                const double *part = parts + nn * index[t] + (size_t)i * n;
+                for (int j = 0; j <= i; ++j) row[j] += part[j];
+            }
+            if (part_sums != NULL) {
+                const double scaled = s[i] / count;
+                for (int j = 0; j <= i; ++j) row[j] -= scaled * s[j];
+            }
+            for (int j = 0; j <= i; ++j) A[((size_t)i * n + j) * LANES + l] = row[j];
+        }
+    }
+}
+
 /*
- * gram: (batch, n, n) symmetric; q = max(volumes, voxels) of the window matrix; exp1: Veraart's
- * estimator instead of Cordero-Grande's. Outputs: n_noise (batch), sigma2 (batch; 0 where no noise
- * component), vectors (batch, n, n): the signal eigenvectors in the last n - n_noise columns (largest
- * eigenvalue last, as an ascending eigh), zeros elsewhere. Returns 0, or -1 if memory ran out.
+ * The Gram matrix of window w is the sum of parts[part_index[w, 0..depth-1]] (each n x n, symmetric;
+ * e.g. the Gram matrices of the window's planes, so that windows sharing planes share their cost),
+ * less s s' / count with s the sum of the parts' part_sums rows where part_sums is not NULL (the
+ * Gram matrix of the window matrix with its mean over its `count` voxels removed). With depth 1 and
+ * part_index 0..batch-1, parts are the Gram matrices themselves.
+ * q = max(volumes, voxels) of the window matrix; exp1: Veraart's estimator instead of Cordero-Grande's.
+ * Outputs: n_noise (batch), sigma2 (batch; 0 where no noise component), vectors (batch, n, n): the
+ * signal eigenvectors in the last n - n_noise columns (largest eigenvalue last, as an ascending eigh),
+ * zeros elsewhere. Returns 0, or -1 if memory ran out.
  */
-int mppca_signal_subspace(int batch, int n, const double *gram, int q, int exp1, long long *n_noise,
-                          double *sigma2, double *vectors)
+int mppca_signal_subspace(int batch, int n, const double *parts, const double *part_sums,
+                          const long long *part_index, int depth, double count, int q, int exp1,
+                          long long *n_noise, double *sigma2, double *vectors)
 {
     const size_t nn = (size_t)n * n;
     double *A = malloc(sizeof(double) * nn * LANES), *H = calloc(nn * LANES, sizeof(double));
@@ -294,10 +336,7 @@ int mppca_signal_subspace(int batch, int n, const double *gram, int q, int exp1,
     for (int first = 0; first < batch; first += LANES) {
         int window[LANES];
         for (int l = 0; l < LANES; ++l) window[l] = first + l < batch ? first + l : first;
-        for (int i = 0; i < n; ++i)
-            for (int j = 0; j <= i; ++j)
-                for (int l = 0; l < LANES; ++l)
-                    A[((size_t)i * n + j) * LANES + l] = gram[nn * window[l] + (size_t)i * n + j];
+        load_lanes(n, window, parts, part_sums, part_index, depth, count, A, scratch);
         tridiagonalize(n, A, d, e, tau, H, p);
         memset(lambda, 0, sizeof(double) * n * LANES);
 

@@ -76,8 +76,9 @@ def _kernel():
         return None
     function = library.mppca_signal_subspace
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p]
     return function
 
 
@@ -287,6 +288,11 @@ class _WindowSolver:
         self.windows = np.lib.stride_tricks.sliding_window_view(data, extent, axis=(0, 1, 2)).transpose(
             0, 1, 2, 4, 5, 6, 3
         )
+        if use_kernel and self.n_volumes <= self.n_voxels:
+            # (X - ex + 1, Y - ey + 1, Z, ex, ey, V): the z-planes of the windows
+            self.plane_view = np.lib.stride_tricks.sliding_window_view(
+                data, extent[:2], axis=(0, 1)
+            ).transpose(0, 1, 2, 4, 5, 3)
         itemsize = torch.finfo(dtype).bits // 8
         bytes_per_window = itemsize * (3 * self.n_volumes * self.n_voxels + 3 * min(self.n_volumes, self.n_voxels) ** 2)
         # batches of about BATCH_BYTES, smaller for small inputs so that the buffers of all worker
@@ -298,7 +304,8 @@ class _WindowSolver:
 
     def _decompose(self, corners):
         """Window matrices, voxels by volumes (B, n, V); eigenvectors of the smaller Gram matrix
-        (ascending), kept-component flags, n_noise, sigma2 and the window means (B, 1, V) or None."""
+        (ascending; with the compiled solver only the signal ones, zeros elsewhere), kept-component
+        flags, n_noise, sigma2 and the window means (B, 1, V) or None."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         matrix = torch.from_numpy(block.reshape(len(corners), self.n_voxels, self.n_volumes))
         matrix = matrix.to(self.device, self.dtype)
@@ -306,33 +313,67 @@ class _WindowSolver:
         if self.demean:
             mean = matrix.mean(dim=1, keepdim=True)
             matrix.sub_(mean)  # a fresh copy: fancy indexing above never returns a view
-        if self.n_volumes <= self.n_voxels:
-            gram = matrix.transpose(1, 2) @ matrix
-        else:
+        if self.use_kernel and self.n_volumes <= self.n_voxels:
+            eigenvectors, n_noise, sigma2 = self._signal_subspace_from_planes(corners)
+        elif self.use_kernel:
             gram = matrix @ matrix.transpose(1, 2)
-        if self.use_kernel:
-            eigenvectors, n_noise, sigma2 = self._signal_subspace(gram)
+            eigenvectors, n_noise, sigma2 = self._signal_subspace(
+                gram, None, np.arange(len(corners))[:, None], 1
+            )
         else:
+            if self.n_volumes <= self.n_voxels:
+                gram = matrix.transpose(1, 2) @ matrix
+            else:
+                gram = matrix @ matrix.transpose(1, 2)
             eigenvalues, eigenvectors = torch.linalg.eigh(gram)
             n_noise, sigma2 = marchenko_pastur_cutoff(
                 eigenvalues, self.n_volumes, self.n_voxels, self.exp1
             )
         keep = (
-            torch.arange(gram.shape[1], device=self.device).unsqueeze(0)
+            torch.arange(eigenvectors.shape[1], device=self.device).unsqueeze(0)
             >= n_noise.unsqueeze(1)
         ).to(self.dtype)
         return matrix, eigenvectors, keep, n_noise, sigma2, mean
 
-    def _signal_subspace(self, gram):
-        """The compiled solver: signal eigenvectors in the last columns (zeros elsewhere), n_noise,
-        sigma2; the same cut-off rule as :func:`marchenko_pastur_cutoff`."""
-        gram = gram.contiguous()
-        batch, r = gram.shape[0], gram.shape[1]
+    def _signal_subspace_from_planes(self, corners):
+        """The compiled solver on Gram matrices summed from those of the windows' z-planes.
+
+        Windows along z share all their planes but one: each plane's (volumes x volumes) Gram
+        matrix is formed once per batch and the solver adds up a window's ``ez`` of them (and
+        removes the window mean from the plane sums), about ``ez`` times fewer products than one
+        Gram matrix per window.
+        """
+        ny, nz = self.plane_view.shape[1], self.shape[2]
+        depth = self.extent[2]
+        ids = ((corners[:, 0] * ny + corners[:, 1]) * nz + corners[:, 2])[:, None] + np.arange(depth)
+        planes, index = np.unique(ids, return_inverse=True)
+        a, rest = np.divmod(planes, ny * nz)
+        b, z = np.divmod(rest, nz)
+        rows = torch.from_numpy(
+            self.plane_view[a, b, z].reshape(len(planes), -1, self.n_volumes)
+        ).to(self.device, self.dtype)
+        parts = rows.transpose(1, 2) @ rows
+        sums = rows.sum(dim=1) if self.demean else None
+        return self._signal_subspace(parts, sums, index.reshape(len(corners), depth), depth)
+
+    def _signal_subspace(self, parts, part_sums, part_index, depth):
+        """The compiled solver (see ``_mppca_kernel.c``): signal eigenvectors in the last columns
+        (zeros elsewhere), n_noise, sigma2, with the cut-off rule of :func:`marchenko_pastur_cutoff`.
+        Window w's Gram matrix is the sum of ``parts[part_index[w]]`` (less the mean's outer product
+        when ``part_sums`` is given)."""
+        parts = parts.contiguous()
+        r = parts.shape[1]
+        part_index = np.ascontiguousarray(part_index, dtype=np.int64)
+        batch = part_index.shape[0]
+        sums = None if part_sums is None else part_sums.contiguous()
         n_noise = torch.empty(batch, dtype=torch.int64)
         sigma2 = torch.empty(batch, dtype=torch.float64)
         vectors = torch.empty(batch, r, r, dtype=torch.float64)
-        status = _kernel()(batch, r, gram.data_ptr(), max(self.n_volumes, self.n_voxels), int(self.exp1),
-                           n_noise.data_ptr(), sigma2.data_ptr(), vectors.data_ptr())
+        status = _kernel()(
+            batch, r, parts.data_ptr(), None if sums is None else sums.data_ptr(),
+            part_index.ctypes.data, depth, float(self.n_voxels), max(self.n_volumes, self.n_voxels),
+            int(self.exp1), n_noise.data_ptr(), sigma2.data_ptr(), vectors.data_ptr(),
+        )
         if status != 0:
             raise MemoryError("MP-PCA: the window solver could not allocate its buffers")
         return vectors, n_noise, sigma2

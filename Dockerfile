@@ -14,9 +14,14 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_SPEC="torch>=2.2"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
-RUN command -v python3 >/dev/null 2>&1 \
-    || (apt-get update && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-        && rm -rf /var/lib/apt/lists/*)
+# a C compiler (and Python's headers where the base lacks them) for MP-PCA's compiled solver; only
+# the build stage has them, the final image gets the built module
+RUN python_packages=""; \
+    command -v python3 >/dev/null 2>&1 || python_packages="python3 python3-venv python3-dev"; \
+    apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev ca-certificates ${python_packages} \
+    && (python3 -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+        || apt-get install -y --no-install-recommends python3-dev) \
+    && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:${PATH}
 COPY wheels/ /tmp/wheels/
@@ -33,11 +38,12 @@ RUN --mount=type=secret,id=ca,required=false \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['validator']))" > /tmp/requirements.txt \
         && pip install --find-links /tmp/wheels -r /tmp/requirements.txt; \
     fi
-COPY pyproject.toml README.md CHANGES.md LICENSE /src/
+COPY pyproject.toml setup.py README.md CHANGES.md LICENSE /src/
 COPY bids_denoise /src/bids_denoise
 RUN --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    pip install --find-links /tmp/wheels "/src[validator]" && rm -rf /src /tmp/wheels
+    pip install --find-links /tmp/wheels "/src[validator]" && rm -rf /src /tmp/wheels \
+    && python3 -c "from bids_denoise.methods.mppca import kernel_available; assert kernel_available(), 'MP-PCA solver not built'"
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0

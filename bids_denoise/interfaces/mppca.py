@@ -55,7 +55,7 @@ class MPPCADenoise(MethodInterface):
             "rank": (result.rank, "dwimap", {"stat": "rank"},
                      "MP-PCA rank: number of signal components kept per voxel"),
         }
-        details = {"extent": list(result.extent), "masked": use_mask}
+        details = {"extent": list(result.extent), "masked": use_mask, "solver": result.solver}
         return result.denoised, extras, details
 
 

@@ -59,12 +59,15 @@ class MPPCAResult:
         Number of signal components kept (float for overcomplete averaging).
     extent : tuple of int
         The window used.
+    solver : str
+        ``"tridiagonal"`` (the compiled solver) or ``"eigh"``.
     """
 
     denoised: np.ndarray
     noise_sigma: np.ndarray
     rank: np.ndarray
     extent: tuple
+    solver: str = "eigh"
 
 
 @lru_cache(maxsize=1)
@@ -189,18 +192,19 @@ def mppca(
             f"(built: {kernel_available()})"
         )
     use_kernel = applies and solver != "eigh"
-    solver = _WindowSolver(
+    windows = _WindowSolver(
         np.ascontiguousarray(data), extent, estimator == "Exp1", device, dtype, out_dtype, demean, use_kernel
     )
     if aggregate == "centre":
-        denoised, sigma, rank = solver.centre_voxels(mask)
+        denoised, sigma, rank = windows.centre_voxels(mask)
     else:
-        denoised, sigma, rank = solver.overcomplete(mask, stride)
+        denoised, sigma, rank = windows.overcomplete(mask, stride)
     return MPPCAResult(
         denoised=denoised,
         noise_sigma=sigma,
         rank=rank,
         extent=extent,
+        solver="tridiagonal" if use_kernel else "eigh",
     )
 
 
@@ -282,6 +286,12 @@ class _WindowSolver:
         self.out_dtype = out_dtype
         self.demean = demean
         self.use_kernel = use_kernel
+        # the windows are rebuilt in the output's precision where the compiled solver runs (float32
+        # output: float32 products, no float64 copy of the window data); eigh's path stays in the
+        # compute precision throughout, as the reference
+        self.rebuild_dtype = (
+            torch.float32 if use_kernel and np.dtype(out_dtype) == np.float32 else dtype
+        )
         self.threads = max(1, torch.get_num_threads())
         # windows[a, b, c] is the (ex, ey, ez, V) window whose corner is (a, b, c); the volumes stay
         # innermost, so gathering a window copies contiguous runs of V values
@@ -308,12 +318,13 @@ class _WindowSolver:
         flags, n_noise, sigma2 and the window means (B, 1, V) or None."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         matrix = torch.from_numpy(block.reshape(len(corners), self.n_voxels, self.n_volumes))
-        matrix = matrix.to(self.device, self.dtype)
+        planes = self.use_kernel and self.n_volumes <= self.n_voxels
+        matrix = matrix.to(self.device, self.rebuild_dtype if planes else self.dtype)
         mean = None
         if self.demean:
             mean = matrix.mean(dim=1, keepdim=True)
             matrix.sub_(mean)  # a fresh copy: fancy indexing above never returns a view
-        if self.use_kernel and self.n_volumes <= self.n_voxels:
+        if planes:  # the window matrix is only needed to rebuild the windows
             eigenvectors, n_noise, sigma2 = self._signal_subspace_from_planes(corners)
         elif self.use_kernel:
             gram = matrix @ matrix.transpose(1, 2)
@@ -332,8 +343,8 @@ class _WindowSolver:
         keep = (
             torch.arange(eigenvectors.shape[1], device=self.device).unsqueeze(0)
             >= n_noise.unsqueeze(1)
-        ).to(self.dtype)
-        return matrix, eigenvectors, keep, n_noise, sigma2, mean
+        ).to(matrix.dtype)
+        return matrix, eigenvectors.to(matrix.dtype), keep, n_noise, sigma2, mean
 
     def _signal_subspace_from_planes(self, corners):
         """The compiled solver on Gram matrices summed from those of the windows' z-planes.
@@ -468,9 +479,10 @@ class _WindowSolver:
             for size, edge, step in zip(shape, self.extent, stride)
         ]
         grid = np.stack(np.meshgrid(*positions, indexing="ij"), axis=-1).reshape(-1, 3)
-        offsets = np.stack(
-            np.meshgrid(*[np.arange(e) for e in self.extent], indexing="ij"), axis=-1
-        ).reshape(-1, 3)
+        # linear offsets of a window's voxels from its corner, in the window's (x, y, z) order
+        offsets = np.ravel_multi_index(
+            np.meshgrid(*[np.arange(e) for e in self.extent], indexing="ij"), shape
+        ).ravel()
         if mask is not None:
             covered = np.lib.stride_tricks.sliding_window_view(mask, self.extent).any(axis=(3, 4, 5))
             grid = grid[covered[grid[:, 0], grid[:, 1], grid[:, 2]]]
@@ -490,18 +502,16 @@ class _WindowSolver:
             # the last max(n_signal) columns are needed (the others are zeroed by ``keep``)
             k = max(1, int(n_signal.max()))
             signal = vectors[:, :, -k:] * keep[:, None, -k:]
-            weighted = signal * theta[:, None, None].to(self.dtype)
+            weighted = signal * theta[:, None, None].to(matrix.dtype)
             # the rebuilt windows, voxels by volumes (B, n, V): rows go straight to the accumulator
             if n_volumes <= self.n_voxels:
                 rebuilt = (matrix @ signal) @ weighted.transpose(1, 2)
             else:
                 rebuilt = weighted @ (signal.transpose(1, 2) @ matrix)
             if mean is not None:
-                rebuilt.add_(mean * theta[:, None, None].to(self.dtype))
-            voxels = np.ravel_multi_index(
-                (corners[:, None, :] + offsets[None, :, :]).reshape(-1, 3).T, shape
-            )
-            index = torch.from_numpy(voxels).to(self.device)
+                rebuilt.add_(mean * theta[:, None, None].to(matrix.dtype))
+            voxels = np.ravel_multi_index(corners.T, shape)[:, None] + offsets[None, :]
+            index = torch.from_numpy(voxels.ravel()).to(self.device)
             values = rebuilt.reshape(-1, n_volumes).to(torch.float32)
             per_window = torch.stack([theta, theta * torch.sqrt(sigma2), theta * n_signal], dim=1)
             return index, values, per_window.repeat_interleave(self.n_voxels, dim=0)

@@ -147,3 +147,50 @@ def test_per_axis_stride(phantom):
         mppca(phantom.noisy, aggregate="overcomplete", stride=(1, 2))
     with pytest.raises(ValueError, match="stride"):
         mppca(phantom.noisy, aggregate="overcomplete", stride=0)
+
+
+SOLVER_CASES = [
+    {},
+    {"aggregate": "overcomplete", "demean": True},
+    {"aggregate": "overcomplete", "demean": True, "stride": (1, 2, 2)},
+    {"estimator": "Exp1", "extent": 3},
+    {"extent": (5, 3, 1)},  # 15 voxels < 27 volumes: the Gram matrix on the voxel side
+    {"demean": True, "extent": (3, 5, 5)},
+]
+
+
+@pytest.mark.parametrize("options", SOLVER_CASES)
+def test_compiled_solver_matches_eigh(phantom, options):
+    """The compiled solver (bisection for the eigenvalues the cut-off needs, noise sums from the
+    trace, inverse iteration for the signal vectors, Gram matrices summed from z-planes) against a
+    full torch eigh: the same cut-off in every window, the same output to rounding."""
+    from bids_denoise.methods.mppca import kernel_available
+
+    assert kernel_available(), "the C extension was not built (pip install -e . builds it)"
+    data = phantom.noisy.copy()
+    data[:4] = 0.0  # zero windows and windows that are partly zero (rank-deficient)
+    data[-3:, :, :, :] = data[-3:, :, :, :1]  # constant over volumes: rank one
+    reference = mppca(data, solver="eigh", out_dtype=np.float64, **options)
+    compiled = mppca(data, solver="tridiagonal", out_dtype=np.float64, **options)
+    assert np.array_equal(reference.rank, compiled.rank)
+    scale = np.abs(reference.denoised).max()
+    assert np.abs(compiled.denoised - reference.denoised).max() < 1e-10 * scale
+    assert np.allclose(compiled.noise_sigma, reference.noise_sigma, rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_solver_choice(phantom, monkeypatch):
+    from bids_denoise.methods import mppca as module
+
+    with pytest.raises(ValueError, match="solver"):
+        mppca(phantom.noisy, solver="lapack")
+    with pytest.raises(ValueError, match="float64"):
+        mppca(phantom.noisy, solver="tridiagonal", precision="float32")
+    assert mppca(phantom.noisy, precision="float32").solver == "eigh"
+    assert mppca(phantom.noisy).solver == "tridiagonal"
+    # where the extension was not built: "auto" falls back to eigh, "tridiagonal" says why it can't
+    monkeypatch.setattr(module, "_kernel", lambda: None)
+    fallback = mppca(phantom.noisy)
+    assert fallback.solver == "eigh"
+    assert np.abs(fallback.denoised - mppca(phantom.noisy, solver="eigh").denoised).max() == 0
+    with pytest.raises(ValueError, match="extension"):
+        mppca(phantom.noisy, solver="tridiagonal")

@@ -31,73 +31,112 @@
 #define MULTIVERSION
 #endif
 
+/* Eight lanes as one vector (GCC/Clang vector extension: one AVX-512 register, or two AVX2, or
+ * four SSE2 ones, as the target allows). Lane buffers are allocated 64-byte aligned. */
+typedef double vec8 __attribute__((vector_size(LANES * sizeof(double))));
+
+/* The reflector of step k from column k (rows k+1..n-1, up to date): v_k into row k of H
+ * (v_k[k+1] = 1), its factor tau[k], the sub-diagonal e[k] and the diagonal d[k]. */
+MULTIVERSION
+static void reflector(int n, int k, const double *restrict A, double *restrict d, double *restrict e,
+                      double *restrict tau, double *restrict H)
+{
+    const int m0 = k + 1;
+    const vec8 *Av = (const vec8 *)A;
+    vec8 *v = (vec8 *)H + (size_t)k * n;
+    vec8 norm2 = {0};
+    for (int i = m0 + 1; i < n; ++i) {
+        const vec8 a = Av[(size_t)i * n + k];
+        norm2 += a * a;
+    }
+    double scale[LANES] __attribute__((aligned(64)));
+    for (int l = 0; l < LANES; ++l) {
+        const double alpha = A[((size_t)m0 * n + k) * LANES + l];
+        d[k * LANES + l] = A[((size_t)k * n + k) * LANES + l];
+        if (norm2[l] == 0.0) { /* already tridiagonal in this column: H = I */
+            tau[k * LANES + l] = 0.0;
+            scale[l] = 0.0;
+            e[k * LANES + l] = alpha;
+        } else {
+            const double norm = sqrt(alpha * alpha + norm2[l]);
+            const double beta = alpha >= 0.0 ? -norm : norm;
+            tau[k * LANES + l] = (beta - alpha) / beta;
+            scale[l] = 1.0 / (alpha - beta);
+            e[k * LANES + l] = beta;
+        }
+    }
+    const vec8 factor = *(const vec8 *)scale;
+    const vec8 one = {1, 1, 1, 1, 1, 1, 1, 1};
+    v[m0] = one;
+    for (int i = m0 + 1; i < n; ++i) v[i] = Av[(size_t)i * n + k] * factor;
+}
+
 /* Reduce LANES interleaved symmetric matrices A[(i*n + j)*LANES + l] (lower triangle read and
  * updated) to tridiagonal form: diagonal d, sub-diagonal e (n*LANES each), reflectors in H (row k
- * holds v_k with v_k[k+1] = 1) and their factors tau. p: n*LANES scratch. */
+ * holds v_k with v_k[k+1] = 1) and their factors tau. p, w: n*LANES scratch each.
+ * Step k's rank-2 update and step k+1's product with the trailing matrix share one sweep over it
+ * (the next reflector is formed first, from the updated column k+1 alone). */
 MULTIVERSION
 static void tridiagonalize(int n, double *restrict A, double *restrict d, double *restrict e,
-                           double *restrict tau, double *restrict H, double *restrict p)
+                           double *restrict tau, double *restrict H, double *restrict p, double *restrict w)
 {
-    double norm2[LANES], t[LANES], scale[LANES], c[LANES];
+    vec8 *Av = (vec8 *)A, *P = (vec8 *)p, *W = (vec8 *)w;
+    const vec8 *T = (const vec8 *)tau;
+    const vec8 zero = {0};
+    if (n > 2) {
+        /* step 0's product p = tau A22 v from the lower triangle */
+        reflector(n, 0, A, d, e, tau, H);
+        const vec8 *v = (const vec8 *)H;
+        for (int i = 1; i < n; ++i) P[i] = zero;
+        for (int i = 1; i < n; ++i) {
+            const vec8 *row = Av + (size_t)i * n;
+            const vec8 vi = v[i];
+            vec8 acc = row[i] * vi;
+            for (int j = 1; j < i; ++j) {
+                const vec8 a = row[j];
+                acc += a * v[j];
+                P[j] += a * vi;
+            }
+            P[i] += acc;
+        }
+        for (int i = 1; i < n; ++i) P[i] *= T[0];
+    }
     for (int k = 0; k < n - 2; ++k) {
         const int m0 = k + 1;
-        double *restrict v = H + (size_t)k * n * LANES;
-        for (int l = 0; l < LANES; ++l) norm2[l] = 0.0;
-        for (int i = m0 + 1; i < n; ++i) {
-            const double *a = A + ((size_t)i * n + k) * LANES;
-            for (int l = 0; l < LANES; ++l) norm2[l] += a[l] * a[l];
-        }
-        for (int l = 0; l < LANES; ++l) {
-            const double alpha = A[((size_t)m0 * n + k) * LANES + l];
-            d[k * LANES + l] = A[((size_t)k * n + k) * LANES + l];
-            if (norm2[l] == 0.0) { /* already tridiagonal in this column: H = I */
-                t[l] = 0.0;
-                scale[l] = 0.0;
-                e[k * LANES + l] = alpha;
-            } else {
-                const double norm = sqrt(alpha * alpha + norm2[l]);
-                const double beta = alpha >= 0.0 ? -norm : norm;
-                t[l] = (beta - alpha) / beta;
-                scale[l] = 1.0 / (alpha - beta);
-                e[k * LANES + l] = beta;
-            }
-            tau[k * LANES + l] = t[l];
-            v[m0 * LANES + l] = 1.0;
-        }
-        for (int i = m0 + 1; i < n; ++i) {
-            const double *a = A + ((size_t)i * n + k) * LANES;
-            for (int l = 0; l < LANES; ++l) v[i * LANES + l] = a[l] * scale[l];
-        }
-        /* p = tau * A22 v, from the lower triangle */
-        for (int i = m0; i < n; ++i)
-            for (int l = 0; l < LANES; ++l) p[i * LANES + l] = 0.0;
-        for (int i = m0; i < n; ++i) {
-            const double *restrict row = A + (size_t)i * n * LANES;
-            double acc[LANES];
-            for (int l = 0; l < LANES; ++l) acc[l] = row[i * LANES + l] * v[i * LANES + l];
-            for (int j = m0; j < i; ++j)
-                for (int l = 0; l < LANES; ++l) {
-                    acc[l] += row[j * LANES + l] * v[j * LANES + l];
-                    p[j * LANES + l] += row[j * LANES + l] * v[i * LANES + l];
+        const vec8 *v = (const vec8 *)H + (size_t)k * n;
+        /* w = p - (tau/2)(p.v) v */
+        vec8 c = zero;
+        for (int i = m0; i < n; ++i) c += P[i] * v[i];
+        c *= 0.5 * T[k];
+        for (int i = m0; i < n; ++i) W[i] = P[i] - c * v[i];
+        /* column m0 first (rows m0..n-1): the next reflector needs it */
+        for (int i = m0; i < n; ++i) Av[(size_t)i * n + m0] -= v[i] * W[m0] + W[i] * v[m0];
+        if (k + 1 < n - 2) {
+            reflector(n, k + 1, A, d, e, tau, H);
+            const vec8 *u = (const vec8 *)H + (size_t)(k + 1) * n;
+            for (int i = m0 + 1; i < n; ++i) P[i] = zero;
+            /* rows m0+1..: update (step k) and product with u (step k+1) in one pass */
+            for (int i = m0 + 1; i < n; ++i) {
+                vec8 *row = Av + (size_t)i * n;
+                const vec8 vi = v[i], wi = W[i], ui = u[i];
+                vec8 acc = zero;
+                for (int j = m0 + 1; j < i; ++j) {
+                    const vec8 a = row[j] - (vi * W[j] + wi * v[j]);
+                    row[j] = a;
+                    P[j] += a * ui;
+                    acc += a * u[j];
                 }
-            for (int l = 0; l < LANES; ++l) p[i * LANES + l] += acc[l];
-        }
-        /* w = p - (tau/2)(p.v) v, into p */
-        for (int l = 0; l < LANES; ++l) c[l] = 0.0;
-        for (int i = m0; i < n; ++i)
-            for (int l = 0; l < LANES; ++l) {
-                p[i * LANES + l] *= t[l];
-                c[l] += p[i * LANES + l] * v[i * LANES + l];
+                const vec8 a = row[i] - 2.0 * vi * wi;
+                row[i] = a;
+                P[i] += acc + a * ui;
             }
-        for (int l = 0; l < LANES; ++l) c[l] *= 0.5 * t[l];
-        for (int i = m0; i < n; ++i)
-            for (int l = 0; l < LANES; ++l) p[i * LANES + l] -= c[l] * v[i * LANES + l];
-        /* A22 -= v w' + w v' */
-        for (int i = m0; i < n; ++i) {
-            double *restrict row = A + (size_t)i * n * LANES;
-            for (int j = m0; j <= i; ++j)
-                for (int l = 0; l < LANES; ++l)
-                    row[j * LANES + l] -= v[i * LANES + l] * p[j * LANES + l] + p[i * LANES + l] * v[j * LANES + l];
+            for (int i = m0 + 1; i < n; ++i) P[i] *= T[k + 1];
+        } else {
+            for (int i = m0 + 1; i < n; ++i) {
+                vec8 *row = Av + (size_t)i * n;
+                const vec8 vi = v[i], wi = W[i];
+                for (int j = m0 + 1; j <= i; ++j) row[j] -= vi * W[j] + wi * v[j];
+            }
         }
     }
     for (int l = 0; l < LANES; ++l) {
@@ -164,12 +203,12 @@ static void bisect2(int n, const double *restrict d, const double *restrict e2, 
     }
 }
 
-/* Solve (T - shift I) x = b in place for one tridiagonal matrix (d, e of length n), by Gaussian
- * elimination with partial pivoting; tiny pivots are replaced by +-tiny. Scratch: 4n doubles. */
-static void tridiagonal_solve(int n, const double *d, const double *e, double shift, double tiny,
-                              double *x, double *scratch, int *swap)
+/* LU factors of T - shift I for one tridiagonal matrix (d, e of length n), Gaussian elimination
+ * with partial pivoting; tiny pivots are replaced by +-tiny. factors: 4n doubles. */
+static void tridiagonal_factor(int n, const double *d, const double *e, double shift, double tiny,
+                               double *factors, int *swap)
 {
-    double *diag = scratch, *upper = scratch + n, *upper2 = scratch + 2 * n, *low = scratch + 3 * n;
+    double *diag = factors, *upper = factors + n, *upper2 = factors + 2 * n, *low = factors + 3 * n;
     for (int i = 0; i < n; ++i) {
         diag[i] = d[i] - shift;
         upper[i] = i + 1 < n ? e[i] : 0.0;
@@ -199,6 +238,12 @@ static void tridiagonal_solve(int n, const double *d, const double *e, double sh
     if (diag[n - 1] == 0.0) diag[n - 1] = tiny;
     for (int i = 0; i < n; ++i)
         if (fabs(diag[i]) < tiny) diag[i] = diag[i] < 0.0 ? -tiny : tiny;
+}
+
+/* Solve (T - shift I) x = b in place from tridiagonal_factor's factors. */
+static void tridiagonal_solve(int n, const double *factors, const int *swap, double *x)
+{
+    const double *diag = factors, *upper = factors + n, *upper2 = factors + 2 * n, *low = factors + 3 * n;
     /* forward: L y = P b */
     for (int i = 0; i + 1 < n; ++i) {
         if (swap[i]) {
@@ -242,8 +287,9 @@ static void inverse_iteration(int n, const double *d, const double *e, double la
         x[i] = 0.5 + (state >> 8) * (1.0 / 16777216.0);
     }
     normalise(n, x);
+    tridiagonal_factor(n, d, e, lambda, tiny, scratch, swap);
     for (int iteration = 0; iteration < 4; ++iteration) {
-        tridiagonal_solve(n, d, e, lambda, tiny, x, scratch, swap);
+        tridiagonal_solve(n, scratch, swap, x);
         for (int pass = 0; pass < 2; ++pass)
             for (int other = cluster_start; other < previous; ++other) {
                 const double *y = z + (size_t)other * n;
@@ -260,21 +306,21 @@ static void inverse_iteration(int n, const double *d, const double *e, double la
 MULTIVERSION
 static void back_transform(int n, const double *restrict H, const double *restrict tau, double *restrict y)
 {
-    double dot[LANES];
+    vec8 *Y = (vec8 *)y;
+    const vec8 *T = (const vec8 *)tau;
     for (int k = n - 3; k >= 0; --k) {
-        const double *restrict v = H + (size_t)k * n * LANES;
-        for (int l = 0; l < LANES; ++l) dot[l] = 0.0;
-        for (int i = k + 1; i < n; ++i)
-            for (int l = 0; l < LANES; ++l) dot[l] += v[i * LANES + l] * y[i * LANES + l];
-        for (int l = 0; l < LANES; ++l) dot[l] *= tau[k * LANES + l];
-        for (int i = k + 1; i < n; ++i)
-            for (int l = 0; l < LANES; ++l) y[i * LANES + l] -= dot[l] * v[i * LANES + l];
+        const vec8 *v = (const vec8 *)H + (size_t)k * n;
+        vec8 dot = {0};
+        for (int i = k + 1; i < n; ++i) dot += v[i] * Y[i];
+        dot *= T[k];
+        for (int i = k + 1; i < n; ++i) Y[i] -= dot * v[i];
     }
 }
 
 /* Each lane's Gram matrix (lower triangle) into A: the sum of its `depth` parts (row w of
  * part_index), less s s' / count where part_sums is given (s the sum of the parts' sums: a window
  * matrix whose mean over its voxels is removed). */
+MULTIVERSION
 static void load_lanes(int n, const int *window, const double *parts, const double *part_sums,
                        const long long *part_index, int depth, double count, double *A, double *s)
 {
@@ -320,10 +366,11 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
                           long long *n_noise, double *sigma2, double *vectors)
 {
     const size_t nn = (size_t)n * n;
-    double *A = malloc(sizeof(double) * nn * LANES), *H = calloc(nn * LANES, sizeof(double));
-    double *d = malloc(sizeof(double) * n * LANES), *e = malloc(sizeof(double) * n * LANES);
-    double *e2 = malloc(sizeof(double) * n * LANES), *tau = malloc(sizeof(double) * n * LANES);
-    double *p = malloc(sizeof(double) * n * LANES), *lambda = malloc(sizeof(double) * n * LANES);
+    /* lane buffers: whole vec8s, 64-byte aligned (sizes are multiples of 64 bytes) */
+    double *A = aligned_alloc(64, sizeof(double) * nn * LANES), *H = aligned_alloc(64, sizeof(double) * nn * LANES);
+    double *d = aligned_alloc(64, sizeof(double) * n * LANES), *e = aligned_alloc(64, sizeof(double) * n * LANES);
+    double *e2 = aligned_alloc(64, sizeof(double) * n * LANES), *tau = aligned_alloc(64, sizeof(double) * n * LANES);
+    double *p = aligned_alloc(64, sizeof(double) * n * LANES), *lambda = aligned_alloc(64, sizeof(double) * n * LANES);
     double *dl = malloc(sizeof(double) * n * LANES), *el = malloc(sizeof(double) * n * LANES);
     double *z = malloc(sizeof(double) * nn * LANES), *scratch = malloc(sizeof(double) * 4 * n);
     int *swap = malloc(sizeof(int) * n);
@@ -337,7 +384,7 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
         int window[LANES];
         for (int l = 0; l < LANES; ++l) window[l] = first + l < batch ? first + l : first;
         load_lanes(n, window, parts, part_sums, part_index, depth, count, A, scratch);
-        tridiagonalize(n, A, d, e, tau, H, p);
+        tridiagonalize(n, A, d, e, tau, H, p, lambda);
         memset(lambda, 0, sizeof(double) * n * LANES);
 
         double trace[LANES], pivmin[LANES], tnorm[LANES], glo[LANES], ghi[LANES];

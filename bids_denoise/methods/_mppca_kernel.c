@@ -149,57 +149,124 @@ static void tridiagonalize(int n, double *restrict A, double *restrict d, double
     }
 }
 
-/* Two eigenvalues of each lane's tridiagonal matrix at once (two independent Sturm recurrences per
- * sweep hide the latency of the division): the a[l]-th and b[l]-th smallest (0-based), by bisection
- * within [lo, hi] (which must bracket them) to an absolute tolerance of a few ulps of the matrix
- * norm; an index < 0 skips that search. */
+/* Sturm count, and Newton's correction for a root of det(T - x I), at x (per lane) for one lane
+ * group: q_i = d_i - x - e_{i-1}^2 / q_{i-1} (tiny pivots replaced by -pivmin); the count of
+ * negative q_i is the number of eigenvalues below x; det = prod q_i, so det'/det = sum q_i' / q_i
+ * with q_i' = -1 + e_{i-1}^2 q_{i-1}' / q_{i-1}^2. Two independent points per sweep (x and y) hide
+ * the latency of the division. */
 MULTIVERSION
-static void bisect2(int n, const double *restrict d, const double *restrict e2, const int *a, const int *b,
-                    const double *restrict pivmin, const double *restrict tol, double *restrict lo_a,
-                    double *restrict hi_a, double *restrict lo_b, double *restrict hi_b,
-                    double *restrict out_a, double *restrict out_b)
+static void sturm2(int n, const double *restrict d, const double *restrict e2, const double *restrict pivmin,
+                   const double *restrict x, const double *restrict y, double *restrict count_x,
+                   double *restrict count_y, double *restrict step_x, double *restrict step_y)
 {
-    double mid_a[LANES], mid_b[LANES], qa[LANES], qb[LANES], na[LANES], nb[LANES];
-    for (int iteration = 0; iteration < 160; ++iteration) {
+    double qx[LANES], qy[LANES], rx[LANES], ry[LANES], dx[LANES], dy[LANES], sx[LANES], sy[LANES];
+    for (int l = 0; l < LANES; ++l) {
+        double a = d[l] - x[l], b = d[l] - y[l];
+        a = fabs(a) < pivmin[l] ? -pivmin[l] : a;
+        b = fabs(b) < pivmin[l] ? -pivmin[l] : b;
+        rx[l] = 1.0 / a;
+        ry[l] = 1.0 / b;
+        dx[l] = dy[l] = -1.0;
+        sx[l] = -rx[l];
+        sy[l] = -ry[l];
+        count_x[l] = a < 0.0 ? 1.0 : 0.0;
+        count_y[l] = b < 0.0 ? 1.0 : 0.0;
+    }
+    for (int i = 1; i < n; ++i)
+        for (int l = 0; l < LANES; ++l) {
+            const double off = e2[(i - 1) * LANES + l];
+            double a = d[i * LANES + l] - x[l] - off * rx[l];
+            double b = d[i * LANES + l] - y[l] - off * ry[l];
+            a = fabs(a) < pivmin[l] ? -pivmin[l] : a;
+            b = fabs(b) < pivmin[l] ? -pivmin[l] : b;
+            dx[l] = -1.0 + off * dx[l] * rx[l] * rx[l];
+            dy[l] = -1.0 + off * dy[l] * ry[l] * ry[l];
+            qx[l] = a;
+            qy[l] = b;
+            rx[l] = 1.0 / a;
+            ry[l] = 1.0 / b;
+            sx[l] += dx[l] * rx[l];
+            sy[l] += dy[l] * ry[l];
+            count_x[l] += a < 0.0 ? 1.0 : 0.0;
+            count_y[l] += b < 0.0 ? 1.0 : 0.0;
+        }
+    for (int l = 0; l < LANES; ++l) {
+        step_x[l] = -1.0 / sx[l]; /* Newton: x - det / det' */
+        step_y[l] = -1.0 / sy[l];
+    }
+    (void)qx;
+    (void)qy;
+}
+
+/* Search state of one eigenvalue per lane: the index (0-based, ascending; < 0: no search), a
+ * bracket [lo, hi] with the Sturm counts at its ends where known (-1: unknown), the next point. */
+struct search {
+    int index[LANES];
+    double lo[LANES], hi[LANES], count_lo[LANES], count_hi[LANES], x[LANES], value[LANES];
+    int done[LANES];
+};
+
+static void search_start(struct search *s, int l, int index, double lo, double hi)
+{
+    s->index[l] = index;
+    s->lo[l] = lo;
+    s->hi[l] = hi;
+    s->count_lo[l] = -1.0;
+    s->count_hi[l] = -1.0;
+    s->x[l] = 0.5 * (lo + hi);
+    s->done[l] = index < 0;
+    s->value[l] = 0.0;
+}
+
+/* One evaluation's outcome: shrink the bracket by the count; next point by Newton where the bracket
+ * holds this eigenvalue alone and the step stays inside, by bisection otherwise. Converged when the
+ * bracket or the Newton step is below tol. */
+static void search_update(struct search *s, int l, double count, double step, double tol)
+{
+    if (s->done[l]) return;
+    const double x = s->x[l];
+    if (count > s->index[l] + 0.5) {
+        s->hi[l] = x;
+        s->count_hi[l] = count;
+    } else {
+        s->lo[l] = x;
+        s->count_lo[l] = count;
+    }
+    const double target = s->index[l];
+    const int alone = s->count_lo[l] == target && s->count_hi[l] == target + 1.0;
+    const double newton = x + step;
+    if (s->hi[l] - s->lo[l] <= tol) {
+        s->done[l] = 1;
+        s->value[l] = 0.5 * (s->lo[l] + s->hi[l]);
+    } else if (alone && newton > s->lo[l] && newton < s->hi[l]) {
+        if (fabs(step) <= 0.25 * tol) {
+            s->done[l] = 1;
+            s->value[l] = newton;
+        }
+        s->x[l] = newton;
+    } else {
+        s->x[l] = 0.5 * (s->lo[l] + s->hi[l]);
+    }
+}
+
+/* Two eigenvalues per lane at once (searches a and b), each to an absolute tolerance tol[l]. */
+static void eigenvalues2(int n, const double *d, const double *e2, const double *pivmin, const double *tol,
+                         struct search *a, struct search *b)
+{
+    double count_a[LANES], count_b[LANES], step_a[LANES], step_b[LANES];
+    for (int iteration = 0; iteration < 200; ++iteration) {
         int open = 0;
-        for (int l = 0; l < LANES; ++l) {
-            open |= (a[l] >= 0 && hi_a[l] - lo_a[l] > tol[l]) || (b[l] >= 0 && hi_b[l] - lo_b[l] > tol[l]);
-            mid_a[l] = 0.5 * (lo_a[l] + hi_a[l]);
-            mid_b[l] = 0.5 * (lo_b[l] + hi_b[l]);
-        }
+        for (int l = 0; l < LANES; ++l) open |= !a->done[l] || !b->done[l];
         if (!open) break;
+        sturm2(n, d, e2, pivmin, a->x, b->x, count_a, count_b, step_a, step_b);
         for (int l = 0; l < LANES; ++l) {
-            double va = d[l] - mid_a[l], vb = d[l] - mid_b[l];
-            va = fabs(va) < pivmin[l] ? -pivmin[l] : va;
-            vb = fabs(vb) < pivmin[l] ? -pivmin[l] : vb;
-            qa[l] = va;
-            qb[l] = vb;
-            na[l] = va < 0.0 ? 1.0 : 0.0;
-            nb[l] = vb < 0.0 ? 1.0 : 0.0;
-        }
-        for (int i = 1; i < n; ++i)
-            for (int l = 0; l < LANES; ++l) {
-                const double off = e2[(i - 1) * LANES + l];
-                double va = d[i * LANES + l] - mid_a[l] - off / qa[l];
-                double vb = d[i * LANES + l] - mid_b[l] - off / qb[l];
-                va = fabs(va) < pivmin[l] ? -pivmin[l] : va;
-                vb = fabs(vb) < pivmin[l] ? -pivmin[l] : vb;
-                qa[l] = va;
-                qb[l] = vb;
-                na[l] += va < 0.0 ? 1.0 : 0.0;
-                nb[l] += vb < 0.0 ? 1.0 : 0.0;
-            }
-        for (int l = 0; l < LANES; ++l) {
-            /* the count of eigenvalues below mid exceeds the index: the eigenvalue is below mid */
-            if (na[l] > a[l] + 0.5) hi_a[l] = mid_a[l];
-            else lo_a[l] = mid_a[l];
-            if (nb[l] > b[l] + 0.5) hi_b[l] = mid_b[l];
-            else lo_b[l] = mid_b[l];
+            search_update(a, l, count_a[l], step_a[l], tol[l]);
+            search_update(b, l, count_b[l], step_b[l], tol[l]);
         }
     }
-    for (int l = 0; l < LANES; ++l) {
-        out_a[l] = 0.5 * (lo_a[l] + hi_a[l]);
-        out_b[l] = 0.5 * (lo_b[l] + hi_b[l]);
+    for (int l = 0; l < LANES; ++l) { /* (not reached in practice) */
+        if (!a->done[l]) a->value[l] = 0.5 * (a->lo[l] + a->hi[l]);
+        if (!b->done[l]) b->value[l] = 0.5 * (b->lo[l] + b->hi[l]);
     }
 }
 
@@ -408,44 +475,42 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
 
         /* the smallest and the largest eigenvalues, then the next largest two at a time (the second
          * of a pair is wasted where the cut-off falls on the first) down to the cut-off */
-        int index_a[LANES], index_b[LANES], found[LANES];
+        int found[LANES];
         double tol[LANES], negligible[LANES], lam0[LANES], above[LANES];
-        double lo_a[LANES], hi_a[LANES], lo_b[LANES], hi_b[LANES], value_a[LANES], value_b[LANES];
+        struct search sa, sb;
         for (int l = 0; l < LANES; ++l) {
             found[l] = trace[l] == 0.0; /* an all-zero window: nothing to find, no noise */
-            index_a[l] = found[l] ? -1 : 0;
-            index_b[l] = found[l] ? -1 : n - 1;
             tol[l] = 4.0 * DBL_EPSILON * tnorm[l] + 4.0 * pivmin[l];
             negligible[l] = n * DBL_EPSILON * tnorm[l];
-            lo_a[l] = lo_b[l] = glo[l];
-            hi_a[l] = hi_b[l] = ghi[l];
+            search_start(&sa, l, found[l] ? -1 : 0, glo[l], ghi[l]);
+            search_start(&sb, l, found[l] ? -1 : n - 1, glo[l], ghi[l]);
             above[l] = 0.0;
             n_noise[window[l]] = 0;
             sigma2[window[l]] = 0.0;
         }
-        bisect2(n, d, e2, index_a, index_b, pivmin, tol, lo_a, hi_a, lo_b, hi_b, value_a, value_b);
+        eigenvalues2(n, d, e2, pivmin, tol, &sa, &sb);
         for (int l = 0; l < LANES; ++l) {
-            lambda[0 * LANES + l] = value_a[l];
-            lambda[(n - 1) * LANES + l] = value_b[l];
-            lam0[l] = value_a[l] > negligible[l] ? value_a[l] / q : 0.0;
+            lambda[0 * LANES + l] = sa.value[l];
+            lambda[(n - 1) * LANES + l] = sb.value[l];
+            lam0[l] = sa.value[l] > negligible[l] ? sa.value[l] / q : 0.0;
         }
         for (int position = n - 1; position >= 0; --position) {
             int open = 0;
             for (int l = 0; l < LANES; ++l) open |= !found[l];
             if (!open) break;
-            /* eigenvalues at position and position - 1 are known (computed in pairs) when the
-             * distance from the top is odd, or at the two ends */
+            /* eigenvalues at position and position - 1 are found together (in pairs) when the
+             * distance from the top is odd; the two ends are known */
             if (position < n - 1 && position > 0 && (n - 1 - position) % 2 == 1) {
                 for (int l = 0; l < LANES; ++l) {
-                    index_a[l] = found[l] ? -1 : position;
-                    index_b[l] = found[l] || position - 1 < 1 ? -1 : position - 1;
-                    lo_a[l] = lo_b[l] = lambda[l] - tol[l];
-                    hi_a[l] = hi_b[l] = lambda[(position + 1) * LANES + l] + tol[l];
+                    const double low = lambda[l] - tol[l];
+                    const double high = lambda[(position + 1) * LANES + l] + tol[l];
+                    search_start(&sa, l, found[l] ? -1 : position, low, high);
+                    search_start(&sb, l, found[l] || position - 1 < 1 ? -1 : position - 1, low, high);
                 }
-                bisect2(n, d, e2, index_a, index_b, pivmin, tol, lo_a, hi_a, lo_b, hi_b, value_a, value_b);
+                eigenvalues2(n, d, e2, pivmin, tol, &sa, &sb);
                 for (int l = 0; l < LANES; ++l) {
-                    if (index_a[l] >= 0) lambda[position * LANES + l] = value_a[l];
-                    if (index_b[l] >= 0) lambda[(position - 1) * LANES + l] = value_b[l];
+                    if (sa.index[l] >= 0) lambda[position * LANES + l] = sa.value[l];
+                    if (sb.index[l] >= 0) lambda[(position - 1) * LANES + l] = sb.value[l];
                 }
             }
             for (int l = 0; l < LANES; ++l) {

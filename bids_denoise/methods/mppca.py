@@ -313,9 +313,9 @@ class _WindowSolver:
             self.batch *= 16
 
     def _decompose(self, corners):
-        """Window matrices, voxels by volumes (B, n, V); eigenvectors of the smaller Gram matrix
-        (ascending; with the compiled solver only the signal ones, zeros elsewhere), kept-component
-        flags, n_noise, sigma2 and the window means (B, 1, V) or None."""
+        """Window matrices, voxels by volumes (B, n, V); signal eigenvectors of the smaller Gram
+        matrix (B, r, k), k the batch's largest signal count, zero columns where a window has
+        fewer; n_noise, sigma2 and the window means (B, 1, V) or None."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         matrix = torch.from_numpy(block.reshape(len(corners), self.n_voxels, self.n_volumes))
         planes = self.use_kernel and self.n_volumes <= self.n_voxels
@@ -340,11 +340,13 @@ class _WindowSolver:
             n_noise, sigma2 = marchenko_pastur_cutoff(
                 eigenvalues, self.n_volumes, self.n_voxels, self.exp1
             )
-        keep = (
-            torch.arange(eigenvectors.shape[1], device=self.device).unsqueeze(0)
-            >= n_noise.unsqueeze(1)
-        ).to(matrix.dtype)
-        return matrix, eigenvectors.to(matrix.dtype), keep, n_noise, sigma2, mean
+        # the signal components are the last r - n_noise columns (ascending order): keep the last
+        # k = max(r - n_noise) columns of the batch, with the noise columns among them zeroed
+        r = eigenvectors.shape[1]
+        k = max(1, r - int(n_noise.min()))
+        keep = (torch.arange(r - k, r, device=self.device).unsqueeze(0) >= n_noise.unsqueeze(1))
+        signal = eigenvectors[:, :, r - k :].to(matrix.dtype) * keep.unsqueeze(1).to(matrix.dtype)
+        return matrix, signal, n_noise, sigma2, mean
 
     def _signal_subspace_from_planes(self, corners):
         """The compiled solver on Gram matrices summed from those of the windows' z-planes.
@@ -448,17 +450,17 @@ class _WindowSolver:
 
         def solve(start):
             stop = min(start + self.batch, corner_ids.size)
-            matrix, vectors, keep, n_noise, sigma2, mean = self._decompose(unique_corners[start:stop])
+            matrix, vectors, n_noise, sigma2, mean = self._decompose(unique_corners[start:stop])
             batch_targets = order[first_target[start] : first_target[stop]]
             which = torch.from_numpy(window_of_target[batch_targets] - start).to(self.device)
             centre = torch.from_numpy(centres[batch_targets]).to(self.device)
-            vectors_t, keep_t = vectors[which], keep[which]
+            vectors_t = vectors[which]  # (T, r, k), noise columns zero
             if n_volumes <= self.n_voxels:
                 column = matrix[which, centre, :]  # (T, V)
-                coefficients = (vectors_t.transpose(1, 2) @ column.unsqueeze(2))[..., 0] * keep_t
+                coefficients = (vectors_t.transpose(1, 2) @ column.unsqueeze(2))[..., 0]
                 rebuilt = (vectors_t @ coefficients.unsqueeze(2))[..., 0]
             else:
-                weights = (vectors_t * keep_t.unsqueeze(1)) @ vectors_t[torch.arange(len(which)), centre].unsqueeze(2)
+                weights = vectors_t @ vectors_t[torch.arange(len(which)), centre].unsqueeze(2)
                 rebuilt = (matrix[which].transpose(1, 2) @ weights)[..., 0]
             if mean is not None:
                 rebuilt = rebuilt + mean[which, 0, :]
@@ -495,13 +497,9 @@ class _WindowSolver:
 
         def solve(start):
             corners = grid[start : start + self.batch]
-            matrix, vectors, keep, n_noise, sigma2, mean = self._decompose(corners)
+            matrix, signal, n_noise, sigma2, mean = self._decompose(corners)
             n_signal = r - n_noise
             theta = 1.0 / (1.0 + n_signal.to(torch.float64))  # (B,)
-            # eigh sorts ascending: the signal components are the last n_signal columns, so only
-            # the last max(n_signal) columns are needed (the others are zeroed by ``keep``)
-            k = max(1, int(n_signal.max()))
-            signal = vectors[:, :, -k:] * keep[:, None, -k:]
             weighted = signal * theta[:, None, None].to(matrix.dtype)
             # the rebuilt windows, voxels by volumes (B, n, V): rows go straight to the accumulator
             if n_volumes <= self.n_voxels:

@@ -425,8 +425,9 @@ static void load_lanes(int n, const int *window, const double *parts, const doub
  * part_index 0..batch-1, parts are the Gram matrices themselves.
  * q = max(volumes, voxels) of the window matrix; exp1: Veraart's estimator instead of Cordero-Grande's.
  * Outputs: n_noise (batch), sigma2 (batch; 0 where no noise component), vectors (batch, n, n): the
- * signal eigenvectors in the last n - n_noise columns (largest eigenvalue last, as an ascending eigh),
- * zeros elsewhere. Returns 0, or -1 if memory ran out.
+ * signal eigenvectors as rows, largest eigenvalue first, in rows 0..k-1 with k the batch's largest
+ * signal count, at least 1 (rows past a window's own count zero; the identity where a window has no noise
+ * component); rows k.. are not written. Returns 0, or -1 if memory ran out.
  */
 int mppca_signal_subspace(int batch, int n, const double *parts, const double *part_sums,
                           const long long *part_index, int depth, double count, int q, int exp1,
@@ -446,7 +447,6 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
         status = -1;
         goto done;
     }
-    memset(vectors, 0, sizeof(double) * nn * (size_t)batch);
     for (int first = 0; first < batch; first += LANES) {
         int window[LANES];
         for (int l = 0; l < LANES; ++l) window[l] = first + l < batch ? first + l : first;
@@ -544,6 +544,7 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
             most = rank[l] > most ? rank[l] : most;
             if (first + l < batch && noise == 0) { /* no noise component: all kept, the identity */
                 double *out = vectors + nn * window[l];
+                memset(out, 0, sizeof(double) * nn);
                 for (int i = 0; i < n; ++i) out[(size_t)i * n + i] = 1.0;
             }
             for (int i = 0; i < n; ++i) {
@@ -569,10 +570,20 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
             back_transform(n, H, tau, p);
             for (int l = 0; l < LANES; ++l) {
                 if (s >= rank[l]) continue;
-                double *out = vectors + nn * window[l];
-                for (int i = 0; i < n; ++i) out[(size_t)i * n + position] = p[i * LANES + l];
+                double *out = vectors + nn * window[l] + (size_t)s * n;
+                for (int i = 0; i < n; ++i) out[i] = p[i * LANES + l];
             }
         }
+    }
+    /* rows rank..k-1 zero, k the batch's largest signal count (all rows of a window without noise) */
+    int most = 1; /* at least one row, as the caller reads */
+    for (int w = 0; w < batch; ++w) {
+        const int signal = n_noise[w] == 0 ? n : n - (int)n_noise[w];
+        most = signal > most ? signal : most;
+    }
+    for (int w = 0; w < batch; ++w) {
+        const int signal = n_noise[w] == 0 ? n : n - (int)n_noise[w];
+        if (signal < most) memset(vectors + nn * w + (size_t)signal * n, 0, sizeof(double) * n * (most - signal));
     }
 done:
     free(A); free(H); free(d); free(e); free(e2); free(tau); free(p); free(lambda);

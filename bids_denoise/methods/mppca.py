@@ -280,6 +280,7 @@ class _WindowSolver:
         self.n_volumes = data.shape[3]
         self.extent = extent
         self.n_voxels = int(np.prod(extent))
+        self.rank_limit = min(self.n_volumes, self.n_voxels)
         self.exp1 = exp1
         self.device = device
         self.dtype = dtype
@@ -340,12 +341,13 @@ class _WindowSolver:
             n_noise, sigma2 = marchenko_pastur_cutoff(
                 eigenvalues, self.n_volumes, self.n_voxels, self.exp1
             )
-        # the signal components are the last r - n_noise columns (ascending order): keep the last
-        # k = max(r - n_noise) columns of the batch, with the noise columns among them zeroed
-        r = eigenvectors.shape[1]
-        k = max(1, r - int(n_noise.min()))
-        keep = (torch.arange(r - k, r, device=self.device).unsqueeze(0) >= n_noise.unsqueeze(1))
-        signal = eigenvectors[:, :, r - k :].to(matrix.dtype) * keep.unsqueeze(1).to(matrix.dtype)
+        r = self.rank_limit
+        k = max(1, r - int(n_noise.min()))  # the batch's largest signal count
+        if self.use_kernel:  # signal vectors as rows, zero rows past a window's own count
+            signal = eigenvectors[:, :k, :].transpose(1, 2).to(matrix.dtype)
+        else:  # ascending columns: the signal ones are the last r - n_noise, zero the others
+            keep = torch.arange(r - k, r, device=self.device).unsqueeze(0) >= n_noise.unsqueeze(1)
+            signal = eigenvectors[:, :, r - k :].to(matrix.dtype) * keep.unsqueeze(1).to(matrix.dtype)
         return matrix, signal, n_noise, sigma2, mean
 
     def _signal_subspace_from_planes(self, corners):
@@ -370,8 +372,9 @@ class _WindowSolver:
         return self._signal_subspace(parts, sums, index.reshape(len(corners), depth), depth)
 
     def _signal_subspace(self, parts, part_sums, part_index, depth):
-        """The compiled solver (see ``_mppca_kernel.c``): signal eigenvectors in the last columns
-        (zeros elsewhere), n_noise, sigma2, with the cut-off rule of :func:`marchenko_pastur_cutoff`.
+        """The compiled solver (see ``_mppca_kernel.c``): signal eigenvectors as rows (B, r, r), the
+        first k = max signal count rows set), n_noise, sigma2, with the cut-off rule of
+        :func:`marchenko_pastur_cutoff`.
         Window w's Gram matrix is the sum of ``parts[part_index[w]]`` (less the mean's outer product
         when ``part_sums`` is given)."""
         parts = parts.contiguous()

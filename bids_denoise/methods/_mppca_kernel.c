@@ -203,6 +203,7 @@ static void sturm2(int n, const double *restrict d, const double *restrict e2, c
 struct search {
     int index[LANES];
     double lo[LANES], hi[LANES], count_lo[LANES], count_hi[LANES], x[LANES], value[LANES];
+    double dx[LANES], dx_old[LANES]; /* the last two moves */
     int done[LANES];
 };
 
@@ -214,13 +215,14 @@ static void search_start(struct search *s, int l, int index, double lo, double h
     s->count_lo[l] = -1.0;
     s->count_hi[l] = -1.0;
     s->x[l] = 0.5 * (lo + hi);
+    s->dx[l] = s->dx_old[l] = hi - lo;
     s->done[l] = index < 0;
     s->value[l] = 0.0;
 }
 
 /* One evaluation's outcome: shrink the bracket by the count; next point by Newton where the bracket
- * holds this eigenvalue alone and the step stays inside, by bisection otherwise. Converged when the
- * bracket or the Newton step is below tol. */
+ * holds this eigenvalue alone, the step stays inside and it is under half the move before last (fast
+ * convergence), by bisection otherwise. Converged when the bracket or the Newton step is below tol. */
 static void search_update(struct search *s, int l, double count, double step, double tol)
 {
     if (s->done[l]) return;
@@ -238,14 +240,18 @@ static void search_update(struct search *s, int l, double count, double step, do
     if (s->hi[l] - s->lo[l] <= tol) {
         s->done[l] = 1;
         s->value[l] = 0.5 * (s->lo[l] + s->hi[l]);
-    } else if (alone && newton > s->lo[l] && newton < s->hi[l]) {
-        if (fabs(step) <= 0.25 * tol) {
-            s->done[l] = 1;
-            s->value[l] = newton;
-        }
+    } else if (alone && fabs(step) <= tol && newton >= s->lo[l] && newton <= s->hi[l]) {
+        /* converged (x + step may round to x itself) */
+        s->done[l] = 1;
+        s->value[l] = newton;
+    } else if (alone && newton > s->lo[l] && newton < s->hi[l] && fabs(step) < 0.5 * s->dx_old[l]) {
+        s->dx_old[l] = s->dx[l];
+        s->dx[l] = fabs(step);
         s->x[l] = newton;
     } else {
         s->x[l] = 0.5 * (s->lo[l] + s->hi[l]);
+        s->dx_old[l] = s->dx[l];
+        s->dx[l] = 0.5 * (s->hi[l] - s->lo[l]);
     }
 }
 

@@ -392,33 +392,49 @@ static void back_transform(int n, const double *restrict H, const double *restri
 
 /* Each lane's Gram matrix (lower triangle) into A: the sum of its `depth` parts (row w of
  * part_index), less s s' / count where part_sums is given (s the sum of the parts' sums: a window
- * matrix whose mean over its voxels is removed). */
+ * matrix whose mean over its voxels is removed). Where a lane's parts are the previous lane's
+ * shifted by one (the next window along z), its sum is the previous one plus the new part less the
+ * part left behind: two parts read instead of `depth`. scratch: (2 + LANES) n doubles. */
 MULTIVERSION
 static void load_lanes(int n, const int *window, const double *parts, const double *part_sums,
-                       const long long *part_index, int depth, double count, double *A, double *s)
+                       const long long *part_index, int depth, double count, double *A, double *scratch)
 {
     const size_t nn = (size_t)n * n;
-    double *row = s + n; /* scratch of at least 2n */
+    double *row = scratch, *sums = scratch + n; /* sums: LANES rows of n */
+    const long long *index[LANES];
+    int slides[LANES];
     for (int l = 0; l < LANES; ++l) {
-        const long long *index = part_index + (size_t)window[l] * depth;
-        if (part_sums != NULL) {
-            for (int i = 0; i < n; ++i) s[i] = 0.0;
-            for (int t = 0; t < depth; ++t)
-                for (int i = 0; i < n; ++i) s[i] += part_sums[(size_t)index[t] * n + i];
-        }
-        for (int i = 0; i < n; ++i) {
+        index[l] = part_index + (size_t)window[l] * depth;
+        slides[l] = depth > 2 && l > 0 && window[l] != window[l - 1];
+        for (int t = 0; slides[l] && t + 1 < depth; ++t) slides[l] = index[l][t] == index[l - 1][t + 1];
+        double *s = sums + (size_t)l * n;
+        if (part_sums == NULL) continue;
+        for (int i = 0; i < n; ++i) s[i] = 0.0;
+        for (int t = 0; t < depth; ++t)
+            for (int i = 0; i < n; ++i) s[i] += part_sums[(size_t)index[l][t] * n + i];
+    }
+    for (int i = 0; i < n; ++i) {
+        for (int l = 0; l < LANES; ++l) {
             /* row i of the lower triangle, summed over the parts with contiguous loads */
-            const double *first = parts + nn * index[0] + (size_t)i * n;
-            for (int j = 0; j <= i; ++j) row[j] = first[j];
-            for (int t = 1; t < depth; ++t) {
-                const double *part = parts + nn * index[t] + (size_t)i * n;
-                for (int j = 0; j <= i; ++j) row[j] += part[j];
+            if (slides[l]) {
+                const double *enter = parts + nn * index[l][depth - 1] + (size_t)i * n;
+                const double *leave = parts + nn * index[l - 1][0] + (size_t)i * n;
+                for (int j = 0; j <= i; ++j) row[j] += enter[j] - leave[j];
+            } else {
+                const double *first = parts + nn * index[l][0] + (size_t)i * n;
+                for (int j = 0; j <= i; ++j) row[j] = first[j];
+                for (int t = 1; t < depth; ++t) {
+                    const double *part = parts + nn * index[l][t] + (size_t)i * n;
+                    for (int j = 0; j <= i; ++j) row[j] += part[j];
+                }
             }
             if (part_sums != NULL) {
+                const double *s = sums + (size_t)l * n;
                 const double scaled = s[i] / count;
-                for (int j = 0; j <= i; ++j) row[j] -= scaled * s[j];
+                for (int j = 0; j <= i; ++j) A[((size_t)i * n + j) * LANES + l] = row[j] - scaled * s[j];
+            } else {
+                for (int j = 0; j <= i; ++j) A[((size_t)i * n + j) * LANES + l] = row[j];
             }
-            for (int j = 0; j <= i; ++j) A[((size_t)i * n + j) * LANES + l] = row[j];
         }
     }
 }
@@ -446,7 +462,7 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
     double *e2 = aligned_alloc(64, sizeof(double) * n * LANES), *tau = aligned_alloc(64, sizeof(double) * n * LANES);
     double *p = aligned_alloc(64, sizeof(double) * n * LANES), *lambda = aligned_alloc(64, sizeof(double) * n * LANES);
     double *dl = malloc(sizeof(double) * n * LANES), *el = malloc(sizeof(double) * n * LANES);
-    double *z = malloc(sizeof(double) * nn * LANES), *scratch = malloc(sizeof(double) * 4 * n);
+    double *z = malloc(sizeof(double) * nn * LANES), *scratch = malloc(sizeof(double) * (4 + LANES) * n);
     int *swap = malloc(sizeof(int) * n);
     int status = 0;
     if (!A || !H || !d || !e || !e2 || !tau || !p || !lambda || !dl || !el || !z || !scratch || !swap) {

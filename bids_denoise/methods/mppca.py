@@ -31,6 +31,7 @@ References
 from __future__ import annotations
 
 import ctypes
+import gc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -405,6 +406,17 @@ class _WindowSolver:
         """
         apply = apply or (lambda payload: None)
         starts = list(range(0, count, self.batch))
+        # the batches create only short-lived tensors: cyclic garbage collection would walk the
+        # interpreter's whole object graph again and again (a few % of the run)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._run_starts(solve, starts, apply)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run_starts(self, solve, starts, apply):
         if self.threads <= 1 or self.device.type == "cuda":
             for start in starts:
                 apply(solve(start))

@@ -16,6 +16,18 @@ every window and averages them with weights ``1 / (1 + rank)``, as DIPY's
 ``mppca`` does, optionally on a strided grid of windows (each voxel still
 covered) for speed.
 
+The eigenproblems are solved by a small compiled solver (``_mppca_kernel.c``,
+called through ctypes) where it was built, and by ``torch.linalg.eigh``
+otherwise, with the same cut-offs and the same output to rounding. The solver
+needs neither the whole spectrum nor all eigenvectors: eight windows' Gram
+matrices are reduced to tridiagonal form together (the lanes of one vector
+register); the Marchenko-Pastur scan needs the smallest eigenvalue and the
+largest ones down to the cut-off, found by Sturm-sequence bisection finished by
+Newton steps, while the sums over the noise eigenvalues come from the trace;
+inverse iteration gives the signal eigenvectors alone. Windows next to each
+other along z share all their z-planes but one, so each plane's Gram matrix is
+formed once and the window's is summed from them.
+
 References
 ----------
 .. [1] Veraart J., Novikov D.S., Christiaens D., Ades-aron B., Sijbers J.,

@@ -3,19 +3,23 @@
  * symmetric (Gram) matrices, without a full eigendecomposition.
  *
  * For each n x n matrix G (all in float64):
+ *   0. G is summed from parts (the Gram matrices of a window's z-planes, shared between windows),
+ *      less the outer product of the window mean where the caller asks for demeaning;
  *   1. Householder reduction to tridiagonal form T = Q' G Q, eight matrices at a time interleaved
- *      (the innermost loops run across the eight, so they vectorise whatever n is);
- *   2. eigenvalues of T by Sturm-sequence bisection, only those the cut-off needs: the smallest, then
- *      from the largest down until the Marchenko-Pastur noise condition holds. The cumulative sums of
- *      the noise eigenvalues come from the trace (trace(T) = trace(G)), so the bulk of the noise
- *      spectrum is never resolved one eigenvalue at a time;
+ *      (every inner loop is one 8-wide vector operation, whatever n is), each step's rank-2 update
+ *      sharing one sweep with the next step's matrix-vector product;
+ *   2. eigenvalues of T by Sturm-sequence bisection finished by safeguarded Newton steps, only those
+ *      the cut-off needs: the smallest, then from the largest down until the Marchenko-Pastur noise
+ *      condition holds. The cumulative sums of the noise eigenvalues come from the trace
+ *      (trace(T) = trace(G)), so the bulk of the noise spectrum is never resolved;
  *   3. the eigenvectors of the signal eigenvalues only, by inverse iteration on T (Gram-Schmidt
  *      within clusters of close eigenvalues), mapped back through the Householder reflectors.
  * The cut-off rule is the one of bids_denoise.methods.mppca.marchenko_pastur_cutoff (MRtrix3 3.0
  * dwidenoise): scanning p = r-1, r-2, ... the first p at which sigsq2 < sigsq1 gives the noise count.
  *
- * Loaded with ctypes (no Python API is called); the module init below only lets setuptools build it
- * as an extension. The caller releases nothing: ctypes drops the GIL for the call.
+ * Called through ctypes, which releases the GIL for the call; each call allocates its own buffers,
+ * so calls from several threads run in parallel. No Python API is used: the module init at the end
+ * only lets setuptools build the file as an extension.
  */
 #include <Python.h>
 #include <float.h>

@@ -369,6 +369,7 @@ def test_mppca_overcomplete_with_per_axis_stride(dataset, tmp_path, capsys):
     assert provenance["Parameters"]["stride"] == [1, 1, 2]
     assert provenance["Parameters"]["aggregate"] == "overcomplete" and provenance["Parameters"]["demean"] is True
     assert provenance["Device"] == "cpu"
+    assert provenance["Details"]["solver"] == "tridiagonal"  # the compiled solver, built by the install
     (denoised,) = (tmp_path / "out").rglob("*_desc-mppca_dwi.nii.gz")
     # every voxel is covered by some window (demeaned: even a rank-0 window gives back its mean)
     assert np.all(np.abs(nib.load(denoised).get_fdata()).sum(-1) > 0)

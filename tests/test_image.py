@@ -107,6 +107,7 @@ def test_image_runs_the_app_as_a_user_would(image, podman_env, tmp_path):
     assert (folder / f"{stem}_desc-mppca_dwi.bval").read_text() == (raw / "dwi.bval").read_text()
     sidecar = json.loads((folder / f"{stem}_desc-mppca_dwi.json").read_text())
     assert sidecar["Provenance"]["Device"] == "cpu"
+    assert sidecar["Provenance"]["Details"]["solver"] == "tridiagonal"  # compiled in the build stage
     assert sidecar["Provenance"]["InputDigests"][Path(relpath).name] == before[relpath]
     assert (folder / f"{stem}_desc-mppca_stat-noise_dwimap.nii.gz").exists()
     assert (out / "sub-01.html").exists()

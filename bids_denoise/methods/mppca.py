@@ -332,13 +332,13 @@ class _WindowSolver:
         fewer; n_noise, sigma2 and the window means (B, 1, V) or None."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         matrix = torch.from_numpy(block.reshape(len(corners), self.n_voxels, self.n_volumes))
-        planes = self.use_kernel and self.n_volumes <= self.n_voxels
-        matrix = matrix.to(self.device, self.rebuild_dtype if planes else self.dtype)
+        from_planes = self.use_kernel and self.n_volumes <= self.n_voxels
+        matrix = matrix.to(self.device, self.rebuild_dtype if from_planes else self.dtype)
         mean = None
         if self.demean:
             mean = matrix.mean(dim=1, keepdim=True)
             matrix.sub_(mean)  # a fresh copy: fancy indexing above never returns a view
-        if planes:  # the window matrix is only needed to rebuild the windows
+        if from_planes:  # the window matrix is only needed to rebuild the windows
             eigenvectors, n_noise, sigma2 = self._signal_subspace_from_planes(corners)
         elif self.use_kernel:
             gram = matrix @ matrix.transpose(1, 2)
@@ -385,11 +385,11 @@ class _WindowSolver:
         return self._signal_subspace(parts, sums, index.reshape(len(corners), depth), depth)
 
     def _signal_subspace(self, parts, part_sums, part_index, depth):
-        """The compiled solver (see ``_mppca_kernel.c``): signal eigenvectors as rows (B, r, r), the
-        first k = max signal count rows set), n_noise, sigma2, with the cut-off rule of
-        :func:`marchenko_pastur_cutoff`.
-        Window w's Gram matrix is the sum of ``parts[part_index[w]]`` (less the mean's outer product
-        when ``part_sums`` is given)."""
+        """The compiled solver (see ``_mppca_kernel.c``) with the cut-off rule of
+        :func:`marchenko_pastur_cutoff`: signal eigenvectors as rows of a (B, r, r) array (only the
+        first k rows are set, k the batch's largest signal count; zero rows past a window's own),
+        n_noise and sigma2. Window w's Gram matrix is the sum of ``parts[part_index[w]]``, less the
+        mean's outer product where ``part_sums`` is given."""
         parts = parts.contiguous()
         r = parts.shape[1]
         part_index = np.ascontiguousarray(part_index, dtype=np.int64)

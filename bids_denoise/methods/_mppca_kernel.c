@@ -163,7 +163,7 @@ static void sturm2(int n, const double *restrict d, const double *restrict e2, c
                    const double *restrict x, const double *restrict y, double *restrict count_x,
                    double *restrict count_y, double *restrict step_x, double *restrict step_y)
 {
-    double qx[LANES], qy[LANES], rx[LANES], ry[LANES], dx[LANES], dy[LANES], sx[LANES], sy[LANES];
+    double rx[LANES], ry[LANES], dx[LANES], dy[LANES], sx[LANES], sy[LANES];
     for (int l = 0; l < LANES; ++l) {
         double a = d[l] - x[l], b = d[l] - y[l];
         a = fabs(a) < pivmin[l] ? -pivmin[l] : a;
@@ -185,8 +185,6 @@ static void sturm2(int n, const double *restrict d, const double *restrict e2, c
             b = fabs(b) < pivmin[l] ? -pivmin[l] : b;
             dx[l] = -1.0 + off * dx[l] * rx[l] * rx[l];
             dy[l] = -1.0 + off * dy[l] * ry[l] * ry[l];
-            qx[l] = a;
-            qy[l] = b;
             rx[l] = 1.0 / a;
             ry[l] = 1.0 / b;
             sx[l] += dx[l] * rx[l];
@@ -198,8 +196,6 @@ static void sturm2(int n, const double *restrict d, const double *restrict e2, c
         step_x[l] = -1.0 / sx[l]; /* Newton: x - det / det' */
         step_y[l] = -1.0 / sy[l];
     }
-    (void)qx;
-    (void)qy;
 }
 
 /* Search state of one eigenvalue per lane: the index (0-based, ascending; < 0: no search), a

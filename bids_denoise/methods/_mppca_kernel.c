@@ -439,6 +439,10 @@ static void load_lanes(int n, const int *window, const double *parts, const doub
     }
 }
 
+/* The number of signal components of a window with `noise` noise components: all n where no
+ * noise component was found (the identity is kept), else n - noise. */
+static int signal_count(int n, long long noise) { return noise == 0 ? n : n - (int)noise; }
+
 /*
  * The Gram matrix of window w is the sum of parts[part_index[w, 0..depth-1]] (each n x n, symmetric;
  * e.g. the Gram matrices of the window's planes, so that windows sharing planes share their cost),
@@ -600,11 +604,11 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
     /* rows rank..k-1 zero, k the batch's largest signal count (all rows of a window without noise) */
     int most = 1; /* at least one row, as the caller reads */
     for (int w = 0; w < batch; ++w) {
-        const int signal = n_noise[w] == 0 ? n : n - (int)n_noise[w];
+        const int signal = signal_count(n, n_noise[w]);
         most = signal > most ? signal : most;
     }
     for (int w = 0; w < batch; ++w) {
-        const int signal = n_noise[w] == 0 ? n : n - (int)n_noise[w];
+        const int signal = signal_count(n, n_noise[w]);
         if (signal < most) memset(vectors + nn * w + (size_t)signal * n, 0, sizeof(double) * n * (most - signal));
     }
 done:

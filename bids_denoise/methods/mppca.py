@@ -340,17 +340,12 @@ class _WindowSolver:
             matrix.sub_(mean)  # a fresh copy: fancy indexing above never returns a view
         if from_planes:  # the window matrix is only needed to rebuild the windows
             eigenvectors, n_noise, sigma2 = self._signal_subspace_from_planes(corners)
-        elif self.use_kernel:
-            gram = matrix @ matrix.transpose(1, 2)
+        elif self.use_kernel:  # each window's Gram matrix is its one part
             eigenvectors, n_noise, sigma2 = self._signal_subspace(
-                gram, None, np.arange(len(corners))[:, None], 1
+                self._gram(matrix), None, np.arange(len(corners))[:, None], 1
             )
         else:
-            if self.n_volumes <= self.n_voxels:
-                gram = matrix.transpose(1, 2) @ matrix
-            else:
-                gram = matrix @ matrix.transpose(1, 2)
-            eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+            eigenvalues, eigenvectors = torch.linalg.eigh(self._gram(matrix))
             n_noise, sigma2 = marchenko_pastur_cutoff(
                 eigenvalues, self.n_volumes, self.n_voxels, self.exp1
             )
@@ -362,6 +357,12 @@ class _WindowSolver:
             keep = torch.arange(r - k, r, device=self.device).unsqueeze(0) >= n_noise.unsqueeze(1)
             signal = eigenvectors[:, :, r - k :].to(matrix.dtype) * keep.unsqueeze(1).to(matrix.dtype)
         return matrix, signal, n_noise, sigma2, mean
+
+    def _gram(self, matrix):
+        """The smaller Gram matrix of each (B, n, V) window matrix: (B, r, r)."""
+        if self.n_volumes <= self.n_voxels:
+            return matrix.transpose(1, 2) @ matrix
+        return matrix @ matrix.transpose(1, 2)
 
     def _signal_subspace_from_planes(self, corners):
         """The compiled solver on Gram matrices summed from those of the windows' z-planes.

@@ -42,20 +42,24 @@ References
 
 from __future__ import annotations
 
-import ctypes
 import gc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib.util import find_spec
 
 import numpy as np
 import torch
 
+from bids_denoise.methods import _mppca_solver
 from bids_denoise.methods._device import resolve_device
+from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.networks import power_of_two_exponent
 
 #: Bytes of window data handled per batch (per worker thread).
 BATCH_BYTES = 16 * 2**20
+
+#: Fewest eigenvalues a window matrix must have (min(voxels, volumes)) for a Marchenko-Pastur
+#: estimate: see :func:`_check_window_holds_estimate`.
+MIN_EIGENVALUES = 4
 
 
 @dataclass
@@ -83,24 +87,10 @@ class MPPCAResult:
     solver: str = "eigh"
 
 
-@lru_cache(maxsize=1)
-def _kernel():
-    """The compiled window solver (``_mppca_kernel.c``), or None where it was not built."""
-    try:
-        library = ctypes.CDLL(find_spec("bids_denoise.methods._mppca_kernel").origin)
-    except (AttributeError, ImportError, OSError, TypeError):
-        return None
-    function = library.mppca_signal_subspace
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_void_p]
-    return function
-
-
 def kernel_available() -> bool:
-    """Whether the compiled window solver was built (``solver="auto"`` then uses it on the CPU)."""
-    return _kernel() is not None
+    """Whether the compiled window solver can be used (built, and not disabled by
+    ``BIDS_DENOISE_DISABLE_KERNEL``): ``solver="auto"`` then uses it on the CPU."""
+    return _mppca_solver.available()
 
 
 def default_extent(n_volumes: int, shape) -> tuple:
@@ -175,36 +165,31 @@ def mppca(
     -------
     MPPCAResult
     """
-    data = np.asarray(data)
-    if data.ndim != 4 or data.shape[3] < 2:
-        raise ValueError(f"MP-PCA needs a 4D series of at least 2 volumes, got shape {data.shape}")
+    data = _check_series(data)
     if estimator not in ("Exp1", "Exp2"):
         raise ValueError(f"estimator must be 'Exp1' or 'Exp2', not {estimator!r}")
     if aggregate not in ("centre", "overcomplete"):
         raise ValueError(f"aggregate must be 'centre' or 'overcomplete', not {aggregate!r}")
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
     stride = tuple(int(step) for step in np.atleast_1d(stride))
     stride = stride * 3 if len(stride) == 1 else stride
     if len(stride) != 3 or min(stride) < 1:
         raise ValueError(f"stride must be one or three integers >= 1, got {stride}")
     shape = data.shape[:3]
+    given = extent is not None
     extent = _check_extent(extent, data.shape[3], shape)
+    _check_window_holds_estimate(extent, data.shape, given)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != shape:
             raise ValueError(f"mask shape {mask.shape} does not match image shape {shape}")
     device = resolve_device(device)
     dtype = {"float64": torch.float64, "float32": torch.float32}[precision]
-    if data.dtype not in (np.float32, np.float64):
-        data = data.astype(np.float32)
-    if solver not in ("auto", "tridiagonal", "eigh"):
-        raise ValueError(f"solver must be 'auto', 'tridiagonal' or 'eigh', not {solver!r}")
-    applies = device.type == "cpu" and dtype == torch.float64 and kernel_available()
-    if solver == "tridiagonal" and not applies:
-        raise ValueError(
-            "solver='tridiagonal' needs device='cpu', precision='float64' and the compiled extension "
-            f"(built: {kernel_available()})"
-        )
-    use_kernel = applies and solver != "eigh"
+    use_kernel = _use_compiled_solver(solver, device, dtype)
+    exponent = power_of_two_exponent(data)
+    if exponent:
+        data = np.ldexp(data, -exponent)  # exact: the same digits at any scale
     windows = _WindowSolver(
         np.ascontiguousarray(data), extent, estimator == "Exp1", device, dtype, out_dtype, demean, use_kernel
     )
@@ -212,6 +197,8 @@ def mppca(
         denoised, sigma, rank = windows.centre_voxels(mask)
     else:
         denoised, sigma, rank = windows.overcomplete(mask, stride)
+    if exponent:
+        denoised, sigma = np.ldexp(denoised, exponent), np.ldexp(sigma, exponent)
     return MPPCAResult(
         denoised=denoised,
         noise_sigma=sigma,
@@ -219,6 +206,61 @@ def mppca(
         extent=extent,
         solver="tridiagonal" if use_kernel else "eigh",
     )
+
+
+def _check_series(data) -> np.ndarray:
+    """The series as float32 or float64; UnsuitableDataError where it is no 4D series of enough volumes."""
+    data = np.asarray(data)
+    if data.ndim != 4:
+        raise UnsuitableDataError(f"MP-PCA needs a 4D series, got an image of shape {data.shape}")
+    if data.shape[3] < MIN_EIGENVALUES:
+        raise UnsuitableDataError(
+            f"MP-PCA needs at least {MIN_EIGENVALUES} volumes (one eigenvalue each for the "
+            f"Marchenko-Pastur noise estimate), got {data.shape[3]}"
+        )
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float32)
+    return data
+
+
+def _check_window_holds_estimate(extent, data_shape, given):
+    """Refuse a window whose matrix has fewer than MIN_EIGENVALUES eigenvalues.
+
+    A window of n voxels and V volumes has min(n, V) eigenvalues. The cut-off counts the
+    smallest as noise whatever it is, so a one-voxel window is all noise and its voxel is
+    rebuilt as zero; with two or three the noise level is the mean of one or two eigenvalues,
+    no fit of a distribution. Where the image caps the default window (a 2x2x2 image allows
+    only 1x1x1: odd extents within the image), MP-PCA would return zeros or noise dressed up as
+    a denoised series: it raises UnsuitableDataError instead (ValueError for a given extent
+    that is too small for any image).
+    """
+    n_voxels = int(np.prod(extent))
+    if min(n_voxels, data_shape[3]) >= MIN_EIGENVALUES:
+        return
+    window = "x".join(str(edge) for edge in extent)
+    holds = f"{window} ({n_voxels} voxel{'s' if n_voxels > 1 else ''})"
+    needs = f"the Marchenko-Pastur noise estimate needs at least {MIN_EIGENVALUES} eigenvalues per window"
+    if given:
+        raise ValueError(f"MP-PCA extent {holds} is too small: {needs}")
+    image = "x".join(str(size) for size in data_shape[:3])
+    raise UnsuitableDataError(
+        f"the image ({image} voxels) is smaller than the MP-PCA window needs: the largest window it "
+        f"allows is {holds}, and {needs}"
+    )
+
+
+def _use_compiled_solver(solver, device, dtype) -> bool:
+    """Whether the compiled solver runs: ``tridiagonal`` or ``auto`` where it applies."""
+    if solver not in ("auto", "tridiagonal", "eigh"):
+        raise ValueError(f"solver must be 'auto', 'tridiagonal' or 'eigh', not {solver!r}")
+    applies = device.type == "cpu" and dtype == torch.float64 and kernel_available()
+    if solver == "tridiagonal" and not applies:
+        reason = _mppca_solver.unavailable_reason() or "it is available"
+        raise ValueError(
+            "solver='tridiagonal' needs device='cpu', precision='float64' and the compiled extension "
+            f"({reason}; device {device.type}, precision {str(dtype).replace('torch.', '')})"
+        )
+    return applies and solver != "eigh"
 
 
 def _check_extent(extent, n_volumes, shape):
@@ -233,7 +275,9 @@ def _check_extent(extent, n_volumes, shape):
         if edge < 1 or edge % 2 == 0:
             raise ValueError(f"extent must be odd numbers, got {extent}")
         if edge > size:
-            raise ValueError(f"extent {extent} exceeds the image size {tuple(shape)}")
+            raise UnsuitableDataError(
+                f"the MP-PCA window asked for, extent {extent}, exceeds the image size {tuple(shape)}"
+            )
     return extent
 
 
@@ -342,7 +386,7 @@ class _WindowSolver:
             eigenvectors, n_noise, sigma2 = self._signal_subspace_from_planes(corners)
         elif self.use_kernel:  # each window's Gram matrix is its one part
             eigenvectors, n_noise, sigma2 = self._signal_subspace(
-                self._gram(matrix), None, np.arange(len(corners))[:, None], 1
+                self._gram(matrix), None, np.arange(len(corners))[:, None]
             )
         else:
             eigenvalues, eigenvectors = torch.linalg.eigh(self._gram(matrix))
@@ -383,30 +427,22 @@ class _WindowSolver:
         ).to(self.device, self.dtype)
         parts = rows.transpose(1, 2) @ rows
         sums = rows.sum(dim=1) if self.demean else None
-        return self._signal_subspace(parts, sums, index.reshape(len(corners), depth), depth)
+        return self._signal_subspace(parts, sums, index.reshape(len(corners), depth))
 
-    def _signal_subspace(self, parts, part_sums, part_index, depth):
-        """The compiled solver (see ``_mppca_kernel.c``) with the cut-off rule of
-        :func:`marchenko_pastur_cutoff`: signal eigenvectors as rows of a (B, r, r) array (only the
+    def _signal_subspace(self, parts, part_sums, part_index):
+        """The compiled solver (:func:`_mppca_solver.signal_subspace`, the cut-off rule of
+        :func:`marchenko_pastur_cutoff`): signal eigenvectors as rows of a (B, r, r) array (only the
         first k rows are set, k the batch's largest signal count; zero rows past a window's own),
         n_noise and sigma2. Window w's Gram matrix is the sum of ``parts[part_index[w]]``, less the
         mean's outer product where ``part_sums`` is given."""
-        parts = parts.contiguous()
-        r = parts.shape[1]
-        part_index = np.ascontiguousarray(part_index, dtype=np.int64)
-        batch = part_index.shape[0]
-        sums = None if part_sums is None else part_sums.contiguous()
-        n_noise = torch.empty(batch, dtype=torch.int64)
-        sigma2 = torch.empty(batch, dtype=torch.float64)
-        vectors = torch.empty(batch, r, r, dtype=torch.float64)
-        status = _kernel()(
-            batch, r, parts.data_ptr(), None if sums is None else sums.data_ptr(),
-            part_index.ctypes.data, depth, float(self.n_voxels), max(self.n_volumes, self.n_voxels),
-            int(self.exp1), n_noise.data_ptr(), sigma2.data_ptr(), vectors.data_ptr(),
+        return _mppca_solver.signal_subspace(
+            parts.contiguous(),
+            None if part_sums is None else part_sums.contiguous(),
+            np.ascontiguousarray(part_index, dtype=np.int64),
+            n_voxels=self.n_voxels,
+            q=max(self.n_volumes, self.n_voxels),
+            exp1=self.exp1,
         )
-        if status != 0:
-            raise MemoryError("MP-PCA: the window solver could not allocate its buffers")
-        return vectors, n_noise, sigma2
 
     def _run_batches(self, solve, count, apply=None):
         """Run ``solve(start)`` for every batch on ``self.threads`` worker threads.

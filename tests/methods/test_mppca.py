@@ -5,9 +5,18 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from bids_denoise.methods.mppca import default_extent, marchenko_pastur_cutoff, mppca
+from bids_denoise.methods import _mppca_solver
+from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.mppca import default_extent, kernel_available, marchenko_pastur_cutoff, mppca
 from tests.conftest import rmse
+
+
+def needs_compiled_solver():
+    """Skip where the compiled solver cannot run (not built, or disabled by the environment)."""
+    if not kernel_available():
+        pytest.skip(f"MP-PCA compiled solver unavailable: {_mppca_solver.unavailable_reason()}")
 
 
 def load(folder, name):
@@ -74,8 +83,6 @@ def test_pure_noise_is_all_noise():
     window = rng.normal(0, 2.0, (500, 30, 125))
     gram = window @ window.transpose(0, 2, 1)
     eigenvalues = np.linalg.eigvalsh(gram)
-    import torch
-
     n_noise, sigma2 = marchenko_pastur_cutoff(torch.from_numpy(eigenvalues), 30, 125)
     assert np.median(n_noise.numpy()) >= 29
     assert np.sqrt(np.median(sigma2.numpy())) == pytest.approx(2.0, rel=0.05)
@@ -101,8 +108,10 @@ def test_deterministic(phantom):
 def test_bad_arguments(phantom):
     with pytest.raises(ValueError, match="odd"):
         mppca(phantom.noisy, extent=4)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(UnsuitableDataError, match="exceeds"):
         mppca(phantom.noisy, extent=(5, 5, 11))
+    with pytest.raises(ValueError, match="too small"):
+        mppca(phantom.noisy, extent=1)
     with pytest.raises(ValueError, match="estimator"):
         mppca(phantom.noisy, estimator="Exp3")
     with pytest.raises(ValueError, match="4D"):
@@ -164,9 +173,7 @@ def test_compiled_solver_matches_eigh(phantom, options):
     """The compiled solver (bisection for the eigenvalues the cut-off needs, noise sums from the
     trace, inverse iteration for the signal vectors, Gram matrices summed from z-planes) against a
     full torch eigh: the same cut-off in every window, the same output to rounding."""
-    from bids_denoise.methods.mppca import kernel_available
-
-    assert kernel_available(), "the C extension was not built (pip install -e . builds it)"
+    needs_compiled_solver()
     data = phantom.noisy.copy()
     data[:4] = 0.0  # zero windows and windows that are partly zero (rank-deficient)
     data[-3:, :, :, :] = data[-3:, :, :, :1]  # constant over volumes: rank one
@@ -179,18 +186,93 @@ def test_compiled_solver_matches_eigh(phantom, options):
 
 
 def test_solver_choice(phantom, monkeypatch):
-    from bids_denoise.methods import mppca as module
-
     with pytest.raises(ValueError, match="solver"):
         mppca(phantom.noisy, solver="lapack")
     with pytest.raises(ValueError, match="float64"):
         mppca(phantom.noisy, solver="tridiagonal", precision="float32")
     assert mppca(phantom.noisy, precision="float32").solver == "eigh"
+    needs_compiled_solver()
     assert mppca(phantom.noisy).solver == "tridiagonal"
     # where the extension was not built: "auto" falls back to eigh, "tridiagonal" says why it can't
-    monkeypatch.setattr(module, "_kernel", lambda: None)
+    monkeypatch.setattr(_mppca_solver, "_load", lambda: None)
     fallback = mppca(phantom.noisy)
     assert fallback.solver == "eigh"
     assert np.abs(fallback.denoised - mppca(phantom.noisy, solver="eigh").denoised).max() == 0
-    with pytest.raises(ValueError, match="extension"):
+    with pytest.raises(ValueError, match="not built"):
         mppca(phantom.noisy, solver="tridiagonal")
+
+
+def test_environment_switch_disables_the_compiled_solver(phantom, monkeypatch):
+    needs_compiled_solver()
+    compiled = mppca(phantom.noisy)
+    monkeypatch.setenv(_mppca_solver.DISABLE_VARIABLE, "1")
+    assert not kernel_available()
+    fallback = mppca(phantom.noisy)
+    assert (compiled.solver, fallback.solver) == ("tridiagonal", "eigh")
+    assert np.array_equal(fallback.rank, compiled.rank)
+    assert np.abs(fallback.denoised - compiled.denoised).max() < 1e-4 * np.abs(compiled.denoised).max()
+    with pytest.raises(ValueError, match="BIDS_DENOISE_DISABLE_KERNEL"):
+        mppca(phantom.noisy, solver="tridiagonal")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        _mppca_solver.signal_subspace(np.eye(3)[None], None, np.zeros((1, 1), np.int64), 5, 5, False)
+    monkeypatch.setenv(_mppca_solver.DISABLE_VARIABLE, "0")
+    assert kernel_available()
+
+
+def window_parts(seed=0, n_windows=5, r=6):
+    """Gram matrices of random 20-voxel windows: one part per window."""
+    rows = np.random.default_rng(seed).normal(size=(n_windows, 20, r))
+    return rows.transpose(0, 2, 1) @ rows, rows.sum(axis=1), np.arange(n_windows, dtype=np.int64)[:, None]
+
+
+def test_solver_wrapper_matches_the_cutoff_of_eigh():
+    needs_compiled_solver()
+    parts, _, index = window_parts()
+    vectors, n_noise, sigma2 = _mppca_solver.signal_subspace(parts, None, index, n_voxels=20, q=20, exp1=False)
+    eigenvalues = torch.linalg.eigh(torch.from_numpy(parts)).eigenvalues
+    expected_noise, expected_sigma2 = marchenko_pastur_cutoff(eigenvalues, 6, 20)
+    assert torch.equal(n_noise, expected_noise)
+    assert torch.allclose(sigma2, expected_sigma2, rtol=1e-10)
+    assert vectors.shape == (5, 6, 6) and vectors.dtype == torch.float64
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda p, s, i: (p.astype(np.float32), s, i), "parts must be float64"),
+    (lambda p, s, i: (np.asfortranarray(p.transpose(1, 2, 0)).transpose(2, 0, 1), s, i), "C-contiguous"),
+    (lambda p, s, i: (np.ascontiguousarray(p[:, :, :5]), s, i), "square"),
+    (lambda p, s, i: (p, np.ascontiguousarray(s[:, :5]), i), "part_sums must have shape"),
+    (lambda p, s, i: (p, s.astype(np.float32), i), "part_sums must be float64"),
+    (lambda p, s, i: (p, s, i.astype(np.int32)), "part_index must be int64"),
+    (lambda p, s, i: (p, s, i + 1), r"part_index values must lie in \[0, 5\)"),
+    (lambda p, s, i: (p, s, i[:, 0]), "part_index must have 2 dimensions"),
+    (lambda p, s, i: (p, s, np.asfortranarray(np.hstack([i, i]))), "part_index must be C-contiguous"),
+])
+def test_solver_wrapper_checks_every_array(broken, message):
+    needs_compiled_solver()
+    parts, sums, index = broken(*window_parts())
+    with pytest.raises(ValueError, match=message):
+        _mppca_solver.signal_subspace(parts, sums, index, n_voxels=20, q=20, exp1=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 30), (2, 2, 2, 30)])
+def test_too_small_an_image_is_refused_not_zeroed(shape):
+    data = np.random.default_rng(0).normal(1000.0, 30.0, shape).astype(np.float32)
+    with pytest.raises(UnsuitableDataError, match="smaller than the MP-PCA window") as raised:
+        mppca(data)
+    assert "\n" not in str(raised.value)
+
+
+def test_smallest_accepted_image_is_denoised():
+    """A 3x3x3 image holds one 27-voxel window: a real estimate, no zeros."""
+    rng = np.random.default_rng(1)
+    signal = 1000.0 * (1.0 + rng.uniform(size=(3, 3, 3, 1)) * rng.uniform(size=(1, 1, 1, 30)))
+    noisy = (signal + rng.normal(0.0, 20.0, signal.shape)).astype(np.float32)
+    result = mppca(noisy)
+    assert result.extent == (3, 3, 3)
+    assert np.all(result.rank >= 1)
+    assert rmse(result.denoised, signal) < 0.8 * rmse(noisy, signal)
+
+
+def test_too_few_volumes_are_refused(phantom):
+    with pytest.raises(UnsuitableDataError, match="at least 4 volumes"):
+        mppca(phantom.noisy[..., :3])

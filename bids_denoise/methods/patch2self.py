@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from bids_denoise.methods._device import resolve_device
+from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.networks import power_of_two_exponent
 from bids_denoise.methods.shells import cluster_shells
 
 LOGGER = logging.getLogger(__name__)
@@ -144,12 +146,28 @@ def patch2self(
     Returns
     -------
     denoised : ndarray, shape (X, Y, Z, V)
+        Volumes alone in their group (a single b0; a lone b-value with ``grouping="shell"``)
+        are passed through unchanged, listed in ``info.passed_through``.
     info : Patch2SelfInfo
         Only if ``return_info``.
+
+    Raises
+    ------
+    UnsuitableDataError
+        Not a 4D series; no group of at least 2 volumes to denoise; or no more voxels (in the
+        mask, if given) than regression features (volumes of the largest group x patch voxels).
+
+    Notes
+    -----
+    Scale-invariant: ``patch2self(c * x)`` is ``c * patch2self(x)`` to rounding for any ``c``
+    (for ``model="ridge"`` with ``alpha`` times ``c**2``: the penalty is in the data's squared
+    units, as DIPY's and scikit-learn's).
+    Data whose largest magnitude is outside [1e-6, 1e6] are divided by a power of two first and
+    multiplied back after, which is exact; float32 Gram sums of 1e30 would overflow.
     """
     data = np.asarray(data)
     if data.ndim != 4:
-        raise ValueError(f"Patch2Self needs a 4D series, got shape {data.shape}")
+        raise UnsuitableDataError(f"Patch2Self needs a 4D series, got an image of shape {data.shape}")
     bvals = np.asarray(bvals, dtype=float).ravel()
     if bvals.size != data.shape[3]:
         raise ValueError(f"{bvals.size} b-values for {data.shape[3]} volumes")
@@ -169,7 +187,44 @@ def patch2self(
     groups = volume_groups(
         bvals, b0_threshold=b0_threshold, grouping=grouping, shell_tolerance=shell_tolerance
     )
-    ridge = alpha if model == "ridge" else 0.0
+    fitted = _groups_to_fit(groups, bvals, b0_threshold, b0_denoising, info)
+    patch_size = int(np.prod([2 * r + 1 for r in radius]))
+    _check_enough_voxels(fitted, patch_size, info.fit_voxels, masked=fit_rows is not None)
+
+    # exact rescaling of extreme intensities (a power of two): float32 Gram sums neither
+    # overflow nor underflow, and the ridge penalty keeps its meaning in the data's units
+    exponent = power_of_two_exponent(series)
+    if exponent:
+        series = np.ldexp(series, -exponent)
+    ridge = float(np.ldexp(alpha, -2 * exponent)) if model == "ridge" else 0.0
+    if radius == (0, 0, 0):
+        denoised = np.empty(series.shape, dtype=out_dtype)
+        regularised = _denoise_voxelwise(
+            series, denoised, fitted, ridge, fit_rows, device, compute_dtype
+        )
+    else:
+        denoised = series.astype(out_dtype, copy=True)
+        regularised = [
+            _denoise_group(series, denoised, group, radius, ridge, fit_rows, device, compute_dtype)
+            for group in fitted
+        ]
+    info.regularised_groups = [i for i, flag in enumerate(regularised) if flag]
+
+    _post_process(denoised, shift_intensity, clip_negative_vals, skip=info.passed_through)
+    if exponent:
+        np.ldexp(denoised, exponent, out=denoised)
+    if return_info:
+        return denoised, info
+    return denoised
+
+
+def _groups_to_fit(groups, bvals, b0_threshold, b0_denoising, info):
+    """The groups with volumes to predict; the others' volumes go to ``info.passed_through``.
+
+    A volume alone in its group has nothing to be predicted from: it is passed through
+    unchanged (a single b0, or a lone b-value with ``grouping="shell"``). Where no group is left,
+    the series cannot be denoised at all: UnsuitableDataError rather than a copy of the input.
+    """
     fitted = []
     for group in groups:
         is_b0 = bool(bvals[group[0]] <= b0_threshold)
@@ -185,24 +240,32 @@ def patch2self(
             )
         fitted.append(group)
         info.groups.append([int(v) for v in group])
-
-    if radius == (0, 0, 0):
-        denoised = np.empty(series.shape, dtype=out_dtype)
-        regularised = _denoise_voxelwise(
-            series, denoised, fitted, ridge, fit_rows, device, compute_dtype
+    if not fitted:
+        sizes = ", ".join(str(group.size) for group in groups)
+        raise UnsuitableDataError(
+            f"Patch2Self needs a group of at least 2 volumes to denoise (b0s, or diffusion-weighted "
+            f"volumes), got groups of {sizes} volume(s)"
+            + ("" if b0_denoising else " with b0 denoising off")
         )
-    else:
-        denoised = series.astype(out_dtype, copy=True)
-        regularised = [
-            _denoise_group(series, denoised, group, radius, ridge, fit_rows, device, compute_dtype)
-            for group in fitted
-        ]
-    info.regularised_groups = [i for i, flag in enumerate(regularised) if flag]
+    return fitted
 
-    _post_process(denoised, shift_intensity, clip_negative_vals, skip=info.passed_through)
-    if return_info:
-        return denoised, info
-    return denoised
+
+def _check_enough_voxels(groups, patch_size, n_fit, masked):
+    """Refuse a fit with no more voxels than features.
+
+    The regressions of a group come from the inverse of its centred Gram matrix, of rank at most
+    ``n_fit - 1``: with no more voxels than features (volumes x patch size) it is singular, each
+    volume is reproduced exactly from the others and nothing is denoised.
+    """
+    n_features = max(group.size for group in groups) * patch_size
+    if n_fit > n_features:
+        return
+    where = "the fitting mask holds" if masked else "the image holds"
+    raise UnsuitableDataError(
+        f"Patch2Self needs more voxels than regression features: {where} {n_fit} voxel(s), "
+        f"the largest group has {n_features} features ({n_features // patch_size} volumes x "
+        f"{patch_size} patch voxels)"
+    )
 
 
 def _as_radius(patch_radius):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.patch2self import patch2self, volume_groups
 from tests.conftest import rmse
 
@@ -42,7 +43,7 @@ def reference_patch2self(data, bvals, radius, alpha=0.0, b0_threshold=50):
 @pytest.fixture
 def small_series():
     rng = np.random.default_rng(7)
-    shape, n_vol = (7, 6, 5), 16
+    shape, n_vol = (9, 8, 7), 16  # 504 voxels: more than the 324 features of radius 1
     bvals = np.array([0, 0, 0, 5] + [1000] * 12, dtype=float)
     base = rng.uniform(40, 120, shape + (3,))
     mixing = rng.uniform(0, 1, (3, n_vol))
@@ -167,3 +168,64 @@ def test_bad_arguments():
         patch2self(data, np.zeros(5), model="lasso")
     with pytest.raises(ValueError, match="4D"):
         patch2self(np.zeros((4, 4, 4)), np.zeros(4))
+
+
+def lone_volume_series(phantom):
+    """The phantom with one b0 left and one volume alone at b=3000 (as a DSI series' lone b0)."""
+    bvals = phantom.bvals.copy()
+    b0s = np.flatnonzero(bvals <= 50)
+    bvals[b0s[1:]] = 1000.0
+    lone = int(np.flatnonzero(bvals > 50)[-1])
+    bvals[lone] = 3000.0
+    return bvals, int(b0s[0]), lone
+
+
+def test_single_b0_and_lone_bvalue(phantom):
+    bvals, b0, lone = lone_volume_series(phantom)
+    out, info = patch2self(phantom.noisy, bvals, return_info=True)
+    # b0_dwi grouping: the b0 alone passes through, the b=3000 volume is predicted with the DWIs
+    assert info.passed_through == [b0]
+    assert np.array_equal(out[..., b0], phantom.noisy[..., b0])
+    assert lone in info.groups[0]
+    brain = phantom.mask
+    assert rmse(out[..., lone], phantom.signal[..., lone], brain) < rmse(
+        phantom.noisy[..., lone], phantom.signal[..., lone], brain
+    )
+    # shell grouping: the b=3000 volume is alone in its shell and passes through too
+    out, info = patch2self(phantom.noisy, bvals, grouping="shell", return_info=True)
+    assert sorted(info.passed_through) == sorted([b0, lone])
+    assert np.array_equal(out[..., [b0, lone]], phantom.noisy[..., [b0, lone]])
+    dwi = [v for v in range(len(bvals)) if v not in (b0, lone)]
+    assert rmse(out[..., dwi], phantom.signal[..., dwi], brain) < 0.8 * rmse(
+        phantom.noisy[..., dwi], phantom.signal[..., dwi], brain
+    )
+
+
+def test_nothing_to_regress_is_refused(phantom):
+    with pytest.raises(UnsuitableDataError, match="group of at least 2 volumes"):
+        patch2self(phantom.noisy[..., :2], np.array([0.0, 1000.0]))
+
+
+@pytest.mark.parametrize("shape, radius", [((1, 1, 1), 0), ((2, 2, 2), 0), ((3, 3, 2), 1)])
+def test_fewer_voxels_than_features_is_refused(shape, radius):
+    rng = np.random.default_rng(0)
+    data = rng.normal(1000.0, 20.0, shape + (12,)).astype(np.float32)
+    bvals = np.r_[0.0, np.full(11, 1000.0)]
+    with pytest.raises(UnsuitableDataError, match="more voxels than regression features") as raised:
+        patch2self(data, bvals, patch_radius=radius)
+    assert "\n" not in str(raised.value)
+    mask = np.zeros((7, 6, 5), dtype=bool)
+    mask[:2, :2, :2] = True
+    with pytest.raises(UnsuitableDataError, match="the fitting mask holds 8 voxel"):
+        patch2self(rng.normal(size=(7, 6, 5, 12)), bvals, mask=mask)
+
+
+def test_just_enough_voxels_denoise():
+    """A 3x3x2 image (18 voxels) with 12 volumes: 11 features in the DWI group, a real fit."""
+    rng = np.random.default_rng(4)
+    signal = rng.uniform(500, 1500, (3, 3, 2, 1)) * rng.uniform(0.3, 1.0, (1, 1, 1, 12))
+    noisy = (signal + rng.normal(0, 30, signal.shape)).astype(np.float32)
+    bvals = np.r_[0.0, np.full(11, 1000.0)]
+    out = patch2self(noisy, bvals)
+    assert np.isfinite(out).all()
+    assert not np.array_equal(out[..., 1:], noisy[..., 1:])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -19,28 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bids_denoise import __version__
-from bids_denoise.io import atomic_path, write_json, write_text
+from bids_denoise.outputs import Source
 
 CODE_URL = "https://github.com/bids-denoise/bids-denoise"
 BIDS_VERSION = "1.10.0"
-
-#: Non-standard outputs the validator must not judge (see README, "Output layout").
-BIDSIGNORE_LINES = (
-    # bids-validator-deno 3.0.2 rejects bval/bvec carrying desc- in derivatives, and it
-    # matches neither "dir/" patterns nor "*_desc-*_dwi.bval": keep these forms.
-    "*_dwi.bval",
-    "*_dwi.bvec",
-    "*_dwimap.*",
-    "*_dwiqc.tsv",
-    "prov",
-    "logs",
-    "sub-*/log",
-    "sub-*/figures",
-    "*.html",
-    "group.tsv",
-    "group_residuals.png",
-)
-
 
 class BIDSInputError(ValueError):
     """The input is not a usable BIDS dataset (exit code 16 or 66)."""
@@ -60,6 +41,21 @@ MODALITIES = {
     "anat": ("anat", ["T1w", "T2w"], ["t1w", "t2w"]),
 }
 
+#: query keys a filter file may not set: the app sets them (or the labels do)
+RESERVED_FILTER_KEYS = {
+    "subject": "use --participant-label",
+    "session": "use --session-label",
+    "suffix": "the modality sets it",
+    "datatype": "the modality sets it",
+    "extension": "the app selects the NIfTI images",
+    "return_type": "a pybids option, not a filter",
+    "target": "a pybids option, not a filter",
+    "scope": "a pybids option, not a filter",
+    "regex_search": "a pybids option, not a filter",
+    "absolute_paths": "a pybids option, not a filter",
+    "invalid_filters": "a pybids option, not a filter",
+}
+
 
 @dataclass
 class Run:
@@ -68,23 +64,58 @@ class Run:
     path: Path
     bval: Path | None
     bvec: Path | None
-    entities: dict
+    source: Source
     metadata: dict = field(default_factory=dict)
     modality: str = "dwi"
-    suffix: str = "dwi"
 
     @property
     def subject(self) -> str:
-        return self.entities["subject"]
+        return self.source.subject
 
     @property
     def relpath(self) -> str:
-        return self.entities["_relpath"]
+        return self.source.relpath
 
     @property
     def label(self) -> str:
         """The source file name without extension, e.g. ``sub-01_run-1_dwi``."""
-        return re.sub(r"\.nii(\.gz)?$", "", self.path.name)
+        return self.source.label
+
+
+def filter_keys() -> list[str]:
+    """The top-level keys a ``--bids-filter-file`` may have."""
+    return [key for _, _, keys in MODALITIES.values() for key in keys]
+
+
+def check_filters(filters, origin="--bids-filter-file") -> dict:
+    """Check a filter file's content against the entities pybids knows; raise ValueError (one line).
+
+    Its shape is ``{"<modality key>": {"<entity>": value or [values] or null}}``, as fMRIPrep's.
+    """
+    from bids_denoise.outputs import ENTITY_ORDER
+
+    known_keys = filter_keys()
+    entities = {name for name, _ in ENTITY_ORDER}
+    if not isinstance(filters, dict):
+        raise ValueError(f"{origin}: expected a JSON object such as {{\"dwi\": {{\"acquisition\": \"mb\"}}}}, "
+                         f"got {type(filters).__name__}")
+    for key, query in filters.items():
+        if key not in known_keys:
+            raise ValueError(f"{origin}: unknown key {key!r} (known: {', '.join(known_keys)})")
+        if not isinstance(query, dict):
+            raise ValueError(f"{origin}: {key!r} must map entities to values, got {type(query).__name__}")
+        for entity, value in query.items():
+            if entity in RESERVED_FILTER_KEYS:
+                raise ValueError(f"{origin}: {key}.{entity} is not allowed here ({RESERVED_FILTER_KEYS[entity]})")
+            if entity not in entities:
+                raise ValueError(f"{origin}: {key}.{entity} is not a BIDS entity pybids knows "
+                                 f"(e.g. {', '.join(sorted(entities)[:6])} ...)")
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(v is None or isinstance(v, (str, int)) and not isinstance(v, bool)
+                                     for v in values):
+                raise ValueError(f"{origin}: {key}.{entity} must be a string, an integer, null or a non-empty "
+                                 f"list of those, got {json.dumps(value)}")
+    return filters
 
 
 def strip_prefix(label: str, prefix: str) -> str:
@@ -210,21 +241,14 @@ def select_runs(layout, participant_labels=None, session_labels=None, bids_filte
 
 def _run_of(layout, bids_file, modality, suffix):
     path = Path(bids_file.path)
-    entities = {
-        key: value
-        for key, value in bids_file.get_entities().items()
-        if key not in ("extension", "suffix", "datatype")
-    }
-    entities["_relpath"] = str(path.relative_to(layout.root))
     is_dwi = modality == "dwi"
     return Run(
         path=path,
         bval=_optional(layout.get_bval, str(path)) if is_dwi else None,
         bvec=_optional(layout.get_bvec, str(path)) if is_dwi else None,
-        entities=entities,
+        source=Source.from_relpath(str(path.relative_to(layout.root))),
         metadata=_metadata(layout, path),
         modality=modality,
-        suffix=suffix,
     )
 
 
@@ -241,31 +265,6 @@ def _metadata(layout, path):
         return dict(layout.get_metadata(str(path)))
     except Exception:
         return {}
-
-
-def derivative_relpath(run: Run, desc: str, suffix: str | None = None, extension: str = ".nii.gz", extra=None) -> str:
-    """Derivative path relative to OUTPUT_DIR, keeping every source entity.
-
-    ``sub-01/ses-pre/dwi/sub-01_ses-pre_acq-mb_run-1_dwi.nii.gz`` with desc
-    ``patch2self`` becomes
-    ``sub-01/ses-pre/dwi/sub-01_ses-pre_acq-mb_run-1_desc-patch2self_dwi.nii.gz``.
-    """
-    source = Path(run.relpath)
-    parts = run.label.split("_")[:-1]  # drop the suffix
-    parts = [part for part in parts if not part.startswith("desc-")]
-    extra = dict(extra or {})
-    for key in ("space", "res", "den"):  # entities the BIDS order puts before desc
-        if key in extra:
-            parts.append(f"{key}-{extra.pop(key)}")
-    parts.append(f"desc-{desc}")
-    for key, value in extra.items():
-        parts.append(f"{key}-{value}")
-    name = "_".join(parts) + f"_{suffix or run.suffix}{extension}"
-    return str(source.parent / name)
-
-
-def bids_uri(run: Run) -> str:
-    return f"bids:raw:{run.relpath}"
 
 
 def dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
@@ -307,32 +306,6 @@ def container_info() -> dict | None:
     return info
 
 
-def init_output_dir(output_dir: Path, bids_dir: Path) -> None:
-    """Create dataset_description.json and .bidsignore, safely under concurrent jobs.
-
-    Each file is written to a temporary name and renamed, so a reader (or a
-    concurrent participant job) sees either no file or a whole one. An existing
-    description is kept: the first job to finish defines it.
-    """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    description = output_dir / "dataset_description.json"
-    if not _valid_json(description):
-        write_json(dataset_description(bids_dir, container_info()), description)
-    ignore = output_dir / ".bidsignore"
-    existing = ignore.read_text().splitlines() if ignore.exists() else []
-    lines = existing + [line for line in BIDSIGNORE_LINES if line not in existing]
-    if lines != existing:
-        write_text("\n".join(lines) + "\n", ignore)
-
-
-def _valid_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def software_versions() -> dict:
     """Versions of everything that shaped an output, for provenance."""
     import importlib.metadata as metadata
@@ -346,7 +319,7 @@ def software_versions() -> dict:
     return versions
 
 
-def provenance_record(run: Run, method: str, outputs: list, provenance: dict) -> dict:
+def provenance_record(run: Source, method: str, outputs: list, provenance: dict) -> dict:
     """A BEP028-style (draft) provenance record for one run and method, as JSON-LD."""
     activity_id = f"urn:bids-denoise:{run.label}:{method}"
     software_id = f"urn:bids-denoise:software:{__version__}"
@@ -363,15 +336,15 @@ def provenance_record(run: Run, method: str, outputs: list, provenance: dict) ->
                     "Label": method,
                     "Command": provenance.get("CommandLine"),
                     "AssociatedWith": software_id,
-                    "Used": [bids_uri(run)],
+                    "Used": [run.uri],
                     "StartedAtTime": provenance.get("StartTime"),
                     "EndedAtTime": provenance.get("EndTime"),
                     "Parameters": provenance.get("Parameters"),
                 }
             ],
             "Entities": [
-                {"@id": bids_uri(run), "Label": run.path.name,
-                 "Digest": {"sha256": provenance.get("InputDigests", {}).get(run.path.name)}}
+                {"@id": run.uri, "Label": Path(run.relpath).name,
+                 "Digest": {"sha256": provenance.get("InputDigests", {}).get(Path(run.relpath).name)}}
             ]
             + [
                 {"@id": f"bids::{relpath}", "Label": Path(relpath).name,
@@ -380,9 +353,3 @@ def provenance_record(run: Run, method: str, outputs: list, provenance: dict) ->
             ],
         },
     }
-
-
-def copy_atomic(source: Path, destination: Path) -> Path:
-    with atomic_path(destination) as temporary:
-        shutil.copyfile(source, temporary)
-    return destination

@@ -3,16 +3,23 @@
 Exit codes follow the BIDS-Apps execution recommendations: 0 success, 1 a
 processing failure, 16 the input failed BIDS validation, 18 the filters
 selected nothing, 64 usage error, 65 bad input data, 66 no input, 73 the
-output cannot be created.
+output cannot be created, 74 an I/O error (a full disk), 130 interrupted.
+
+The command line builds one :class:`~bids_denoise.config.RunConfig`; the
+participant level is a sequence of small named steps, each of which either
+returns what the next needs or raises :class:`AppError` with its exit code and
+a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import uuid
 from datetime import datetime
@@ -22,13 +29,18 @@ from bids_denoise import __version__
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 EXIT_INVALID_BIDS, EXIT_NOTHING_SELECTED = 16, 18
-EXIT_USAGE, EXIT_DATAERR, EXIT_NOINPUT, EXIT_CANTCREAT = 64, 65, 66, 73
+EXIT_USAGE, EXIT_DATAERR, EXIT_NOINPUT, EXIT_CANTCREAT, EXIT_IOERR = 64, 65, 66, 73, 74
+EXIT_INTERRUPTED = 130
 
 LOGGER = logging.getLogger("bids_denoise")
 
 
-class UsageError(Exception):
-    """Bad arguments (exit 64)."""
+class AppError(Exception):
+    """A one-line error with its exit code."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,42 +49,66 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"bids-denoise: error: {message}\n")
 
 
+def _filter_file(text) -> dict:
+    """An argparse type: a readable JSON filter file of the shape pybids takes (one-line refusal)."""
+    from bids_denoise.bids import check_filters
+
+    path = Path(text)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{path}: not a readable JSON filter file ({err})") from None
+    try:
+        return check_filters(content, origin=str(path))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser(methods) -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="bids-denoise",
-        description="Self-supervised denoising of diffusion MRI as a BIDS-App.",
-    )
+    """The parser; every method option comes from the methods' registry entries."""
+    from bids_denoise.registry import default_methods
+
+    denoisers = sorted(name for name, spec in methods.items() if spec.role == "denoise")
+    upsamplers = sorted(name for name, spec in methods.items() if spec.role == "superres")
+    defaults = default_methods()
+    parser = _Parser(prog="bids-denoise", description="Self-supervised denoising of MRI as a BIDS-App.")
     parser.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="the derivatives dataset to write (created if absent)")
     parser.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
     parser.add_argument("--version", action="version", version=f"bids-denoise {__version__}")
+    parser.add_argument("--config-file", type=Path, metavar="FILE",
+                        help="a run configuration saved by an earlier run (sub-XX/log/*_config.json): its "
+                             "methods, parameters, seed and engine settings, unless given on this command line")
 
     selection = parser.add_argument_group("Selecting data")
     selection.add_argument("--participant-label", "--participant_label", nargs="+", dest="participant_label",
                            metavar="LABEL", help="participants to process (with or without sub-)")
     selection.add_argument("--session-label", "--session_label", nargs="+", dest="session_label",
                            metavar="LABEL", help="sessions to process (with or without ses-)")
-    selection.add_argument("--bids-filter-file", type=Path, metavar="FILE",
-                           help='PyBIDS query JSON, e.g. {"dwi": {"acquisition": "multiband"}}')
+    selection.add_argument("--bids-filter-file", type=_filter_file, metavar="FILE", dest="bids_filters",
+                           help='PyBIDS query JSON, e.g. {"dwi": {"acquisition": "multiband"}}; keys '
+                                "subject/session are refused (use the labels)")
     selection.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                            help="do not run the BIDS validator on BIDS_DIR")
 
     processing = parser.add_argument_group("Processing")
-    processing.add_argument("--methods", nargs="+", default=["patch2self"], choices=sorted(methods),
-                            metavar="METHOD", help=f"methods to run (default patch2self; available: {', '.join(sorted(methods))})")
-    processing.add_argument("--super-resolution", choices=["wasa"], default=None,
-                            help="also raise the resolution (wasa: wavelet-attention network trained on the "
-                                 "subject's own in-plane detail); see the wasa options (--sr-scale, --sr-axes)")
+    processing.add_argument("--methods", nargs="+", default=defaults, choices=denoisers, metavar="METHOD",
+                            help=f"methods to run (default {' '.join(defaults)}; available: {', '.join(denoisers)})")
+    processing.add_argument("--super-resolution", choices=upsamplers, default=None,
+                            help="also raise the resolution: " + "; ".join(
+                                f"{name}: {methods[name].summary}" for name in upsamplers))
     processing.add_argument("--device", default="auto", help="auto (CUDA if torch sees a GPU), cpu, cuda or cuda:N")
     processing.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
 
     engine = parser.add_argument_group("Engine")
-    engine.add_argument("-w", "--work-dir", type=Path, default=Path("work"), help="Nipype work directory (cache); default ./work")
+    engine.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                        help="Nipype work directory (cache); default ./work")
     engine.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1, dest="nprocs",
                         help="processes MultiProc may run at once")
     engine.add_argument("--mem-gb", type=float, default=None, help="memory MultiProc may use")
     engine.add_argument("--omp-nthreads", type=int, default=1, help="BLAS/torch threads per node (default 1)")
-    engine.add_argument("--use-plugin", type=Path, metavar="FILE", help="Nipype plugin settings (YAML, fMRIPrep's format)")
+    engine.add_argument("--use-plugin", type=Path, metavar="FILE",
+                        help="Nipype plugin settings (YAML, fMRIPrep's format)")
     engine.add_argument("--plugin", help="Nipype plugin (MultiProc, Linear, SLURM, ...); overrides --use-plugin's")
     engine.add_argument("--plugin-args", metavar="JSON",
                         help='plugin arguments as JSON, e.g. \'{"sbatch_args": "-p cpu -c 2", '
@@ -80,14 +116,12 @@ def build_parser(methods) -> argparse.ArgumentParser:
     engine.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing run")
 
     for spec in methods.values():
-        group = parser.add_argument_group(f"{spec.name} options")
+        group = parser.add_argument_group(f"{spec.name} options ({spec.title}: {spec.summary})")
         for param in spec.params:
-            kwargs = {"dest": f"{spec.name}__{param.name}", "default": param.default, "help": param.help}
+            kwargs = {"dest": spec.option_dest(param), "default": param.default, "type": param.type,
+                      "help": param.help}
             if param.choices:
                 kwargs["choices"] = param.choices
-            kwargs["type"] = param.type
-            if param.nargs:
-                kwargs["nargs"] = param.nargs
             group.add_argument(f"--{spec.name}-{param.option}", *param.aliases, **kwargs)
     return parser
 
@@ -95,22 +129,116 @@ def build_parser(methods) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids-denoise"))
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("bids-denoise: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
     from bids_denoise import registry
 
     methods = registry.load_all()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(methods).parse_args(argv)
-    if args.super_resolution and args.super_resolution not in args.methods:
-        args.methods = list(args.methods) + [args.super_resolution]
+    parser = build_parser(methods)
+    args = parser.parse_args(argv)
+    if args.config_file:
+        parser.set_defaults(**_defaults_from(args.config_file, methods))
+        args = parser.parse_args(argv)
     _setup_logging()
-    command_line = "bids-denoise " + " ".join(shlex.quote(a) for a in argv)
     try:
-        if args.analysis_level == "group":
-            return run_group(args)
-        return run_participant(args, methods, command_line)
-    except UsageError as err:
+        config = build_config(args, methods, "bids-denoise " + " ".join(shlex.quote(a) for a in argv))
+        if config.execution.analysis_level == "group":
+            return run_group(config)
+        return run_participant(config, methods)
+    except AppError as err:
         print(f"bids-denoise: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_code
+
+
+def _defaults_from(path: Path, methods) -> dict:
+    """Parser defaults from a saved run configuration (the command line still overrides them)."""
+    from bids_denoise.config import RunConfig
+
+    try:
+        saved = RunConfig.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"bids-denoise: error: {path}: not a readable run configuration ({err})", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    defaults = {
+        "methods": saved.workflow.methods, "super_resolution": saved.workflow.super_resolution,
+        "device": saved.workflow.device, "seed": saved.workflow.seed,
+        "participant_label": saved.execution.participant_label, "session_label": saved.execution.session_label,
+        "bids_filters": saved.execution.bids_filters or None,
+        "omp_nthreads": saved.nipype.omp_nthreads, "stop_on_first_crash": saved.nipype.stop_on_first_crash,
+    }
+    for name, values in saved.workflow.parameters.items():
+        spec = methods.get(name)
+        for param in spec.params if spec else ():
+            if param.name in values:
+                defaults[spec.option_dest(param)] = values[param.name]
+    return defaults
+
+
+def build_config(args, methods, command_line: str):
+    """The run configuration from the parsed command line (usage errors raise AppError 64)."""
+    from bids_denoise.config import Execution, Nipype, RunConfig, Workflow
+
+    execution = Execution(
+        bids_dir=args.bids_dir.resolve(), output_dir=args.output_dir.resolve(), work_dir=args.work_dir.resolve(),
+        analysis_level=args.analysis_level, participant_label=args.participant_label,
+        session_label=args.session_label, bids_filters=args.bids_filters or {},
+        skip_bids_validation=args.skip_bids_validation, command_line=command_line, version=__version__,
+    )
+    workflow = Workflow(methods=list(dict.fromkeys(args.methods)), super_resolution=args.super_resolution,
+                        device=args.device, seed=args.seed)
+    workflow.parameters = {
+        name: {param.name: _plain(getattr(args, methods[name].option_dest(param))) for param in methods[name].params}
+        for name in workflow.all_methods
+    }
+    return RunConfig(execution, _nipype_settings(args, Nipype), workflow)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _nipype_settings(args, Nipype):
+    settings = Nipype(nprocs=args.nprocs, mem_gb=args.mem_gb, omp_nthreads=args.omp_nthreads,
+                      stop_on_first_crash=args.stop_on_first_crash)
+    if args.use_plugin:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(args.use_plugin.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise AppError(EXIT_USAGE, f"{args.use_plugin}: not a readable plugin file ({err})") from None
+        if not isinstance(loaded, dict):
+            raise AppError(EXIT_USAGE, f"{args.use_plugin}: a plugin file holds 'plugin:' and 'plugin_args:'")
+        settings.plugin = loaded.get("plugin", "MultiProc")
+        settings.plugin_args = dict(loaded.get("plugin_args") or {})
+    if args.plugin:
+        settings.plugin = args.plugin
+    if args.plugin_args:
+        try:
+            extra = json.loads(args.plugin_args)
+        except ValueError as err:
+            raise AppError(EXIT_USAGE, f"--plugin-args: not valid JSON ({err})") from None
+        if not isinstance(extra, dict):
+            raise AppError(EXIT_USAGE, "--plugin-args: expected a JSON object")
+        settings.plugin_args.update(extra)
+    plugin_args = settings.plugin_args
+    if settings.plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", args.nprocs)
+        if args.mem_gb:
+            plugin_args.setdefault("memory_gb", args.mem_gb)
+        plugin_args.setdefault("raise_insufficient", False)
+        plugin_args.setdefault("maxtasksperchild", 1)
+    plugin_args.setdefault("poll_sleep_duration", 0.1 if settings.is_local else 2)
+    gpu_args = plugin_args.pop("gpu_sbatch_args", None)
+    settings.gpu_plugin_args = {"sbatch_args": gpu_args} if gpu_args else {}
+    return settings
 
 
 def _setup_logging():
@@ -127,246 +255,302 @@ def _setup_logging():
         nipype_logging.getLogger("nipype.interface").setLevel(logging.WARNING)
 
 
-def _fail(code: int, message: str) -> int:
-    print(f"bids-denoise: error: {message}", file=sys.stderr)
-    return code
+# ------------------------------------------------------------------------------------------------
+# The participant level, step by step
 
 
-def _check_dirs(args):
-    """Check BIDS_DIR and OUTPUT_DIR; return an exit code or None."""
+def run_participant(config, methods) -> int:
+    check_directories(config)
+    device = resolve_device(config)
+    validate_input(config)
+    specs = [methods[name] for name in config.workflow.all_methods]
+    runs = select_runs(config, specs)
+    runs, bad_runs = check_runs(config, runs)
+    failures = []
+    if runs:
+        prepare_work_dir(config)
+        layout = prepare_output(config)
+        failures = run_graph(config, runs, specs, device, layout)
+    return summarize(config, runs, bad_runs, failures)
+
+
+def check_directories(config) -> None:
+    """BIDS_DIR is a BIDS dataset; OUTPUT_DIR is neither BIDS_DIR nor inside it (but for derivatives/)."""
     from bids_denoise import bids
 
-    bids_dir = args.bids_dir.resolve()
+    bids_dir, output_dir = config.execution.bids_dir, config.execution.output_dir
     try:
         bids.check_bids_root(bids_dir)
     except bids.BIDSInputError as err:
-        return _fail(err.exit_code, str(err))
-    output_dir = args.output_dir.resolve()
+        raise AppError(err.exit_code, str(err)) from None
     derivatives = bids_dir / "derivatives"
     if output_dir == bids_dir or (bids_dir in output_dir.parents and derivatives not in output_dir.parents):
-        return _fail(
-            EXIT_USAGE,
-            f"{output_dir}: OUTPUT_DIR must not be BIDS_DIR or inside it, except under its derivatives/ "
-            f"(e.g. {derivatives / 'bids-denoise'})",
-        )
-    return None
+        raise AppError(EXIT_USAGE, f"{output_dir}: OUTPUT_DIR must not be BIDS_DIR or inside it, except under its "
+                                   f"derivatives/ (e.g. {derivatives / 'bids-denoise'})")
+    work_dir = config.execution.work_dir
+    if work_dir == bids_dir or bids_dir in work_dir.parents:
+        raise AppError(EXIT_USAGE, f"{work_dir}: the work directory must not be inside BIDS_DIR")
 
 
-def _prepare_output(output_dir):
-    """Create OUTPUT_DIR (only once there is something to write) and prove it writable."""
+def resolve_device(config) -> str:
+    """The torch device, resolved here for local plugins (on the compute nodes for batch plugins)."""
+    from bids_denoise.methods._device import DeviceUnavailableError
+    from bids_denoise.methods._device import resolve_device as resolve
+
+    requested = config.workflow.device
+    if not config.nipype.is_local:
+        LOGGER.info("plugin %s: device %r is resolved on the compute nodes", config.nipype.plugin, requested)
+        return requested
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{uuid.uuid4().hex}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        return _fail(EXIT_CANTCREAT, f"{output_dir}: cannot create or write OUTPUT_DIR ({err.strerror or err})")
-    return None
+        device = str(resolve(requested))
+    except DeviceUnavailableError as err:
+        raise AppError(EXIT_USAGE, str(err)) from None
+    LOGGER.info("device: %s%s", device, " (CUDA GPU found)" if device.startswith("cuda") else "")
+    if config.nipype.plugin == "MultiProc":
+        config.nipype.plugin_args.setdefault("n_gpu_procs", 1 if device.startswith("cuda") else 0)
+    return device
 
 
-def run_participant(args, methods, command_line) -> int:
+def validate_input(config) -> None:
+    """The official validator on BIDS_DIR (a warning where it cannot run)."""
     from bids_denoise import bids
-    from bids_denoise.io import InputDataError, check_run
-    from bids_denoise.methods._device import DeviceUnavailableError, resolve_device
 
-    code = _check_dirs(args)
-    if code is not None:
-        return code
-    bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
-
-    plugin = _plugin_settings(args)
-    if plugin["plugin"] in LOCAL_PLUGINS:
-        try:
-            device = str(resolve_device(args.device))
-        except DeviceUnavailableError as err:
-            return _fail(EXIT_USAGE, str(err))
-        LOGGER.info("device: %s%s", device, " (CUDA GPU found)" if device.startswith("cuda") else "")
-        if plugin["plugin"] == "MultiProc":
-            plugin["plugin_args"].setdefault("n_gpu_procs", 1 if device.startswith("cuda") else 0)
-    else:
-        # nodes run elsewhere: each resolves --device on its own machine (and fails there if asked
-        # for CUDA without a GPU)
-        device = args.device
-        LOGGER.info("plugin %s: device %r is resolved on the compute nodes", plugin["plugin"], device)
-
-    filters = {}
-    if args.bids_filter_file:
-        try:
-            filters = json.loads(args.bids_filter_file.read_text())
-        except (OSError, ValueError) as err:
-            return _fail(EXIT_USAGE, f"{args.bids_filter_file}: not a readable JSON filter file ({err})")
-
-    if not args.skip_bids_validation:
-        try:
-            n_errors, lines = bids.validate_dataset(bids_dir)
-        except FileNotFoundError as err:
-            LOGGER.warning("%s; skipping validation", err)
-        else:
-            if n_errors:
-                for line in lines[:20]:
-                    print(f"  {line}", file=sys.stderr)
-                return _fail(EXIT_INVALID_BIDS, f"{bids_dir}: the BIDS validator found {n_errors} error(s) "
-                                                "(see above; --skip-bids-validation to go on regardless)")
-
+    if config.execution.skip_bids_validation:
+        return
+    bids_dir = config.execution.bids_dir
     try:
-        layout = bids.build_layout(bids_dir)
-        modalities = sorted({m for name in args.methods for m in methods[name].modalities}, key=["dwi", "anat"].index)
-        runs = bids.select_runs(layout, args.participant_label, args.session_label, filters, modalities)
-    except bids.NothingSelectedError as err:
-        return _fail(EXIT_NOTHING_SELECTED, str(err))
+        n_errors, lines = bids.validate_dataset(bids_dir)
+    except (OSError, subprocess.SubprocessError) as err:
+        LOGGER.warning("the BIDS validator could not be run (%s); skipping validation", err)
+        return
+    if n_errors:
+        for line in lines[:20]:
+            print(f"  {line}", file=sys.stderr)
+        raise AppError(EXIT_INVALID_BIDS, f"{bids_dir}: the BIDS validator found {n_errors} error(s) "
+                                          "(see above; --skip-bids-validation to go on regardless)")
 
-    good_runs, bad_runs = [], []
+
+def select_runs(config, specs):
+    from bids_denoise import bids
+
+    modalities = sorted({m for spec in specs for m in spec.modalities}, key=list(bids.MODALITIES).index)
+    try:
+        layout = bids.build_layout(config.execution.bids_dir)
+        return bids.select_runs(layout, config.execution.participant_label, config.execution.session_label,
+                                config.execution.bids_filters, modalities)
+    except bids.NothingSelectedError as err:
+        raise AppError(EXIT_NOTHING_SELECTED, str(err)) from None
+
+
+def check_runs(config, runs):
+    """Check each run from its header and gradient files (its voxels are read once, in the graph)."""
+    from bids_denoise.io import InputDataError, check_run
+
+    good, bad = [], []
     for run in runs:
         try:
             check_run(run.path, run.bval, run.bvec, run.modality)
         except InputDataError as err:
+            if config.nipype.stop_on_first_crash:
+                raise AppError(EXIT_DATAERR, str(err)) from None
             print(f"bids-denoise: error: {err}", file=sys.stderr)
-            if args.stop_on_first_crash:
-                return EXIT_DATAERR
-            bad_runs.append((run, str(err)))
+            bad.append(str(err))
         else:
-            good_runs.append(run)
-
-    selected = [methods[name] for name in dict.fromkeys(args.methods)]
-    parameters = {
-        spec.name: {param.name: getattr(args, f"{spec.name}__{param.name}") for param in spec.params}
-        for spec in selected
-    }
-    failed = False
-    if good_runs:
-        code = _prepare_output(output_dir)
-        if code is not None:
-            return code
-        bids.init_output_dir(output_dir, bids_dir)
-        failed = _run_workflows(args, good_runs, selected, parameters, device, output_dir, command_line, plugin)
-
-    if bad_runs:
-        print(f"bids-denoise: {len(bad_runs)} run(s) skipped for bad input data:", file=sys.stderr)
-        for _, message in bad_runs:
-            print(f"  - {message}", file=sys.stderr)
-    if failed:
-        return EXIT_FAILURE
-    if bad_runs:
-        return EXIT_DATAERR
-    LOGGER.info("done: %d run(s) x %d method(s) written to %s", len(good_runs), len(selected), output_dir)
-    return EXIT_OK
+            good.append(run)
+    return good, bad
 
 
-LOCAL_PLUGINS = ("MultiProc", "Linear")
+def prepare_work_dir(config) -> None:
+    """The work directory exists and is writable (checked before anything is written to OUTPUT_DIR)."""
+    _probe_writable(config.execution.work_dir, "the work directory (-w)")
 
 
-def _plugin_settings(args):
-    settings = {"plugin": "MultiProc", "plugin_args": {}}
-    if args.use_plugin:
-        import yaml
+def prepare_output(config):
+    """OUTPUT_DIR writable, stale temporary files of killed runs removed, dataset-level files written."""
+    from bids_denoise.bids import container_info, dataset_description
+    from bids_denoise.outputs import OutputLayout
 
-        try:
-            loaded = yaml.safe_load(args.use_plugin.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UsageError(f"{args.use_plugin}: not a readable plugin file ({err})") from None
-        settings["plugin"] = loaded.get("plugin", "MultiProc")
-        settings["plugin_args"] = dict(loaded.get("plugin_args") or {})
-    if args.plugin:
-        settings["plugin"] = args.plugin
-    if args.plugin_args:
-        try:
-            settings["plugin_args"].update(json.loads(args.plugin_args))
-        except ValueError as err:
-            raise UsageError(f"--plugin-args: not valid JSON ({err})") from None
-    plugin_args = settings["plugin_args"]
-    if settings["plugin"] == "MultiProc":
-        plugin_args.setdefault("n_procs", args.nprocs)
-        if args.mem_gb:
-            plugin_args.setdefault("memory_gb", args.mem_gb)
-        plugin_args.setdefault("raise_insufficient", False)
-        plugin_args.setdefault("maxtasksperchild", 1)
-    plugin_args.setdefault("poll_sleep_duration", 0.1 if settings["plugin"] in LOCAL_PLUGINS else 2)
-    gpu_args = plugin_args.pop("gpu_sbatch_args", None)
-    settings["gpu_plugin_args"] = {"sbatch_args": gpu_args} if gpu_args else {}
-    return settings
+    _probe_writable(config.execution.output_dir, "OUTPUT_DIR")
+    layout = OutputLayout(config.execution.output_dir)
+    for path in layout.remove_stale_temporaries():
+        LOGGER.info("removed %s, left by an interrupted run", path)
+    with _io_errors():
+        layout.write_dataset_files(dataset_description(config.execution.bids_dir, container_info()))
+    return layout
 
 
-def _run_workflows(args, runs, selected, parameters, device, output_dir, command_line, plugin) -> bool:
-    """Build and run one workflow per participant; return True if anything failed."""
-    from nipype import config as nipype_config
+def _probe_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        code = EXIT_IOERR if err.errno == errno.ENOSPC else EXIT_CANTCREAT
+        raise AppError(code, f"{folder}: cannot create or write {what} ({err.strerror or err})") from None
 
-    from bids_denoise import bids
-    from bids_denoise.workflows.base import WorkflowSettings, init_participant_wf
 
-    work_dir = args.work_dir.resolve()
-    settings = WorkflowSettings(
-        output_dir=output_dir,
-        work_dir=work_dir,
-        device=device,
-        seed=args.seed,
-        omp_nthreads=args.omp_nthreads,
-        method_parameters=parameters,
-        command_line=command_line,
-        versions=bids.software_versions(),
-        gpu_plugin_args=plugin["gpu_plugin_args"],
-    )
-    run_args = {"plugin": plugin["plugin"], "plugin_args": plugin["plugin_args"]}
-    failed = False
+class _io_errors:
+    """A failed write (a full disk) becomes one line naming the file, exit 74."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if isinstance(err, OSError):
+            raise AppError(EXIT_IOERR, f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")) from None
+        return False
+
+
+def run_graph(config, runs, specs, device, layout) -> list[dict]:
+    """Build and run one workflow per participant; return the failure records of the nodes that failed."""
+    from bids_denoise.bids import software_versions
+    from bids_denoise.interfaces.failures import read_failures
+
+    failure_dir = config.execution.work_dir / "failures" / f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+    versions = software_versions()
     by_subject = {}
     for run in runs:
         by_subject.setdefault(run.subject, []).append(run)
+    failures = []
     for subject, subject_runs in sorted(by_subject.items()):
-        log_dir = output_dir / f"sub-{subject}" / "log"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        nipype_config.update_config({
-            "execution": {
-                "crashdump_dir": str(log_dir),
-                "crashfile_format": "txt",
-                "hash_method": "content",
-                "check_version": "false",
-                "stop_on_first_crash": str(bool(args.stop_on_first_crash)).lower(),
-                "remove_unnecessary_outputs": "false",
-                "use_relative_paths": "false",
-            },
-            "monitoring": {"enabled": "false"},
-        })
-        handler = logging.FileHandler(log_dir / f"bids-denoise_{datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:6]}.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-        LOGGER.addHandler(handler)
+        log_dir = layout.log_dir(subject)
+        started = datetime.now().timestamp()
+        with _io_errors():
+            log_dir.mkdir(parents=True, exist_ok=True)
+            stamp = f"{datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:6]}"
+            config.save(log_dir / f"bids-denoise_{stamp}_config.json")
+        crashed = _run_participant_graph(config, subject, subject_runs, specs, device, str(failure_dir / subject),
+                                         versions, log_dir, stamp)
+        records = read_failures(failure_dir / subject)
+        if crashed and not records:  # a node failed before our code ran: Nipype's crash file says why
+            records = [{"run": f"sub-{subject}", "stage": "graph", "type": "RuntimeError", "message": crashed,
+                        "data_error": False, "disk_full": False}]
+        for record in records:
+            record["crash_file"] = _crash_file(log_dir, record, started)
+        failures += records
+        write_participant_reports(layout, subject)
+        if records and config.nipype.stop_on_first_crash:
+            break
+    return failures
+
+
+def _run_participant_graph(config, subject, runs, specs, device, failure_dir, versions, log_dir, stamp) -> str:
+    """Run one participant's workflow; return Nipype's error line if it failed, else ''."""
+    from nipype import config as nipype_config
+
+    from bids_denoise.workflows.base import init_participant_wf
+
+    nipype_config.update_config({
+        "execution": {
+            "crashdump_dir": str(log_dir),
+            "crashfile_format": "txt",
+            "hash_method": "content",
+            "check_version": "false",
+            "stop_on_first_crash": str(bool(config.nipype.stop_on_first_crash)).lower(),
+            "remove_unnecessary_outputs": "false",
+            "use_relative_paths": "false",
+        },
+        "monitoring": {"enabled": "false"},
+    })
+    handler = logging.FileHandler(log_dir / f"bids-denoise_{stamp}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    LOGGER.addHandler(handler)
+    try:
+        workflow = init_participant_wf(subject, runs, specs, config, device=device, failure_dir=failure_dir,
+                                       versions=versions)
+        LOGGER.info("sub-%s: %d run(s), methods %s, plugin %s", subject, len(runs),
+                    ", ".join(spec.name for spec in specs), config.nipype.plugin)
         try:
-            workflow = init_participant_wf(subject, subject_runs, selected, settings)
-            LOGGER.info("sub-%s: %d run(s), methods %s, plugin %s", subject, len(subject_runs),
-                        ", ".join(s.name for s in selected), plugin["plugin"])
-            try:
-                workflow.run(**run_args)
-            except RuntimeError as err:
-                failed = True
-                LOGGER.error("sub-%s: processing failed (%s); crash reports in %s", subject,
-                             str(err).splitlines()[0], log_dir)
-                if args.stop_on_first_crash:
-                    break
-        finally:
-            LOGGER.removeHandler(handler)
-            handler.close()
-        _write_reports(output_dir, subject)
-    return failed
+            workflow.run(plugin=config.nipype.plugin, plugin_args=config.nipype.plugin_args)
+        except RuntimeError as err:
+            return str(err).splitlines()[0] if str(err) else "the workflow did not complete"
+        return ""
+    finally:
+        LOGGER.removeHandler(handler)
+        handler.close()
 
 
-def _write_reports(output_dir, subject):
-    from bids_denoise.reports.citation import write_citation
-    from bids_denoise.reports.html import write_participant_report
+def _crash_file(log_dir: Path, record: dict, since: float) -> str | None:
+    """The Nipype crash file of a failed node, matched by its run and node name."""
+    import re
 
-    write_citation(output_dir)
-    report = write_participant_report(output_dir, subject)
+    run = re.sub(r"[^0-9a-zA-Z]", "_", record.get("run", ""))
+    for path in sorted(log_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if path.stat().st_mtime < since - 1:
+            continue
+        head = path.read_text(errors="replace")[:2000]
+        if f"{run}_wf." in head:
+            return str(path)
+    return None
+
+
+def write_participant_reports(layout, subject) -> None:
+    """The methods paragraph (over every participant written so far) and the participant's page."""
+    from bids_denoise.io import write_text
+    from bids_denoise.outputs import CITATION_BIB, CITATION_MD
+    from bids_denoise.reports.citation import render_citation
+    from bids_denoise.reports.html import render_participant_report
+
+    with _io_errors():
+        citation = render_citation(layout.main_sidecars())
+        if citation:
+            write_text(citation[0], layout.path(CITATION_MD))
+            write_text(citation[1], layout.path(CITATION_BIB))
+        report = write_text(render_participant_report(layout, subject), layout.participant_report(subject))
     LOGGER.info("sub-%s: report %s", subject, report)
 
 
-def run_group(args) -> int:
-    """Collect what participant runs wrote: OUTPUT_DIR/group.tsv and group.html."""
-    from bids_denoise.reports.group import write_group_outputs
+def summarize(config, runs, bad_runs, failures) -> int:
+    """One line per failure (run, stage, cause, crash file); the exit code."""
+    data_errors = [record for record in failures if record.get("data_error")]
+    for record in data_errors:
+        print(f"bids-denoise: error: {record['message']}", file=sys.stderr)
+    bad_runs = bad_runs + [record["message"] for record in data_errors]
+    if bad_runs:
+        print(f"bids-denoise: {len(bad_runs)} run(s) skipped for bad input data:", file=sys.stderr)
+        for message in bad_runs:
+            print(f"  - {message}", file=sys.stderr)
+    processing = [record for record in failures if not record.get("data_error")]
+    for record in processing:
+        where = f"; crash file {record['crash_file']}" if record.get("crash_file") else ""
+        print(f"bids-denoise: error: {record['run']}: {record['stage']} failed: {record['type']}: "
+              f"{record['message']}{where}", file=sys.stderr)
+    if any(record.get("disk_full") for record in failures):
+        return EXIT_IOERR
+    if processing:
+        return EXIT_FAILURE
+    if bad_runs:
+        return EXIT_DATAERR
+    LOGGER.info("done: %d run(s) x %d method(s) written to %s", len(runs), len(config.workflow.all_methods),
+                config.execution.output_dir)
+    return EXIT_OK
 
-    output_dir = args.output_dir.resolve()
-    if not (output_dir / "dataset_description.json").exists():
-        return _fail(EXIT_NOINPUT, f"{output_dir}: no participant-level outputs found (run 'participant' first)")
-    rows = write_group_outputs(output_dir)
+
+# ------------------------------------------------------------------------------------------------
+# The group level
+
+
+def run_group(config) -> int:
+    """Collect what participant runs wrote: OUTPUT_DIR/group.tsv and group.html."""
+    from bids_denoise.io import write_text
+    from bids_denoise.outputs import DESCRIPTION, GROUP_FIGURE, GROUP_REPORT, GROUP_TABLE, OutputLayout
+    from bids_denoise.reports.figures import group_plot
+    from bids_denoise.reports.group import collect_rows, render_table
+    from bids_denoise.reports.html import render_group_report
+
+    layout = OutputLayout(config.execution.output_dir)
+    if not layout.path(DESCRIPTION).exists():
+        raise AppError(EXIT_NOINPUT, f"{layout.root}: no participant-level outputs found (run 'participant' first)")
+    rows = collect_rows(layout)
     if not rows:
-        return _fail(EXIT_NOINPUT, f"{output_dir}: no denoised runs found")
-    LOGGER.info("group table of %d run(s): %s, %s", len(rows), output_dir / "group.tsv", output_dir / "group.html")
+        raise AppError(EXIT_NOINPUT, f"{layout.root}: no denoised runs found")
+    with _io_errors():
+        write_text(render_table(rows), layout.path(GROUP_TABLE))
+        plotted = [row for row in rows if row["residual_rms"] != ""]
+        figure = group_plot(plotted, layout.path(GROUP_FIGURE)) if plotted else None
+        write_text(render_group_report(rows, figure.name if figure else None), layout.path(GROUP_REPORT))
+    LOGGER.info("group table of %d run(s): %s, %s", len(rows), layout.path(GROUP_TABLE), layout.path(GROUP_REPORT))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -34,6 +35,33 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
+def _open_nifti(path):
+    """The image object (header read, data not yet), or InputDataError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputDataError(f"{path}: file does not exist")
+    if path.stat().st_size == 0:
+        raise InputDataError(f"{path}: file is empty (0 bytes)")
+    try:
+        return nib.load(str(path))
+    except _READ_ERRORS as err:
+        raise InputDataError(f"{path}: not a readable NIfTI image (truncated or corrupt: {_reason(err)})") from None
+
+
+_READ_ERRORS = (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError)
+
+
+def _reason(err) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _check_ndim(path, shape, ndim):
+    if ndim == 4 and (len(shape) != 4 or shape[3] < 2):
+        raise InputDataError(f"{path}: expected a 4D series of volumes, got an image of shape {tuple(shape)}")
+    if ndim == 3 and not (len(shape) == 3 or len(shape) == 4 and shape[3] == 1):
+        raise InputDataError(f"{path}: expected a 3D image, got shape {tuple(shape)}")
+
+
 def load_nifti(path, *, ndim=None, check_finite=True):
     """Load a NIfTI image and its data, or raise InputDataError naming the file.
 
@@ -41,7 +69,7 @@ def load_nifti(path, *, ndim=None, check_finite=True):
     ----------
     path : path-like
     ndim : int, optional
-        Required number of dimensions (a 4D image with one volume counts as 3D).
+        Required number of dimensions (a 4D image with one volume counts as 3D, and is returned 3D).
     check_finite : bool
         Reject NaN or infinite voxels.
 
@@ -50,27 +78,17 @@ def load_nifti(path, *, ndim=None, check_finite=True):
     image : nibabel.Nifti1Image
     data : ndarray (float32 unless the file holds float64)
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputDataError(f"{path}: file does not exist")
-    if path.stat().st_size == 0:
-        raise InputDataError(f"{path}: file is empty (0 bytes)")
+    image = _open_nifti(path)
+    if ndim is not None:
+        _check_ndim(path, image.shape, ndim)
     try:
-        image = nib.load(str(path))
         raw = np.asanyarray(image.dataobj)
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputDataError(f"{path}: not a readable NIfTI image (truncated or corrupt: {reason})") from None
+    except _READ_ERRORS as err:
+        raise InputDataError(f"{path}: not a readable NIfTI image (truncated or corrupt: {_reason(err)})") from None
     dtype = np.float64 if raw.dtype == np.float64 else np.float32
     data = np.asarray(raw, dtype=dtype)
-    if ndim is not None:
-        shape = data.shape
-        if ndim == 4 and (data.ndim != 4 or shape[3] < 2):
-            raise InputDataError(
-                f"{path}: expected a 4D series of volumes, got an image of shape {shape}"
-            )
-        if ndim == 3 and data.ndim != 3:
-            raise InputDataError(f"{path}: expected a 3D image, got shape {shape}")
+    if ndim == 3 and data.ndim == 4:
+        data = data[..., 0]
     if check_finite and not np.isfinite(data).all():
         count = int(data.size - np.isfinite(data).sum())
         raise InputDataError(f"{path}: {count} voxel value(s) are NaN or infinite")
@@ -110,42 +128,112 @@ def read_bvecs(path, n_volumes=None) -> np.ndarray:
     return values
 
 
-def load_dwi_run(dwi_file, bval_file, bvec_file):
-    """Load and check a DWI run: a 4D finite image with matching bval/bvec.
-
-    Returns
-    -------
-    image, data, bvals, bvecs
-    """
+def _require_gradients(dwi_file, bval_file, bvec_file):
     if bval_file is None or not Path(bval_file).exists():
         raise InputDataError(f"{dwi_file}: no .bval file found for this DWI run")
     if bvec_file is None or not Path(bvec_file).exists():
         raise InputDataError(f"{dwi_file}: no .bvec file found for this DWI run")
-    image, data = load_nifti(dwi_file, ndim=4)
+
+
+def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi") -> int:
+    """Check a run from its header and gradient files, without reading its voxels.
+
+    Returns its number of volumes (1 for a 3D image). Voxel-level problems
+    (truncated data, NaN) are found by :func:`load_run`, which reads it once.
+    """
+    if modality == "dwi":
+        _require_gradients(in_file, bval_file, bvec_file)
+    image = _open_nifti(in_file)
+    _check_ndim(in_file, image.shape, 4 if modality == "dwi" else 3)
+    if modality == "dwi":
+        n_volumes = int(image.shape[3])
+        read_bvals(bval_file, n_volumes)
+        read_bvecs(bvec_file, n_volumes)
+        return n_volumes
+    return 1
+
+
+def load_run(in_file, bval_file=None, bvec_file=None, modality="dwi"):
+    """Load and check a run: a 4D finite series with matching bval/bvec, or a 3D finite image.
+
+    Returns
+    -------
+    image, data, bvals (or None), bvecs (or None)
+    """
+    if modality != "dwi":
+        image, data = load_nifti(in_file, ndim=3)
+        return image, data, None, None
+    _require_gradients(in_file, bval_file, bvec_file)
+    image, data = load_nifti(in_file, ndim=4)
     n_volumes = data.shape[3]
-    bvals = read_bvals(bval_file, n_volumes)
-    bvecs = read_bvecs(bvec_file, n_volumes)
-    return image, data, bvals, bvecs
+    return image, data, read_bvals(bval_file, n_volumes), read_bvecs(bvec_file, n_volumes)
 
 
 @contextmanager
 def atomic_path(destination):
-    """Yield a temporary path beside ``destination``; rename it into place on success."""
+    """Yield a temporary path beside ``destination``; rename it into place on success.
+
+    The temporary name, ``.<name>.<host>~<pid>~<random>.part<ext>``, tells a later
+    run which process wrote it, so that one left by a killed run can be removed
+    (:func:`stale_temporaries`). An OSError (a full disk) names the destination.
+    """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(destination.suffixes) or ".tmp"
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=f".part{suffix}", dir=destination.parent
-    )
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(destination.suffixes) or ".tmp"
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{destination.name}.{_HOST}~{os.getpid()}~", suffix=f".part{suffix}", dir=destination.parent
+        )
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(destination)) from None
     os.close(handle)
     temporary = Path(temporary)
     try:
         yield temporary
         os.chmod(temporary, 0o644)
         os.replace(temporary, destination)
+    except OSError as err:
+        if err.filename == str(destination):
+            raise
+        raise OSError(err.errno, err.strerror, str(destination)) from None
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+_HOST = re.sub(r"[^0-9A-Za-z-]", "-", os.uname().nodename) if hasattr(os, "uname") else "host"
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[0-9A-Za-z-]+)~(?P<pid>\d+)~[^/]*\.part[^/]*$")
+
+
+def stale_temporaries(folder, max_age_seconds=86400.0) -> list[Path]:
+    """Temporary files under ``folder`` that a killed run left behind.
+
+    One written on this host by a process that no longer runs is stale; one
+    from another host (a cluster node) is stale once older than ``max_age_seconds``.
+    """
+    import time
+
+    stale = []
+    for path in Path(folder).rglob(".*.part*"):
+        match = _TEMPORARY.match(path.name)
+        if not match or not path.is_file():
+            continue
+        if match["host"] == _HOST:
+            if not _alive(int(match["pid"])):
+                stale.append(path)
+        elif time.time() - path.stat().st_mtime > max_age_seconds:
+            stale.append(path)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_nifti(data, reference, destination, dtype=np.float32, affine=None):
@@ -173,6 +261,15 @@ def save_nifti(data, reference, destination, dtype=np.float32, affine=None):
     return Path(destination)
 
 
+def copy_atomic(source, destination) -> Path:
+    """Copy a file into place atomically."""
+    import shutil
+
+    with atomic_path(destination) as temporary:
+        shutil.copyfile(source, temporary)
+    return Path(destination)
+
+
 def write_text(text: str, destination) -> Path:
     with atomic_path(destination) as temporary:
         temporary.write_text(text)
@@ -193,16 +290,3 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi") -> int:
-    """Check a run as the app needs it; return its number of volumes (1 for a 3D image)."""
-    if modality == "dwi":
-        _, data, _, _ = load_dwi_run(in_file, bval_file, bvec_file)
-        return int(data.shape[3])
-    image, data = load_nifti(in_file)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputDataError(f"{in_file}: expected a 3D anatomical image, got shape {data.shape}")
-    return 1

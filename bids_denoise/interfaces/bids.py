@@ -1,144 +1,170 @@
-"""Interfaces at the edges of the graph: checking a run, writing derivatives.
+"""Interfaces at the edges of the graph: loading a run once, writing derivatives.
 
-:class:`DerivativesSink` is the only thing that writes into OUTPUT_DIR.
+:class:`LoadRun` reads and checks the raw run once and hands the checked arrays
+to every method and report node of the run. :class:`DerivativesSink` and
+:class:`ReportSink` are the only nodes that write into OUTPUT_DIR, at paths the
+output layout (:mod:`bids_denoise.outputs`) gives.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    Directory,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    isdefined,
-    traits,
-)
+from nipype.interfaces.base import Directory, File, TraitedSpec, isdefined, traits
+
+from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
 
 
-class CheckRunInputSpec(BaseInterfaceInputSpec):
-    in_file = File(mandatory=True, desc="4D DWI series, or a 3D anatomical image")
-    bval_file = traits.Either(None, File, mandatory=True)
-    bvec_file = traits.Either(None, File, mandatory=True)
+class LoadRunInputSpec(RecordedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="4D DWI series, or a 3D anatomical image")
+    bval_file = File(exists=True, desc="FSL-style b-values (DWI)")
+    bvec_file = File(exists=True, desc="FSL-style b-vectors (DWI)")
     modality = traits.Enum("dwi", "anat", usedefault=True)
 
 
-class CheckRunOutputSpec(TraitedSpec):
-    in_file = File(exists=True)
-    bval_file = File(exists=True)
-    bvec_file = File(exists=True)
-    n_volumes = traits.Int()
+class LoadRunOutputSpec(TraitedSpec):
+    data_file = File(exists=True, desc="the checked voxel data (.npy, float32 or float64)")
+    gradients_file = File(exists=True, desc="bvals and bvecs (.npz), DWI only")
+    digests = traits.Dict(desc="SHA-256 of the raw files, by file name")
 
 
-class CheckRun(SimpleInterface):
-    """Load a run and check it: a 4D series with matching bval/bvec, or a 3D image (one-line error otherwise)."""
+class LoadRun(RecordedInterface):
+    """Read a run once and check it: a finite 4D series with matching bval/bvec, or a finite 3D image."""
 
-    input_spec = CheckRunInputSpec
-    output_spec = CheckRunOutputSpec
+    input_spec = LoadRunInputSpec
+    output_spec = LoadRunOutputSpec
 
-    def _run_interface(self, runtime):
-        from bids_denoise.io import check_run
+    def _run(self, runtime):
+        import numpy as np
 
-        n_volumes = check_run(self.inputs.in_file, self.inputs.bval_file, self.inputs.bvec_file,
-                              self.inputs.modality)
-        self._results.update(in_file=self.inputs.in_file, n_volumes=n_volumes)
-        if self.inputs.modality == "dwi":
-            self._results.update(bval_file=self.inputs.bval_file, bvec_file=self.inputs.bvec_file)
+        from bids_denoise.io import load_run, sha256_of
+
+        gradients = [self.inputs.bval_file, self.inputs.bvec_file]
+        gradients = [path if isdefined(path) else None for path in gradients]
+        _, data, bvals, bvecs = load_run(self.inputs.in_file, *gradients, modality=self.inputs.modality)
+        cwd = Path(runtime.cwd)
+        np.save(cwd / "data.npy", data)
+        self._results["data_file"] = str(cwd / "data.npy")
+        if bvals is not None:
+            np.savez(cwd / "gradients.npz", bvals=bvals, bvecs=bvecs)
+            self._results["gradients_file"] = str(cwd / "gradients.npz")
+        self._results["digests"] = {Path(path).name: sha256_of(path)
+                                    for path in [self.inputs.in_file] + gradients if path}
         return runtime
 
 
-class DerivativesSinkInputSpec(BaseInterfaceInputSpec):
-    output_dir = Directory(mandatory=True, desc="the derivatives dataset (OUTPUT_DIR)")
-    source_file = File(exists=True, mandatory=True, desc="the raw DWI file")
-    source_relpath = traits.Str(mandatory=True, desc="raw file path relative to BIDS_DIR")
+class SinkInputSpec(RecordedInputSpec):
+    output_dir = Directory(mandatory=True, desc="OUTPUT_DIR")
+    source_relpath = traits.Str(mandatory=True, desc="the raw file's path relative to BIDS_DIR")
+    method = traits.Str(mandatory=True)
+    derivatives = traits.List(traits.Dict, mandatory=True, desc="the method node's outputs")
+
+
+class DerivativesSinkInputSpec(SinkInputSpec):
     source_metadata = traits.Dict(desc="the raw file's sidecar metadata (inheritance resolved)")
     bval_file = File(exists=True, desc="DWI only")
     bvec_file = File(exists=True, desc="DWI only")
-    suffix = traits.Str("dwi", usedefault=True, desc="BIDS suffix of the source (dwi, T1w, T2w)")
-    method = traits.Str(mandatory=True)
-    derivatives = traits.List(traits.Dict, mandatory=True)
     provenance = traits.Dict(mandatory=True)
+    input_digests = traits.Dict(desc="SHA-256 of the raw files")
     command_line = traits.Str("", usedefault=True)
     versions = traits.Dict(desc="software versions")
-    figures = traits.List(traits.Dict, desc="QC figures (kind, caption, path)")
-    qc_table = File(exists=True, desc="per-volume QC table")
-    qc_summary = traits.Dict(desc="run-level QC numbers")
 
 
-class DerivativesSinkOutputSpec(TraitedSpec):
+class SinkOutputSpec(TraitedSpec):
     out_files = traits.List(File(exists=True))
 
 
-class DerivativesSink(SimpleInterface):
-    """Write a method's outputs into OUTPUT_DIR with BIDS names and sidecars, atomically."""
+class DerivativesSink(RecordedInterface):
+    """Write a method's image and maps with their sidecars (and bval/bvec), atomically."""
 
     input_spec = DerivativesSinkInputSpec
-    output_spec = DerivativesSinkOutputSpec
+    output_spec = SinkOutputSpec
 
-    def _run_interface(self, runtime):
-        from bids_denoise import bids
-        from bids_denoise.io import sha256_of, write_json
+    def _run(self, runtime):
+        from bids_denoise import __version__
+        from bids_denoise.bids import CODE_URL, provenance_record
+        from bids_denoise.io import copy_atomic, sha256_of, write_json
+        from bids_denoise.outputs import OutputLayout, Source
 
-        output_dir = Path(self.inputs.output_dir)
-        has_gradients = isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file)
-        run = bids.Run(
-            path=Path(self.inputs.source_file),
-            bval=Path(self.inputs.bval_file) if has_gradients else None,
-            bvec=Path(self.inputs.bvec_file) if has_gradients else None,
-            entities={"_relpath": self.inputs.source_relpath},
-            metadata=dict(self.inputs.source_metadata),
-            suffix=self.inputs.suffix,
-        )
+        layout = OutputLayout(self.inputs.output_dir)
+        source = Source.from_relpath(self.inputs.source_relpath)
         method = self.inputs.method
-        provenance = dict(self.inputs.provenance)
-        provenance["CommandLine"] = self.inputs.command_line
-        provenance["SoftwareVersions"] = dict(self.inputs.versions)
+        provenance = dict(self.inputs.provenance, InputDigests=dict(self.inputs.input_digests),
+                          CommandLine=self.inputs.command_line, SoftwareVersions=dict(self.inputs.versions))
         written, digests = [], []
         for item in self.inputs.derivatives:
-            suffix = run.suffix if item["kind"] == "denoised" else item["suffix"]
-            relpath = bids.derivative_relpath(run, method, suffix=suffix, extra=item["entities"])
-            destination = output_dir / relpath
-            bids.copy_atomic(Path(item["path"]), destination)
+            is_image = item["kind"] == "image"
+            if is_image:
+                destination = layout.image(source, method, extra=item["entities"])
+            else:
+                destination = layout.map(source, method, item["name"])
+            copy_atomic(item["path"], destination)
             digest = sha256_of(destination)
-            digests.append((relpath, digest))
-            sidecar = {}
-            if item["kind"] == "denoised":
-                sidecar.update(run.metadata)
+            digests.append((str(destination.relative_to(layout.root)), digest))
+            sidecar = dict(self.inputs.source_metadata) if is_image else {}
             sidecar.update(
-                {
-                    "Description": item["description"],
-                    "Sources": [bids.bids_uri(run)],
-                    "SkullStripped": False,
-                    "GeneratedBy": [{"Name": "bids-denoise", "Version": provenance["SoftwareVersions"].get("bids-denoise"),
-                                     "CodeURL": bids.CODE_URL}],
-                    "Provenance": dict(provenance, OutputDigest=digest),
-                }
+                Description=item["description"],
+                Sources=[source.uri],
+                SkullStripped=False,
+                GeneratedBy=[{"Name": "bids-denoise", "Version": __version__, "CodeURL": CODE_URL}],
+                Provenance=dict(provenance, OutputDigest=digest),
             )
-            sidecar.update(item.get("sidecar", {}))
-            if item["kind"] == "denoised" and self.inputs.qc_summary:
-                sidecar["QC"] = dict(self.inputs.qc_summary)
-            write_json(sidecar, destination.with_name(destination.name.replace(".nii.gz", ".json")))
-            written.append(str(destination))
-            if item["kind"] == "denoised" and has_gradients:
-                for source, extension in ((self.inputs.bval_file, ".bval"), (self.inputs.bvec_file, ".bvec")):
-                    target = output_dir / bids.derivative_relpath(run, method, extension=extension,
-                                                                  extra=item["entities"])
-                    bids.copy_atomic(Path(source), target)
-                    written.append(str(target))
-        subject_dir = output_dir / Path(self.inputs.source_relpath).parts[0]
-        main_item = next(item for item in self.inputs.derivatives if item["kind"] == "denoised")
-        stem = Path(bids.derivative_relpath(run, method, extra=main_item["entities"])).name.rsplit("_", 1)[0]
+            if is_image:
+                sidecar.update(item.get("sidecar", {}))
+                if item.get("warnings"):
+                    sidecar["Warnings"] = list(item["warnings"])
+            write_json(sidecar, layout.sidecar(destination))
+            written += [str(destination), str(layout.sidecar(destination))]
+            if is_image and isdefined(self.inputs.bval_file):
+                for raw, target in zip((self.inputs.bval_file, self.inputs.bvec_file),
+                                       layout.gradients(source, method, extra=item["entities"])):
+                    written.append(str(copy_atomic(raw, target)))
+        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
+        write_json(provenance_record(source, method, digests, provenance),
+                   layout.prov_record(source, method, extra=main["entities"]))
+        self._results["out_files"] = written
+        return runtime
+
+
+class ReportSinkInputSpec(SinkInputSpec):
+    written = traits.List(File(exists=True), mandatory=True, desc="what the derivatives sink wrote (runs after it)")
+    figures = traits.List(traits.Dict, desc="QC figures (kind, path)")
+    qc_table = File(exists=True, desc="per-volume QC table")
+    qc_summary = traits.Dict(desc="run-level QC numbers")
+    warnings = traits.List(traits.Str, desc="figures that could not be made, and why")
+
+
+class ReportSink(RecordedInterface):
+    """Write a run's QC figures and table, and add the QC numbers to the main sidecar."""
+
+    input_spec = ReportSinkInputSpec
+    output_spec = SinkOutputSpec
+
+    def _run(self, runtime):
+        import json
+
+        from bids_denoise.io import copy_atomic, write_json
+        from bids_denoise.outputs import OutputLayout, Source
+
+        layout = OutputLayout(self.inputs.output_dir)
+        source = Source.from_relpath(self.inputs.source_relpath)
+        method = self.inputs.method
+        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
+        written = []
         for figure in self.inputs.figures or []:
-            target = subject_dir / "figures" / f"{stem}_{figure['kind']}.png"
-            bids.copy_atomic(Path(figure["path"]), target)
-            written.append(str(target))
+            target = layout.figure(source, method, figure["kind"], extra=main["entities"])
+            written.append(str(copy_atomic(figure["path"], target)))
         if isdefined(self.inputs.qc_table):
-            target = output_dir / bids.derivative_relpath(run, method, suffix="dwiqc", extension=".tsv")
-            bids.copy_atomic(Path(self.inputs.qc_table), target)
-            written.append(str(target))
-        prov_path = output_dir / "prov" / f"{stem}_prov.jsonld"
-        write_json(bids.provenance_record(run, method, digests, provenance), prov_path)
+            written.append(str(copy_atomic(self.inputs.qc_table, layout.qc_table(source, method))))
+        sidecar_path = layout.sidecar(layout.image(source, method, extra=main["entities"]))
+        sidecar = json.loads(sidecar_path.read_text())
+        if self.inputs.qc_summary:
+            sidecar["QC"] = dict(self.inputs.qc_summary)
+        if self.inputs.figures:
+            sidecar.setdefault("QC", {})["Figures"] = {figure["kind"]: figure["caption"]
+                                                       for figure in self.inputs.figures}
+        if self.inputs.warnings:
+            sidecar["Warnings"] = list(dict.fromkeys(sidecar.get("Warnings", []) + list(self.inputs.warnings)))
+        write_json(sidecar, sidecar_path)
         self._results["out_files"] = written
         return runtime

@@ -1,22 +1,35 @@
-"""The QC node of each run and method: residual statistics and figures."""
+"""The QC node of each run and method: residual statistics and figures.
+
+A figure that cannot be made never costs the user the data: the derivatives
+are written by their own sink, and a failed figure becomes a warning in the
+report, the sidecar and the log.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    isdefined,
-    traits,
-)
+from nipype.interfaces.base import File, TraitedSpec, isdefined, traits
+
+from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
+
+LOGGER = logging.getLogger("bids_denoise")
+
+CAPTIONS = {
+    "mosaic": "Input, denoised and residual (input - output) of a b0 and one volume per shell. "
+              "Structure in the residual means anatomy was removed.",
+    "residualmap": "Residual RMS over volumes, per voxel.",
+    "volumes": "Residual RMS of each volume inside the brain; red circles mark outliers within their shell.",
+    "training": "Training and held-out validation loss per epoch.",
+    "calibration": "Self-supervised (J-invariant) loss of each candidate parameter; the least is chosen.",
+    "superres": "Input and super-resolved output: central crops of the same region in three orientations.",
+}
 
 
-class RunReportInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="the raw DWI series or anatomical image")
-    bval_file = File(exists=True, desc="DWI only")
+class RunReportInputSpec(RecordedInputSpec):
+    data_file = File(exists=True, mandatory=True, desc="the raw data (.npy) from LoadRun")
+    gradients_file = File(exists=True, desc="bvals and bvecs (.npz), DWI only")
     derivatives = traits.List(traits.Dict, mandatory=True, desc="the method's outputs")
     method = traits.Str(mandatory=True)
     title = traits.Str(mandatory=True, desc="run label for figure titles")
@@ -24,75 +37,107 @@ class RunReportInputSpec(BaseInterfaceInputSpec):
 
 
 class RunReportOutputSpec(TraitedSpec):
-    figures = traits.List(traits.Dict, desc="kind and path of each figure")
+    figures = traits.List(traits.Dict, desc="kind, caption and path of each figure")
     qc_table = File(exists=True, desc="per-volume residual RMS and outlier flags (TSV)")
     qc_summary = traits.Dict(desc="run-level QC numbers for sidecars and the group table")
+    warnings = traits.List(traits.Str, desc="figures that could not be made, and why")
 
 
-class RunReport(SimpleInterface):
-    """Mosaics of input/denoised/residual, maps, and the per-volume residual plot and table."""
+class RunReport(RecordedInterface):
+    """Mosaics of input/denoised/residual, the method's maps, the per-volume residual plot and table."""
 
     input_spec = RunReportInputSpec
     output_spec = RunReportOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run(self, runtime):
         import numpy as np
 
-        from bids_denoise.io import load_nifti, read_bvals, write_text
+        from bids_denoise.io import load_nifti
+
+        self._cwd = Path(runtime.cwd)
+        self._figures, self._warnings = [], []
+        noisy = np.load(self.inputs.data_file)
+        bvals = None
+        if isdefined(self.inputs.gradients_file):
+            with np.load(self.inputs.gradients_file) as gradients:
+                bvals = gradients["bvals"]
+        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
+        _, denoised = load_nifti(main["path"])
+        if bvals is None:  # an anatomical image: one "volume"
+            noisy, denoised = noisy.reshape(noisy.shape[:3] + (1,)), denoised.reshape(denoised.shape[:3] + (1,))
+        if noisy.shape[:3] != denoised.shape[:3]:  # super-resolution: a new grid, no residual
+            self._superres(noisy, denoised)
+        else:
+            self._residuals(noisy, denoised, bvals)
+        self._learning()
+        self._results["figures"] = self._figures
+        self._results["warnings"] = self._warnings
+        return runtime
+
+    def _figure(self, kind, make, caption=None):
+        """Make one figure; a failure becomes a warning, never an error."""
+        path = self._cwd / f"{kind}.png"
+        try:
+            make(path)
+        except Exception as err:  # noqa: BLE001 - any plotting failure is reported, not raised
+            message = f"figure {kind!r} could not be made: {type(err).__name__}: {err}".splitlines()[0]
+            LOGGER.warning("%s (%s): %s", self.inputs.title, self.inputs.method, message)
+            self._warnings.append(message)
+            return
+        self._figures.append({"kind": kind, "path": str(path), "caption": caption or CAPTIONS.get(kind, "")})
+
+    def _superres(self, noisy, denoised):
+        from bids_denoise.reports import figures
+
+        title = f"{self.inputs.title}: {self.inputs.method}"
+        self._figure("superres", lambda path: figures.superres_figure(noisy[..., 0], denoised[..., 0], path, title))
+        self._results["qc_summary"] = {"InputShape": list(noisy.shape), "OutputShape": list(denoised.shape)}
+
+    def _residuals(self, noisy, denoised, bvals):
+        import numpy as np
+
+        from bids_denoise.io import load_nifti, write_text
         from bids_denoise.methods.masking import b0_brain_mask
         from bids_denoise.reports import figures
 
-        cwd = Path(runtime.cwd)
-        series = isdefined(self.inputs.bval_file)
-        by_kind = {item["kind"]: item["path"] for item in self.inputs.derivatives}
-        _, noisy = load_nifti(self.inputs.in_file)
-        _, denoised = load_nifti(by_kind["denoised"])
-        if not series:  # an anatomical image: one "volume"
-            noisy, denoised = noisy.reshape(noisy.shape[:3] + (1,)), denoised.reshape(denoised.shape[:3] + (1,))
-        if noisy.shape[:3] != denoised.shape[:3]:  # super-resolution: a new grid, no residual
-            figure = figures.superres_figure(noisy[..., 0], denoised[..., 0], cwd / "superres.png",
-                                             f"{self.inputs.title}: {self.inputs.method}")
-            self._results["figures"] = [{"kind": "superres", "path": str(figure)}]
-            self._results["qc_summary"] = {"InputShape": list(noisy.shape), "OutputShape": list(denoised.shape)}
-            return runtime
-        bvals = read_bvals(self.inputs.bval_file, noisy.shape[3]) if series else np.zeros(1)
+        series = bvals is not None
+        bvals = bvals if series else np.zeros(1)
         mask = b0_brain_mask(noisy, bvals)
         rms, outlier, shells = figures.residual_statistics(noisy, denoised, bvals, mask)
         method, title = self.inputs.method, self.inputs.title
-
         representative = figures.representative_volumes(bvals, shells)
         residual_map = np.sqrt(np.mean((noisy - denoised) ** 2, axis=3))
-        made = [
-            ("mosaic", figures.mosaic(noisy, denoised, representative, cwd / "mosaic.png", f"{title}: {method}")),
-            ("residualmap", figures.map_figure(residual_map, cwd / "residualmap.png", f"{method}: residual RMS map")),
-        ]
+        self._figure("mosaic", lambda path: figures.mosaic(noisy, denoised, representative, path, f"{title}: {method}"))
+        self._figure("residualmap", lambda path: figures.map_figure(residual_map, path, f"{method}: residual RMS map"))
         if series:
-            made.append(("volumes", figures.volume_plot(rms, outlier, bvals, cwd / "volumes.png",
-                                                        f"{method}: residual per volume")))
+            self._figure("volumes", lambda path: figures.volume_plot(rms, outlier, bvals, path,
+                                                                     f"{method}: residual per volume"))
         summary = {
             "ResidualRMS": round(float(rms.mean()), 4),
             "OutlierVolumes": [int(v) for v in np.flatnonzero(outlier)],
             "BrainVoxels": int(mask.sum()),
         }
-        if "noise" in by_kind:
-            _, sigma = load_nifti(by_kind["noise"], ndim=3)
-            summary["NoiseSigmaMedian"] = round(float(np.median(sigma[mask])), 4)
-            made.append(("noisemap", figures.map_figure(sigma, cwd / "noisemap.png", f"{method}: noise sigma")))
-        if "rank" in by_kind:
-            _, rank = load_nifti(by_kind["rank"], ndim=3)
-            made.append(("rankmap", figures.map_figure(rank, cwd / "rankmap.png", f"{method}: rank", cmap="viridis")))
-
-        details = (self.inputs.provenance or {}).get("Details", {})
-        if details.get("history", {}).get("epochs"):
-            made.append(("training", figures.loss_curves(details["history"], cwd / "training.png", f"{method} training")))
-        if details.get("calibration"):
-            made.append(("calibration", figures.calibration_curve(details["calibration"], cwd / "calibration.png",
-                                                                   f"{method}: self-supervised calibration")))
-
+        for item in self.inputs.derivatives:
+            if item["kind"] != "map":
+                continue
+            _, values = load_nifti(item["path"], ndim=3)
+            if item.get("summary_key") and mask.any():
+                summary[item["summary_key"]] = round(float(np.median(values[mask])), 4)
+            self._figure(f"{item['name']}map", lambda path, values=values, item=item: figures.map_figure(
+                values, path, f"{method}: {item['name']}"), caption=item["description"])
         if series:
             lines = ["volume\tbval\tshell\tresidual_rms\toutlier"]
             lines += [f"{i}\t{bvals[i]:g}\t{shells[i]}\t{rms[i]:.6g}\t{int(outlier[i])}" for i in range(rms.size)]
-            self._results["qc_table"] = str(write_text("\n".join(lines) + "\n", cwd / "qc.tsv"))
-        self._results["figures"] = [{"kind": kind, "path": str(path)} for kind, path in made]
+            self._results["qc_table"] = str(write_text("\n".join(lines) + "\n", self._cwd / "qc.tsv"))
         self._results["qc_summary"] = summary
-        return runtime
+
+    def _learning(self):
+        from bids_denoise.reports import figures
+
+        details = (self.inputs.provenance or {}).get("Details", {})
+        method = self.inputs.method
+        if details.get("history", {}).get("epochs"):
+            self._figure("training", lambda path: figures.loss_curves(details["history"], path, f"{method} training"))
+        if details.get("calibration"):
+            self._figure("calibration", lambda path: figures.calibration_curve(
+                details["calibration"], path, f"{method}: self-supervised calibration"))

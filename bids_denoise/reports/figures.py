@@ -51,6 +51,23 @@ def representative_volumes(bvals, shells):
     return picks
 
 
+def display_range(image) -> tuple[float, float]:
+    """Grey-scale limits: from 0 (or the 0.5th percentile when the image goes below 0) to the 99.5th.
+
+    Always an increasing pair, whatever the sign or the spread of the values.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(finite, [0.5, 99.5])
+    low = min(0.0, float(low))
+    high = float(high)
+    if not high > low:
+        high = low + (abs(low) or 1.0)
+    return low, high
+
+
 def _middle_slice(volume, axis):
     index = volume.shape[axis] // 2
     return np.rot90(np.take(volume, index, axis=axis))
@@ -70,12 +87,12 @@ def mosaic(noisy, denoised, picks, path, title):
     for block, (name, index) in enumerate(picks):
         source, result = noisy[..., index], denoised[..., index]
         residual = source - result
-        top = np.percentile(source, 99.5) or 1.0
+        low_value, top = display_range(source)
         limit = np.percentile(np.abs(residual), 99.5) or 1.0
         for column, (orientation, axis) in enumerate(ORIENTATIONS):
             panels = (
-                (source, "gray", 0, top, f"{name} input"),
-                (result, "gray", 0, top, f"{name} denoised"),
+                (source, "gray", low_value, top, f"{name} input"),
+                (result, "gray", low_value, top, f"{name} denoised"),
                 (residual, "RdBu_r", -limit, limit, f"{name} residual"),
             )
             for offset, (image, cmap, low, high, label) in enumerate(panels):
@@ -90,9 +107,9 @@ def mosaic(noisy, denoised, picks, path, title):
 def map_figure(volume, path, title, cmap="magma"):
     """A 3D map (noise sigma, rank, residual RMS) in three orientations with a colour bar."""
     figure, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
-    top = float(np.percentile(volume, 99.5)) or 1.0
+    low, top = display_range(volume)
     for ax, (orientation, axis) in zip(axes, ORIENTATIONS):
-        shown = ax.imshow(_middle_slice(volume, axis), cmap=cmap, vmin=0, vmax=top, interpolation="nearest")
+        shown = ax.imshow(_middle_slice(volume, axis), cmap=cmap, vmin=low, vmax=top, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(orientation, fontsize=7)
     figure.colorbar(shown, ax=axes, shrink=0.8)

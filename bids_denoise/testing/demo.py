@@ -12,7 +12,13 @@ import nibabel as nib
 import numpy as np
 
 from bids_denoise.cli import main as cli_main
+from bids_denoise.registry import by_role
 from bids_denoise.testing.phantom import make_bids_dataset
+
+
+def demo_methods() -> list[str]:
+    """The DWI denoisers that need no training (the learned ones want a GPU or minutes of CPU)."""
+    return [name for name, spec in by_role("denoise").items() if "dwi" in spec.modalities and not spec.learned]
 
 
 def main(argv=None) -> int:
@@ -22,7 +28,8 @@ def main(argv=None) -> int:
     truths = make_bids_dataset(raw, shape=(32, 32, 20), shells=((1000.0, 30), (2000.0, 30)), n_b0=4,
                                truth_dir=root / "truth")
     print(f"phantom BIDS dataset: {raw}")
-    code = cli_main([str(raw), str(out), "participant", "--methods", "patch2self", "mppca", "-w", str(work)])
+    methods = demo_methods()
+    code = cli_main([str(raw), str(out), "participant", "--methods", *methods, "-w", str(work)])
     if code:
         return code
     cli_main([str(raw), str(out), "group"])
@@ -35,11 +42,11 @@ def main(argv=None) -> int:
         signal = nib.load(truth).get_fdata()
         brain = signal[..., 0] > 0
         noisy = nib.load(raw / relpath).get_fdata()
-        row = [f"{Path(relpath).name:48s} noisy {np.sqrt(np.mean((noisy - signal)[brain] ** 2)):7.2f}"]
-        for method in ("patch2self", "mppca"):
+        row = [f"{Path(relpath).name:46s} noisy {np.sqrt(np.mean((noisy - signal)[brain] ** 2)):6.2f}"]
+        for method in methods:
             path = out / relpath.replace("_dwi.nii.gz", f"_desc-{method}_dwi.nii.gz")
             denoised = nib.load(path).get_fdata()
-            row.append(f"{method} {np.sqrt(np.mean((denoised - signal)[brain] ** 2)):7.2f}")
+            row.append(f"{method} {np.sqrt(np.mean((denoised - signal)[brain] ** 2)):6.2f}")
         print("  " + "  ".join(row))
     print(f"\nlook at: {out}/sub-01/ (denoised series, noise maps, sidecars), {out}/group.tsv")
     print(f"report: {out / 'sub-01.html'} (group summary: {out / 'group.html'})")

@@ -1,95 +1,100 @@
 """The whole processing graph, assembled in one place.
 
-One workflow per participant; inside it one sub-workflow per DWI run:
-check the run -> one node per selected method -> its QC report -> write the derivatives.
+One workflow per participant; inside it one sub-workflow per run::
+
+    load_run ─┬─> <method>_denoise ─┬─> <method>_sink           (images, maps, sidecars)
+              │                     └─> <method>_report ─> <method>_report_sink   (figures, QC)
+              └────────────────────────────┘
+
+The run is read and checked once (``load_run``); every method that takes the
+run's modality gets the same node (:class:`~bids_denoise.interfaces.method.RunMethod`),
+set from its registry entry. The derivatives are written before any figure is
+made, so a failed figure never costs the data.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from bids_denoise.interfaces.bids import CheckRun, DerivativesSink
+from bids_denoise.config import RunConfig
+from bids_denoise.interfaces.bids import DerivativesSink, LoadRun, ReportSink
+from bids_denoise.interfaces.method import RunMethod
 from bids_denoise.interfaces.reports import RunReport
-from bids_denoise.registry import MethodSpec
 
 
-@dataclass
-class WorkflowSettings:
-    """Run settings every node needs (one place, as fMRIPrep's config)."""
-
-    output_dir: Path
-    work_dir: Path
-    device: str = "cpu"
-    seed: int = 0
-    omp_nthreads: int = 1
-    method_parameters: dict = field(default_factory=dict)
-    command_line: str = ""
-    versions: dict = field(default_factory=dict)
-    gpu_plugin_args: dict = field(default_factory=dict)  # e.g. {"sbatch_args": "--gres=gpu:1"}
-
-
-def init_participant_wf(subject: str, runs, methods: list[MethodSpec], settings: WorkflowSettings):
+def init_participant_wf(subject: str, runs, methods: list, config: RunConfig, *, device: str, failure_dir: str,
+                        versions: dict):
     """Workflow for one participant: a sub-workflow per run."""
-    workflow = pe.Workflow(name=f"sub_{_safe(subject)}_wf", base_dir=str(settings.work_dir))
+    workflow = pe.Workflow(name=f"sub_{_safe(subject)}_wf", base_dir=str(config.execution.work_dir))
     for run in runs:
-        workflow.add_nodes([init_run_wf(run, methods, settings)])
+        workflow.add_nodes([init_run_wf(run, methods, config, device=device, failure_dir=failure_dir,
+                                        versions=versions)])
     return workflow
 
 
-def init_run_wf(run, methods: list[MethodSpec], settings: WorkflowSettings):
-    """Check one run, run each method that takes its modality, write the derivatives."""
-    methods = [spec for spec in methods if run.modality in spec.modalities]
+def init_run_wf(run, methods: list, config: RunConfig, *, device: str, failure_dir: str, versions: dict):
+    """Load one run, run each method that takes its modality, write the derivatives and the QC."""
     workflow = pe.Workflow(name=f"{_safe(run.label)}_wf")
-    check = pe.Node(CheckRun(modality=run.modality), name="check_run")
-    check.inputs.in_file = str(run.path)
-    check.inputs.bval_file = str(run.bval) if run.bval else None
-    check.inputs.bvec_file = str(run.bvec) if run.bvec else None
-    on_gpu = settings.device.startswith("cuda")
-    for spec in methods:
-        denoise = pe.Node(
-            spec.interface(),
-            name=f"{spec.name}_denoise",
-            n_procs=1 if (spec.uses_gpu and on_gpu) else settings.omp_nthreads,
-            mem_gb=spec.mem_gb,
-        )
-        denoise.inputs.parameters = settings.method_parameters.get(spec.name, spec.defaults())
-        denoise.inputs.device = settings.device if spec.uses_gpu else "cpu"
-        denoise.inputs.use_gpu = bool(spec.uses_gpu and on_gpu)
-        if spec.uses_gpu and settings.gpu_plugin_args and settings.device != "cpu":
-            # batch plugins: GPU nodes ask for a GPU, CPU nodes keep the plugin's own arguments
-            denoise.plugin_args = dict(settings.gpu_plugin_args, overwrite=True)
-        denoise.inputs.seed = settings.seed
-        denoise.inputs.omp_nthreads = settings.omp_nthreads
-        report = pe.Node(RunReport(method=spec.name, title=run.label), name=f"{spec.name}_report")
-        sink = pe.Node(DerivativesSink(), name=f"{spec.name}_sink", run_without_submitting=True,
-                       overwrite=True)
-        sink.inputs.output_dir = str(settings.output_dir)
-        sink.inputs.source_relpath = run.relpath
+    record = {"failure_dir": failure_dir, "run_label": run.label}
+    load = pe.Node(LoadRun(modality=run.modality, stage="load", **record), name="load_run")
+    load.inputs.in_file = str(run.path)
+    if run.modality == "dwi":
+        load.inputs.bval_file, load.inputs.bvec_file = str(run.bval), str(run.bvec)
+    for spec in (spec for spec in methods if run.modality in spec.modalities):
+        denoise = _method_node(spec, config, device, record)
+        denoise.inputs.reference_file = str(run.path)
+        report = pe.Node(RunReport(method=spec.name, title=run.label, stage=f"{spec.name} report", **record),
+                         name=f"{spec.name}_report")
+        sink = pe.Node(DerivativesSink(stage=f"{spec.name} output", **record), name=f"{spec.name}_sink",
+                       run_without_submitting=True, overwrite=True)
+        report_sink = pe.Node(ReportSink(stage=f"{spec.name} report output", **record),
+                              name=f"{spec.name}_report_sink", run_without_submitting=True, overwrite=True)
+        for node in (sink, report_sink):
+            node.inputs.output_dir = str(config.execution.output_dir)
+            node.inputs.source_relpath = run.relpath
+            node.inputs.method = spec.name
         sink.inputs.source_metadata = run.metadata
-        sink.inputs.method = spec.name
-        sink.inputs.suffix = run.suffix
-        sink.inputs.command_line = settings.command_line
-        sink.inputs.versions = settings.versions
+        sink.inputs.command_line = config.execution.command_line
+        sink.inputs.versions = versions
+        if run.modality == "dwi":
+            sink.inputs.bval_file, sink.inputs.bvec_file = str(run.bval), str(run.bvec)
         workflow.connect([
-            (check, denoise, [("in_file", "in_file")]),
-            (check, sink, [("in_file", "source_file")]),
-            (check, report, [("in_file", "in_file")]),
-            (denoise, report, [("derivatives", "derivatives"), ("provenance", "provenance")]),
+            (load, denoise, [("data_file", "data_file")]),
+            (load, report, [("data_file", "data_file")]),
+            (load, sink, [("digests", "input_digests")]),
             (denoise, sink, [("derivatives", "derivatives"), ("provenance", "provenance")]),
-            (report, sink, [("figures", "figures"), ("qc_summary", "qc_summary")]),
+            (denoise, report, [("derivatives", "derivatives"), ("provenance", "provenance")]),
+            (denoise, report_sink, [("derivatives", "derivatives")]),
+            (sink, report_sink, [("out_files", "written")]),
+            (report, report_sink, [("figures", "figures"), ("qc_summary", "qc_summary"),
+                                   ("warnings", "warnings")]),
         ])
         if run.modality == "dwi":
             workflow.connect([
-                (check, denoise, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-                (check, sink, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-                (check, report, [("bval_file", "bval_file")]),
-                (report, sink, [("qc_table", "qc_table")]),
+                (load, denoise, [("gradients_file", "gradients_file")]),
+                (load, report, [("gradients_file", "gradients_file")]),
+                (report, report_sink, [("qc_table", "qc_table")]),
             ])
     return workflow
+
+
+def _method_node(spec, config: RunConfig, device: str, record: dict):
+    """The node of one method, set from its registry entry: parameters, device, threads, GPU."""
+    on_gpu = spec.uses_gpu and device.startswith("cuda")
+    omp_nthreads = config.nipype.omp_nthreads
+    node = pe.Node(RunMethod(method=spec.name, stage=spec.name, **record), name=f"{spec.name}_denoise",
+                   n_procs=1 if on_gpu else omp_nthreads, mem_gb=spec.mem_gb)
+    node.inputs.parameters = config.workflow.parameters.get(spec.name, spec.defaults())
+    node.inputs.device = device if spec.uses_gpu else "cpu"
+    node.inputs.use_gpu = on_gpu
+    node.inputs.seed = config.workflow.seed
+    node.inputs.omp_nthreads = omp_nthreads
+    if spec.uses_gpu and config.nipype.gpu_plugin_args and device != "cpu":
+        # batch plugins: GPU nodes ask for a GPU, CPU nodes keep the plugin's own arguments
+        node.plugin_args = dict(config.nipype.gpu_plugin_args, overwrite=True)
+    return node
 
 
 def _safe(label: str) -> str:

@@ -1,0 +1,54 @@
+"""Noise2Self: registration (``methods/noise2self.py`` holds the method)."""
+
+from __future__ import annotations
+
+from bids_denoise.contract import MethodResult, MethodSpec, Param, Reference, default_of, positive
+from bids_denoise.methods.noise2self import noise2self
+from bids_denoise.registry import register
+from bids_denoise.registry._training import budget, budget_params, save_weights
+
+BATSON2019 = Reference(
+    "batson2019",
+    "Batson J, Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019.",
+    "@inproceedings{batson2019,\n  author={Batson, Joshua and Royer, Loic},\n  title={Noise2Self: Blind Denoising "
+    "by Self-Supervision},\n  booktitle={ICML},\n  year={2019}\n}",
+)
+
+
+def run(inputs, parameters) -> MethodResult:
+    context = parameters["context"] if inputs.is_series else "volume"  # an image alone has no series
+    result = noise2self(
+        inputs.data, inputs.bvals, context=context, width=parameters["mask_width"], mode=parameters["fill"],
+        slice_axis=parameters["slice_axis"], seed=inputs.seed, device=inputs.device, **budget(parameters),
+    )
+    details = {"context": context, "history": result.history, "final_validation_loss": result.final_loss,
+               "weights": save_weights(result.state_dict, inputs.work_dir)}
+    what = "DWI series" if inputs.bvals is not None else "Image"
+    return MethodResult(result.denoised, f"{what} denoised with Noise2Self", details=details)
+
+
+def describe(parameters) -> str:
+    return ("Images were denoised with a J-invariant network trained by Noise2Self [batson2019] on the run itself "
+            f"({parameters['context']} context, masker width {parameters['mask_width']}).")
+
+
+SPEC = register(MethodSpec(
+    name="noise2self",
+    title="Noise2Self",
+    summary="a J-invariant U-Net trained on the run itself (masked self-supervised loss)",
+    run=run,
+    describe=describe,
+    references=(BATSON2019,),
+    modalities=("dwi", "anat"),
+    uses_gpu=True,
+    learned=True,
+    mem_gb=4.0,
+    params=budget_params(noise2self) + (
+        Param("context", str, "series", "each volume alone, or with other volumes of its shell as channels",
+              choices=("volume", "series")),
+        Param("mask_width", positive(int), default_of(noise2self, "width"), "masker grid width"),
+        Param("fill", str, default_of(noise2self, "mode"), "how masked voxels are filled",
+              choices=("zero", "interpolate")),
+        Param("slice_axis", int, default_of(noise2self, "slice_axis"), "axis of the 2D slices", choices=(0, 1, 2)),
+    ),
+))

@@ -6,6 +6,15 @@ never saw the input on J. The self-supervised loss ``||f_theta(x) - x||^2`` on J
 is the true error plus a constant, so the ``theta`` with the least loss is the
 best one, found without ground truth. The median filter's "donut" form (centre
 excluded) is J-invariant by construction and needs no masking.
+
+These are the generic tools (``grid_mask`` also serves the Noise2Self masker).
+The app's median method, which also weighs the filter against no filtering,
+is :mod:`bids_denoise.methods.median`.
+
+References
+----------
+Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019,
+PMLR 97:524-533.
 """
 
 from __future__ import annotations
@@ -69,11 +78,18 @@ def self_supervised_loss(denoiser, image, width=3):
 
 
 def donut_median(image, radius):
-    """Median over a cube of the given radius with the centre voxel excluded (J-invariant)."""
+    """Median over a cube of the given radius with the centre voxel excluded (J-invariant).
+
+    The image is extended periodically (``mode="wrap"``): replicating the edge
+    (``"nearest"``) or mirroring it would put copies of a face voxel into its
+    own window, and the filter would no longer be J-invariant there. With
+    ``wrap`` no voxel sees itself as long as every axis is longer than
+    ``radius``.
+    """
     size = 2 * int(radius) + 1
     footprint = np.ones((size,) * image.ndim, dtype=bool)
     footprint[(int(radius),) * image.ndim] = False
-    return _ndimage().median_filter(np.asarray(image, float), footprint=footprint, mode="nearest")
+    return _ndimage().median_filter(np.asarray(image, float), footprint=footprint, mode="wrap")
 
 
 def calibrate(denoiser_of, image, thetas, *, parameter="theta", width=3, already_j_invariant=False):
@@ -82,7 +98,7 @@ def calibrate(denoiser_of, image, thetas, *, parameter="theta", width=3, already
     Parameters
     ----------
     denoiser_of : callable(theta) -> callable(image) -> image
-    image : ndarray, or a list of ndarrays (losses are summed: e.g. volumes of a run)
+    image : ndarray, or a list of ndarrays (losses are averaged: e.g. volumes of a run)
     thetas : sequence of candidate values
     already_j_invariant : bool
         The denoiser never looks at the centre voxel (e.g. the donut median).
@@ -102,30 +118,3 @@ def calibrate(denoiser_of, image, thetas, *, parameter="theta", width=3, already
         losses.append(float(loss))
     best = thetas[int(np.argmin(losses))]
     return Calibration(parameter, list(thetas), losses, best)
-
-
-def calibrated_median(volumes, radii=(1, 2, 3)):
-    """Donut median with the radius chosen by self-supervised loss over ``volumes`` (a list of 3D arrays)."""
-    calibration = calibrate(lambda r: (lambda x: donut_median(x, r)), list(volumes), list(radii),
-                            parameter="radius", already_j_invariant=True)
-    return calibration
-
-
-def calibrated_gaussian(volumes, sigmas=(0.5, 0.75, 1.0, 1.5, 2.0)):
-    """Gaussian smoothing with sigma chosen by the J-invariant self-supervised loss."""
-    return calibrate(lambda s: (lambda x: _ndimage().gaussian_filter(x, s)), list(volumes), list(sigmas),
-                     parameter="sigma")
-
-
-def calibrated_nlmeans(volumes, strengths=(0.5, 1.0, 1.5, 2.0), noise_sigma=None):
-    """DIPY's non-local means with its strength (h = strength x sigma) chosen by the self-supervised loss."""
-    from dipy.denoise.nlmeans import nlmeans
-    from dipy.denoise.noise_estimate import estimate_sigma
-
-    volumes = list(volumes)
-    sigma = noise_sigma if noise_sigma is not None else float(np.median([estimate_sigma(v)[0] for v in volumes]))
-
-    def denoiser_of(strength):
-        return lambda x: nlmeans(x, sigma=strength * sigma, patch_radius=1, block_radius=2, rician=False)
-
-    return calibrate(denoiser_of, volumes, list(strengths), parameter="strength"), sigma

@@ -1,4 +1,4 @@
-"""Noise2Self: masker coverage, J-invariance, calibration picks the truly best parameter."""
+"""Noise2Self: masker coverage, J-invariance, training (the calibration tools: test_calibrate.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from bids_denoise.methods import calibrate
 from bids_denoise.methods.networks import UNet
 from bids_denoise.methods.noise2self import Masker, j_invariant_predict, noise2self
 
@@ -33,44 +32,6 @@ def test_network_inference_is_j_invariant(mode):
     assert torch.allclose(j_invariant_predict(model, masker, changed)[:, :, hidden], baseline[:, :, hidden])
 
 
-def test_calibrated_filters_are_j_invariant():
-    rng = np.random.default_rng(0)
-    image = rng.normal(size=(10, 10))
-    hidden = calibrate.grid_mask(image.shape, 3, 4)
-    changed = image.copy()
-    changed[hidden] += 10
-    smooth = lambda x: calibrate._ndimage().gaussian_filter(x, 1.0)  # noqa: E731
-    assert np.allclose(calibrate.j_invariant(smooth, image)[hidden], calibrate.j_invariant(smooth, changed)[hidden])
-    centre = (5, 5)
-    changed = image.copy()
-    changed[centre] += 10
-    assert calibrate.donut_median(image, 1)[centre] == calibrate.donut_median(changed, 1)[centre]
-
-
-def smooth_image(seed=0):
-    grid = np.meshgrid(np.linspace(0, 1, 48), np.linspace(0, 1, 48), indexing="ij")
-    signal = 100 * (np.sin(6 * grid[0]) * np.cos(4 * grid[1]) + 1.5)
-    return signal, signal + np.random.default_rng(seed).normal(0, 20, signal.shape)
-
-
-@pytest.mark.parametrize("kind", ["median", "gaussian"])
-def test_self_supervised_loss_picks_the_truly_best_parameter(kind):
-    signal, noisy = smooth_image()
-    if kind == "median":
-        thetas = [1, 2, 3, 4]
-        calibration = calibrate.calibrated_median([noisy], thetas)
-        true_error = [np.mean((calibrate.donut_median(noisy, t) - signal) ** 2) for t in thetas]
-    else:
-        thetas = [0.5, 1.0, 1.5, 2.5, 4.0]
-        calibration = calibrate.calibrated_gaussian([noisy], thetas)
-        true_error = [np.mean((calibrate.j_invariant(lambda x: calibrate._ndimage().gaussian_filter(x, t), noisy)
-                               - signal) ** 2) for t in thetas]
-    best_true = int(np.argmin(true_error))
-    assert abs(thetas.index(calibration.best) - best_true) <= 1
-    # loss = true error + noise variance (400), within sampling error
-    assert np.allclose(np.array(calibration.losses) - np.array(true_error), 400, rtol=0.2)
-
-
 def small_run(phantom, **options):
     options.setdefault("seed", 0)
     return noise2self(phantom.noisy, phantom.bvals, epochs=3, steps_per_epoch=6, batch_size=8, net_width=8,
@@ -93,18 +54,3 @@ def test_three_dimensional_image():
     image = np.random.default_rng(0).uniform(0, 100, (12, 12, 6)).astype(np.float32)
     result = noise2self(image, epochs=1, steps_per_epoch=2, batch_size=4, net_width=4)
     assert result.denoised.shape == image.shape
-
-
-def test_nlmeans_strength_is_calibrated_near_the_true_best():
-    pytest.importorskip("dipy.denoise.nlmeans")
-    grid = np.meshgrid(*[np.linspace(0, 1, n) for n in (20, 20, 10)], indexing="ij")
-    signal = 100 * (np.sin(5 * grid[0]) * np.cos(3 * grid[1]) + 1.5) + 20 * grid[2]
-    noisy = signal + np.random.default_rng(1).normal(0, 15, signal.shape)
-    strengths = [0.25, 0.5, 1.0, 2.0, 4.0]
-    calibration, sigma = calibrate.calibrated_nlmeans([noisy], strengths, noise_sigma=15.0)
-    from dipy.denoise.nlmeans import nlmeans
-
-    true_error = [np.mean((calibrate.j_invariant(
-        lambda x, h=h: nlmeans(x, sigma=h * sigma, patch_radius=1, block_radius=2, rician=False), noisy)
-        - signal) ** 2) for h in strengths]
-    assert abs(strengths.index(calibration.best) - int(np.argmin(true_error))) <= 1

@@ -1,0 +1,414 @@
+"""Self-calibrated median filter that can say no.
+
+A median filter denoises well where the image is flat and blurs where it is not.
+This method decides from the data alone how much of it to use, and may decide
+to use none:
+
+1. **Candidates.** For every radius ``r`` in ``radii``: the ordinary median over
+   the ``(2r+1)^3`` cube (``"median"``) and the Noise2Self donut median, the same
+   cube without its centre (``"donut-median"``, J-invariant [1]_). Edges are
+   replicated (``mode="nearest"``), which puts copies of a face voxel in its
+   own donut: the risk estimate below counts them.
+2. **Blend.** A filter ``g`` is never written as is: each voxel gets
+   ``out = w * g(x) + (1 - w) * x``. For a J-invariant ``g`` (the donut), noise
+   of variance ``s`` independent between voxels, and ``A`` the filter's true
+   error, ``E(g - x)^2 = A + s`` [1]_, and the blend's risk
+   ``w^2 A + (1 - w)^2 s`` is least at ``w = s / E(g - x)^2``. The ordinary
+   median is not J-invariant: Stein's lemma [2]_ adds its divergence ``d`` (the
+   fraction of voxels where the centre *is* the median) and gives
+   ``w = s (1 - d) / E(g - x)^2``, the donut's rule when ``d = 0``. The
+   expectation ``E(g - x)^2`` is estimated in the 3x3x3 neighbourhood of each
+   voxel, so the weight falls where the filter meets structure (edges) and
+   rises in flat regions: the local (adaptive) Wiener filter of Lee [3]_ with a
+   median in place of the local mean.
+3. **Risk.** The risk of each candidate's blended output is Stein's unbiased
+   risk estimate (SURE) [2]_, exact for this estimator: its divergence includes
+   the median's selection of the centre voxel, the neighbours' medians that
+   selected it, and the dependence of the local weight on the voxel itself
+   (in quantised data a tie with the centre counts as a selection, which
+   overstates the risk a little). The identity's risk is ``s``. For the donut
+   at ``w = 1`` the estimate is the Noise2Self loss minus ``s`` [1]_.
+4. **Choice.** The candidate with the least estimated risk is written, unless
+   it lowers the risk below the identity's by less than ``min_gain`` (a
+   fraction of ``s``): then the data are returned unchanged. With a noiseless
+   image the noise estimate is (almost) zero, every weight (almost) zero, and
+   the identity wins.
+
+The noise variance ``s`` is the Donoho-Johnstone estimate [4]_: the median
+absolute value of the finest-scale Haar wavelet detail coefficients (the
+high-pass along every axis: a mixed third difference over disjoint 2x2x2
+blocks) divided by ``0.6745``. The high-pass removes smooth signal (anything
+constant along one axis gives exactly zero) and the median ignores the few
+coefficients that straddle an edge, so it measures the noise, not the anatomy.
+Blocks that hold an exact zero (a zero-filled background, and the blocks on
+its edge) are left out: they carry no noise, or a jump to zero. The estimate
+need not be exact: with ``w = c w*`` the blend's risk stays below the
+identity's for any ``0 < c < 2``, so a noise estimate up to ``sqrt(2)`` times
+too large still does no harm.
+
+SURE assumes Gaussian noise. Magnitude (Rician) data have less variance in the
+background than in the brain; the pooled median lies between the two, which
+errs on the side of a smaller weight in the brain. Their mean is not the
+noise-free signal where the signal is low (the Rician floor): the risk that is
+estimated, and lowered, is the error about that mean.
+
+A 4D series is filtered volume by volume in 3D. The radius and the filter form
+are calibrated once for the run, on up to ``calibration_volumes`` volumes spread
+over it; the noise variance is pooled over the same volumes (a scanner's noise
+level is the same in every volume); the local weights are computed in every
+volume, so a b0 (more contrast, smaller weights) and a diffusion-weighted volume
+each get theirs.
+
+The risk is the error of each volume. A model fitted across volumes (the
+diffusion tensor) averages the noise of many volumes but not a bias they share:
+where a tissue boundary runs through the window the median mixes the tissues,
+and on a phantom with sharp boundaries FA error in boundary white matter rises
+while it falls in deeper white matter (``tests/methods/test_median.py``).
+
+The method is homogeneous: ``median_denoise(c * x)`` is ``c`` times
+``median_denoise(x)``. It works on the data divided by a power of two that
+brings the largest magnitude into [1, 2), which changes no digit, so squares of
+values near 1e-30 or 1e30 neither underflow nor overflow.
+
+References
+----------
+.. [1] Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision.
+   ICML 2019, PMLR 97:524-533.
+.. [2] Stein C. M. Estimation of the Mean of a Multivariate Normal Distribution.
+   Ann. Statist. 9(6):1135-1151, 1981.
+.. [3] Lee J.-S. Digital Image Enhancement and Noise Filtering by Use of Local
+   Statistics. IEEE Trans. PAMI 2(2):165-168, 1980.
+.. [4] Donoho D. L., Johnstone I. M. Ideal spatial adaptation by wavelet
+   shrinkage. Biometrika 81(3):425-455, 1994.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from bids_denoise.methods.errors import UnsuitableDataError
+
+#: Phi^-1(3/4): the median absolute value of a standard normal variable.
+MAD_TO_SIGMA = 0.6744897501960817
+#: The filter forms, by the name recorded in the details.
+FORMS = ("median", "donut-median")
+#: Radius of the neighbourhood in which the local blend weight is estimated (3x3x3).
+BLEND_WINDOW = 1
+
+
+def _ndimage():
+    from scipy import ndimage  # imported late: methods/ imports with numpy and torch alone
+
+    return ndimage
+
+
+@dataclass
+class MedianResult:
+    """The denoised image and what the calibration found.
+
+    Attributes
+    ----------
+    denoised : ndarray, float32
+        Same shape as the input (3D image or 4D series).
+    details : dict
+        JSON-able: ``radius``, ``filter`` (``"median"``, ``"donut-median"`` or
+        ``"identity"``), ``blend_weight`` (mean local weight over all voxels
+        written), ``blend_weights`` (the same per volume), ``noise_sigma`` (in
+        the data's units) and ``calibration`` (see :func:`median_denoise`).
+    """
+
+    denoised: np.ndarray
+    details: dict
+
+
+def median_denoise(data, *, radius="auto", radii=(1, 2, 3), calibration_volumes=8, min_gain=0.02) -> MedianResult:
+    """Denoise with a median filter blended with the input, or return the input unchanged.
+
+    Parameters
+    ----------
+    data : ndarray
+        A 3D image or a 4D series (volumes along the last axis), finite values.
+    radius : "auto" or int
+        ``"auto"`` chooses among ``radii``; an integer >= 1 fixes the radius
+        (the filter form, the identity and the blend weights are still chosen).
+    radii : sequence of int
+        Candidate radii for ``"auto"``.
+    calibration_volumes : int
+        At most this many volumes, spread evenly over a series, calibrate the run.
+    min_gain : float
+        The least fraction of the noise variance the chosen filter must be
+        estimated to remove; below it the identity is written.
+
+    Returns
+    -------
+    MedianResult
+        ``details["calibration"]`` holds ``parameter`` (``"radius"``),
+        ``thetas`` (the candidate radii), ``losses`` (per radius, the least
+        estimated risk of the two forms: mean squared error per voxel in the
+        data's units squared), ``best`` (the radius with the least loss, the one
+        written unless the identity is), ``risks`` (per form, the estimated risk
+        per radius), ``identity_risk`` (the noise variance), ``noise_sigma``,
+        ``gain`` (the best candidate's estimated risk reduction as a fraction of
+        the identity's), ``min_gain``, ``filter``, ``blend_weight`` (mean local
+        weight on the calibration volumes, 0 for the identity), ``blend_window``
+        and ``volumes`` (the calibration volumes' indices).
+
+    Raises
+    ------
+    UnsuitableDataError
+        Data that are not a 3D image or 4D series, or not finite.
+    """
+    data = np.asarray(data)
+    if data.ndim not in (3, 4) or data.size == 0:
+        raise UnsuitableDataError(f"the median filter needs a 3D image or a 4D series, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise UnsuitableDataError("the median filter needs finite intensities (the image holds NaN or infinity)")
+    thetas = [int(radius)] if radius != "auto" else [int(r) for r in radii]
+    if not thetas or min(thetas) < 1:
+        raise ValueError(f"radii must be integers >= 1, got {thetas}")
+    if int(calibration_volumes) < 1:
+        raise ValueError(f"calibration_volumes must be >= 1, got {calibration_volumes}")
+    series = data if data.ndim == 4 else data[..., None]
+    n_volumes = series.shape[3]
+    picks = [int(v) for v in np.unique(np.linspace(0, n_volumes - 1, min(int(calibration_volumes), n_volumes))
+                                       .round().astype(int))]
+
+    largest = float(np.max(np.abs(series)))
+    exponent = int(np.frexp(largest)[1]) if largest > 0 else 0  # largest * 2**-exponent in [0.5, 1)
+
+    def volume(v):
+        return np.ldexp(series[..., v].astype(np.float64), -exponent)  # exact
+
+    calibration_set = [volume(v) for v in picks]
+    variance = _noise_variance(calibration_set)
+    risks = {form: [] for form in FORMS}
+    weights = {form: [] for form in FORMS}
+    for r in thetas:
+        for form in FORMS:
+            fits = [_blend(x, _filter(x, r, form), variance, donut=form == "donut-median") for x in calibration_set]
+            risks[form].append(float(np.mean([fit.risk for fit in fits])))
+            weights[form].append(float(np.mean([fit.weights.mean() for fit in fits])))
+    losses = [min(risks[form][i] for form in FORMS) for i in range(len(thetas))]
+    best = int(np.argmin(losses))
+    form = min(FORMS, key=lambda f: risks[f][best])
+    gain = 1.0 - losses[best] / variance if variance > 0 else 0.0
+    if not gain >= min_gain:
+        form = "identity"
+
+    scale2 = 4.0**exponent  # risks are squares: back to the data's units
+    sigma = float(np.ldexp(np.sqrt(variance), exponent))
+    calibration = {
+        "parameter": "radius",
+        "thetas": thetas,
+        "losses": [loss * scale2 for loss in losses],
+        "best": thetas[best],
+        "risks": {f: [risk * scale2 for risk in risks[f]] for f in FORMS},
+        "identity_risk": variance * scale2,
+        "noise_sigma": sigma,
+        "gain": float(gain),
+        "min_gain": float(min_gain),
+        "filter": form,
+        "blend_weight": 0.0 if form == "identity" else weights[form][best],
+        "blend_window": BLEND_WINDOW,
+        "volumes": picks,
+    }
+
+    if form == "identity":
+        denoised = series.astype(np.float32)
+        volume_weights = [0.0] * n_volumes
+    else:
+        denoised = np.empty(series.shape, dtype=np.float32)
+        volume_weights = []
+        for v in range(n_volumes):
+            x = volume(v)
+            filtered = _filter(x, thetas[best], form)
+            w = _local_weights(x, filtered, variance, donut=form == "donut-median")
+            denoised[..., v] = np.ldexp(x + w * (filtered - x), exponent)
+            volume_weights.append(float(w.mean()))
+    details = {
+        "radius": thetas[best],
+        "filter": form,
+        "blend_weight": float(np.mean(volume_weights)),
+        "blend_weights": [round(w, 6) for w in volume_weights],
+        "noise_sigma": sigma,
+        "calibration": calibration,
+    }
+    return MedianResult(denoised if data.ndim == 4 else denoised[..., 0], details)
+
+
+# --- the pieces -------------------------------------------------------------------------------
+
+
+def _filter(image, radius, form):
+    """The median over the (2r+1)^3 cube, with (``"median"``) or without (``"donut-median"``) its centre."""
+    footprint = np.ones((2 * radius + 1,) * image.ndim, dtype=bool)
+    if form == "donut-median":
+        footprint[(radius,) * image.ndim] = False
+    return _ndimage().median_filter(image, footprint=footprint, mode="nearest")
+
+
+def _noise_variance(volumes):
+    """Noise variance from the finest Haar detail coefficients (Donoho & Johnstone 1994).
+
+    Parameters
+    ----------
+    volumes : list of ndarray
+        Images with the same noise level (e.g. volumes of a run).
+
+    Returns
+    -------
+    float
+        ``(median |c| / 0.6745)^2`` over the coefficients ``c`` of every volume:
+        for each disjoint 2x2x2 block, the orthonormal Haar high-pass along every
+        axis of two or more samples (a unit-norm mixed difference: variance
+        ``sigma^2`` for white noise, zero for anything constant along an axis).
+        Blocks holding an exact zero are skipped (a zero-filled background
+        and the blocks that straddle its edge); no coefficient gives 0.
+    """
+    coefficients = []
+    for image in volumes:
+        detail = np.asarray(image, dtype=np.float64)
+        complete = detail != 0
+        for axis in range(detail.ndim):
+            if detail.shape[axis] < 2:
+                continue
+            even = 2 * (detail.shape[axis] // 2)
+            first = [slice(None)] * detail.ndim
+            second = [slice(None)] * detail.ndim
+            first[axis], second[axis] = slice(0, even, 2), slice(1, even, 2)
+            detail = (detail[tuple(second)] - detail[tuple(first)]) / np.sqrt(2.0)
+            complete = complete[tuple(first)] & complete[tuple(second)]
+        coefficients.append(detail[complete])
+    coefficients = np.concatenate([c.ravel() for c in coefficients]) if coefficients else np.zeros(0)
+    if coefficients.size == 0:
+        return 0.0
+    return float((np.median(np.abs(coefficients)) / MAD_TO_SIGMA) ** 2)
+
+
+def _selected(image, filtered, *, donut):
+    """Where the filter's output is the centre voxel itself (its derivative there is 1).
+
+    The ordinary median selects the centre wherever ``g == x``. The donut never
+    holds the centre, except on the image's faces, where edge replication puts
+    copies of it in the window: a coincidental tie inside is not a selection.
+    """
+    selected = filtered == image
+    if donut:
+        on_face = np.zeros(image.shape, dtype=bool)
+        for axis, n in enumerate(image.shape):
+            index = np.arange(n)
+            on_face |= ((index == 0) | (index == n - 1)).reshape([-1 if a == axis else 1 for a in range(image.ndim)])
+        selected &= on_face
+    return selected
+
+
+def _window_counts(shape, radius=BLEND_WINDOW):
+    """Number of in-image voxels in each voxel's (2r+1)^3 neighbourhood."""
+    counts = np.ones(shape)
+    for axis, n in enumerate(shape):
+        index = np.arange(n)
+        per_axis = np.minimum(index, radius) + np.minimum(n - 1 - index, radius) + 1
+        counts = counts * per_axis.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    return counts
+
+
+def _window_mean(values, radius=BLEND_WINDOW):
+    """Mean of ``values`` over each voxel's in-image (2r+1)^3 neighbourhood (no replicated edges)."""
+    size = 2 * radius + 1
+    total = _ndimage().uniform_filter(values, size=size, mode="constant", cval=0.0) * size**values.ndim
+    return total / _window_counts(values.shape, radius)
+
+
+def _local_weights(image, filtered, variance, *, donut=False):
+    """The blend weight of each voxel: ``min(1, s (1 - d) / local mean of (g - x)^2)``.
+
+    Parameters
+    ----------
+    image, filtered : ndarray
+        ``x`` and ``g(x)``.
+    variance : float
+        The noise variance ``s``.
+    donut : bool
+        ``g`` excludes the centre; ``d`` is the mean of :func:`_selected`.
+
+    Returns
+    -------
+    ndarray
+        Weights in [0, 1]; 1 where the filter changes nothing in the neighbourhood.
+    """
+    return _weights(image, filtered, variance, _selected(image, filtered, donut=donut))[0]
+
+
+def _weights(image, filtered, variance, selected):
+    """The local weights, the residual ``g - x``, its local mean square, and where the weight is not clipped."""
+    residual = filtered - image
+    energy = _window_mean(residual * residual)
+    numerator = variance * (1.0 - float(np.mean(selected)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(energy > 0, numerator / energy, np.inf)
+    return np.minimum(ratio, 1.0), residual, energy, ratio < 1.0
+
+
+@dataclass
+class _Blend:
+    """One candidate on one image: its local weights and its estimated risk (per voxel)."""
+
+    weights: np.ndarray
+    risk: float
+
+
+def _shift(array, offset):
+    """Slices (destination, source) so that ``out[destination] = array[source]`` is ``array[i + offset]``."""
+    destination, source = [], []
+    for o, n in zip(offset, array.shape):
+        destination.append(slice(max(0, -o), n - max(0, o)))
+        source.append(slice(max(0, o), n - max(0, -o)))
+    return tuple(destination), tuple(source)
+
+
+def _blend(image, filtered, variance, *, donut=False) -> _Blend:
+    """Local blend of ``filtered`` with ``image`` and its Stein unbiased risk estimate.
+
+    With ``e = g - x``, ``E`` the local mean of ``e^2``, ``w = min(1, s (1 - d) / E)``
+    and ``out = x + w e``, SURE is the mean over voxels of
+    ``(w e)^2 - s + 2 s d out_i / d x_i`` with
+    ``d out_i / d x_i = 1 + w (g'_i - 1) + e_i d w_i / d x_i``: ``g'_i`` is 1 where
+    the median selected ``x_i`` (or one of its replicated copies at a face),
+    ``d w_i / d x_i = -(w_i / E_i) d E_i / d x_i`` where the weight is not clipped,
+    and ``d E_i / d x_i = (2 / n_i) (e_i (g'_i - 1) + sum over neighbours j of
+    e_j [g_j == x_i])`` (a neighbour's median moves with ``x_i`` when it selected it).
+
+    Parameters
+    ----------
+    image, filtered : ndarray
+        ``x`` and the median-filtered ``g(x)``.
+    variance : float
+        The noise variance ``s``.
+    donut : bool
+        ``g`` excludes the centre (see :func:`_selected`).
+
+    Returns
+    -------
+    _Blend
+    """
+    selected = _selected(image, filtered, donut=donut)
+    weights, residual, energy, free = _weights(image, filtered, variance, selected)
+    if variance == 0:
+        return _Blend(np.zeros(image.shape), 0.0)
+    own = selected.astype(np.float64)
+    # sum over the neighbours j of e_j [g_j == x_i]: the neighbours' medians that selected x_i
+    neighbours = np.zeros(image.shape)
+    for offset in itertools.product(range(-BLEND_WINDOW, BLEND_WINDOW + 1), repeat=image.ndim):
+        if not any(offset):
+            continue
+        destination, source = _shift(image, offset)
+        neighbours[destination] += residual[source] * (filtered[source] == image[destination])
+    d_energy = 2.0 / _window_counts(image.shape) * (residual * (own - 1.0) + neighbours)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d_weight = np.where(free, -weights / energy * d_energy, 0.0)
+    divergence = 1.0 + weights * (own - 1.0) + residual * d_weight
+    sure = (weights * residual) ** 2 - variance + 2.0 * variance * divergence
+    return _Blend(weights, float(np.mean(sure)))

@@ -164,6 +164,22 @@ def mppca(
     Returns
     -------
     MPPCAResult
+
+    Raises
+    ------
+    UnsuitableDataError
+        Not a 4D series; fewer than ``MIN_EIGENVALUES`` (4) volumes; an image so small that the
+        largest window it allows has fewer than 4 voxels (1x1x1 for a 2x2x2 image, the extents
+        being odd), so that each window would have fewer than 4 eigenvalues and MP-PCA would
+        return zeros or noise (see :func:`_check_window_holds_estimate`); or an ``extent``
+        larger than the image. A given ``extent`` of fewer than 4 voxels is a ``ValueError``.
+
+    Notes
+    -----
+    Scale-invariant: ``mppca(c * x)`` is ``c * mppca(x)`` (the noise map too) to rounding for any
+    ``c``. Data whose largest magnitude is outside [1e-6, 1e6] are divided by a power of two
+    first and multiplied back after, which is exact; other data are computed on as given, so
+    their output is unchanged to the bit.
     """
     data = _check_series(data)
     if estimator not in ("Exp1", "Exp2"):

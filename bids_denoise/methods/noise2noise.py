@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bids_denoise.methods._device import resolve_device
+from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import (
     IntensityScale,
     TrainingBudget,
@@ -44,6 +45,12 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class Noise2NoiseResult:
+    """Output of :func:`noise2noise`.
+
+    ``passed_through`` lists the volumes alone in their shell (a single b0, a lone b-value): with
+    no partner to train or be judged against, they are returned unchanged.
+    """
+
     denoised: np.ndarray
     pairs: list  # (volume, partner, angle in degrees)
     passed_through: list
@@ -117,15 +124,27 @@ def noise2noise(data, bvals, bvecs, *, slice_axis=2, context=0, b0_threshold=50.
     Returns
     -------
     Noise2NoiseResult
+        Volumes alone in their shell are passed through unchanged (``passed_through``).
+
+    Raises
+    ------
+    UnsuitableDataError
+        Not a 4D series, or no shell with two volumes.
+
+    Notes
+    -----
+    Any image size works: the U-Net pads each slice to a multiple of ``2**depth`` and crops
+    back. Scale-invariant: the data are divided by a robust maximum (:class:`IntensityScale`)
+    before the network sees them, and multiplied back.
     """
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 4:
-        raise ValueError(f"Noise2Noise needs a 4D series, got shape {data.shape}")
+        raise UnsuitableDataError(f"Noise2Noise needs a 4D series, got an image of shape {data.shape}")
     device = resolve_device(device)
     generator = seed_everything(seed)
     pairs, single = pair_volumes(bvals, bvecs, b0_threshold=b0_threshold, shell_tolerance=shell_tolerance)
     if not pairs:
-        raise ValueError("Noise2Noise needs at least two volumes in one shell")
+        raise UnsuitableDataError("Noise2Noise needs at least two volumes in one shell (b0s, or one b-value)")
     scale = IntensityScale.fit(data)
     normalised = scale.forward(data)
     slices = [neighbour_stack(to_slices(normalised[..., v], slice_axis), context) for v in range(data.shape[3])]

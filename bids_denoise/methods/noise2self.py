@@ -11,8 +11,10 @@ inference runs every phase and takes each voxel from the pass that hid it.
 Two contexts for DWI: ``volume`` (each volume on its own, a spatial blind spot)
 and ``series`` (the other volumes of the same shell are extra input channels,
 visible everywhere, while the target volume's masked voxels stay hidden; still
-J-invariant because noise is independent across volumes). Images are
-processed as 2D slices.
+J-invariant because noise is independent across volumes). A volume alone in
+its shell (a single b0, a lone b-value) has no partners: in the ``series``
+context it is denoised in the ``volume`` context, and the result says so.
+Images are processed as 2D slices.
 
 References
 ----------
@@ -22,7 +24,8 @@ References
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ from torch.nn import functional as F
 
 from bids_denoise.methods._device import resolve_device
 from bids_denoise.methods.calibrate import grid_mask
+from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import (
     IntensityScale,
     TrainingBudget,
@@ -47,6 +51,7 @@ class Masker:
 
     Phase ``p`` hides the voxels whose coordinates, modulo ``width``, equal the
     ``p``-th combination; the ``width**dims`` phases cover every voxel exactly once.
+    ``interpolate`` fills a hidden voxel with the mean of its visible neighbours.
     """
 
     def __init__(self, width=3, mode="interpolate", dims=2):
@@ -56,12 +61,20 @@ class Masker:
         self.n_phases = self.width**self.dims
         kernel = np.ones((3,) * self.dims, dtype=np.float32)
         kernel[(1,) * self.dims] = 0.0  # the centre is never looked at
-        self.kernel = torch.from_numpy(kernel / kernel.sum())[None, None]
+        self.kernel = torch.from_numpy(kernel)[None, None]
 
     def mask(self, shape, phase, device=None):
         """Boolean mask (spatial shape) of phase ``phase``."""
         hidden = torch.from_numpy(grid_mask(tuple(shape), self.width, int(phase) % self.n_phases))
         return hidden.to(device) if device is not None else hidden
+
+    def phases_hiding(self, shape) -> list:
+        """The phases that hide at least one voxel of an image of ``shape``.
+
+        All of them unless the image is narrower than ``width`` along some axis; a phase that
+        hides nothing has no loss to train on (a mean over no voxels) and nothing to predict.
+        """
+        return [phase for phase in range(self.n_phases) if grid_mask(tuple(shape), self.width, phase).any()]
 
     def apply(self, images, phase):
         """Hide phase ``phase`` in (N, C, *spatial) images; return (masked images, mask)."""
@@ -69,12 +82,24 @@ class Masker:
         if self.mode == "zero":
             filled = torch.zeros_like(images)
         else:
-            conv = F.conv2d if self.dims == 2 else F.conv3d
-            kernel = self.kernel.to(images.device, images.dtype).expand(images.shape[1], 1, *self.kernel.shape[2:])
-            padded = F.pad(images, (1,) * (2 * self.dims), mode="replicate")
-            filled = conv(padded, kernel, groups=images.shape[1])
+            filled = self._visible_neighbour_mean(images, hidden)
         masked = torch.where(hidden, filled, images)
         return masked, hidden
+
+    def _visible_neighbour_mean(self, images, hidden):
+        """Mean of each voxel's neighbours that are visible and inside the image (0 where none is).
+
+        Leaving out the hidden voxels and the outside keeps a hidden voxel's fill free of its own
+        value at the border too, where padding by replication would copy it into its neighbours
+        (on an image a voxel or two wide, into all of them) and break J-invariance.
+        """
+        conv = F.conv2d if self.dims == 2 else F.conv3d
+        kernel = self.kernel.to(images.device, images.dtype)
+        visible = (~hidden).to(images.dtype)
+        count = conv(visible[None, None], kernel, padding=1)[0, 0]
+        spatial = images.shape[2:]
+        sums = conv((images * visible).reshape(-1, 1, *spatial), kernel, padding=1).reshape(images.shape)
+        return sums / count.clamp_min(1.0)
 
 
 def masked_loss(model, masker, target, extra, phase):
@@ -86,10 +111,10 @@ def masked_loss(model, masker, target, extra, phase):
 
 
 def j_invariant_predict(model, masker, target, extra=None):
-    """Each voxel from the pass that hid it (``width**d`` passes)."""
+    """Each voxel from the pass that hid it (one pass per phase that hides a voxel)."""
     result = torch.zeros_like(target)
     with torch.no_grad():
-        for phase in range(masker.n_phases):
+        for phase in masker.phases_hiding(target.shape[2:]):
             masked_target, hidden = masker.apply(target, phase)
             inputs = masked_target if extra is None else torch.cat([masked_target, extra], dim=1)
             output = model(inputs)
@@ -99,15 +124,43 @@ def j_invariant_predict(model, masker, target, extra=None):
 
 @dataclass
 class Noise2SelfResult:
+    """Output of :func:`noise2self`.
+
+    Attributes
+    ----------
+    denoised : ndarray, the shape of the input
+    history : dict
+        Training history of the main network.
+    context : str
+        The context the main network ran in: the one asked for, or ``"volume"`` where the
+        ``series`` context was asked for but no volume had another volume in its shell.
+    final_loss : float
+        Last held-out loss of the main network.
+    state_dict : dict
+        Weights of the main network.
+    volume_context_volumes : list of int
+        Volumes denoised in the ``volume`` context although the ``series`` context was asked
+        for: alone in their shell (a single b0, a lone b-value), they have no partner volumes.
+    volume_context_history, volume_context_state_dict : dict or None
+        Training history and weights of the network that denoised them, where it is not the main
+        network (some volumes of the series had partners, these did not).
+    """
+
     denoised: np.ndarray
     history: dict
     context: str
     final_loss: float
     state_dict: dict
+    volume_context_volumes: list = field(default_factory=list)
+    volume_context_history: dict | None = None
+    volume_context_state_dict: dict | None = None
 
 
 def _series_partners(bvals, b0_threshold, shell_tolerance, n_partners):
-    """For each volume, up to ``n_partners`` other volumes of its shell (nearest in order)."""
+    """For each volume, up to ``n_partners`` other volumes of its shell (nearest in order).
+
+    A volume alone in its shell gets none (an empty list).
+    """
     shells = cluster_shells(bvals, b0_threshold=b0_threshold, tolerance=shell_tolerance)
     partners = []
     for volume, label in enumerate(shells):
@@ -123,7 +176,7 @@ def _series_partners(bvals, b0_threshold, shell_tolerance, n_partners):
 def noise2self(data, bvals=None, *, context="volume", width=3, mode="interpolate", slice_axis=2, n_partners=4,
                b0_threshold=50.0, shell_tolerance=100.0, epochs=30, max_seconds=600.0, steps_per_epoch=50,
                batch_size=16, net_width=24, depth=2, learning_rate=1e-3, j_invariant=True, seed=0, device="cpu",
-               state_dict=None):
+               state_dict=None, volume_context_state_dict=None):
     """Denoise a 3D image or a 4D series with a J-invariant network trained on itself.
 
     Parameters
@@ -131,25 +184,39 @@ def noise2self(data, bvals=None, *, context="volume", width=3, mode="interpolate
     data : ndarray, (X, Y, Z) or (X, Y, Z, V)
     bvals : (V,) array, needed for ``context="series"``
     context : {"volume", "series"}
+        In the ``series`` context, a volume alone in its shell (a single b0, a lone b-value) has
+        no partners: it is denoised in the ``volume`` context by a second network trained on
+        such volumes (under the same budget), and listed in ``volume_context_volumes``.
     width : int
-        Masker grid width (``width**2`` phases on 2D slices).
+        Masker grid width (``width**2`` phases on 2D slices). Slices narrower than ``width``
+        work: only the phases that hide a voxel are used.
     mode : {"zero", "interpolate"}
     slice_axis : int
     n_partners : int
         Other volumes of the shell given as channels in the ``series`` context.
     j_invariant : bool
         J-invariant inference (default) or a single unmasked pass.
+    state_dict, volume_context_state_dict : dict, optional
+        Trained weights to reuse (no training then): of the main network, and of the network of
+        the volumes denoised in the volume context (see :class:`Noise2SelfResult`).
 
     Returns
     -------
     Noise2SelfResult
+
+    Notes
+    -----
+    Scale-invariant: the data are divided by a robust maximum (:class:`IntensityScale`) before
+    the networks see them, and multiplied back.
     """
     data = np.asarray(data, dtype=np.float32)
+    if data.ndim not in (3, 4):
+        raise UnsuitableDataError(f"Noise2Self needs a 3D image or a 4D series, got shape {data.shape}")
     squeeze = data.ndim == 3
     series = data[..., None] if squeeze else data
     if context not in ("volume", "series"):
         raise ValueError("context must be 'volume' or 'series'")
-    if context == "series" and (squeeze or bvals is None or series.shape[3] < 2):
+    if context == "series" and (squeeze or bvals is None):
         raise ValueError("the series context needs a 4D series and its b-values")
     device = resolve_device(device)
     generator = seed_everything(seed)
@@ -158,67 +225,127 @@ def noise2self(data, bvals=None, *, context="volume", width=3, mode="interpolate
     # (V, n_slices, H, W)
     stack = np.stack([to_slices(normalised[..., v], slice_axis) for v in range(series.shape[3])])
     partners = _series_partners(bvals, b0_threshold, shell_tolerance, n_partners) if context == "series" else None
-    masker = Masker(width, mode, dims=2)
-    n_volumes, n_slices = stack.shape[:2]
-    rng = np.random.default_rng(seed)
-    held_out = rng.permutation(n_volumes * n_slices)[: max(1, (n_volumes * n_slices) // 10)]
-    held = set(held_out.tolist())
-    train_items = np.array([i for i in range(n_volumes * n_slices) if i not in held] or list(held))
+    alone = [] if partners is None else [v for v, chosen in enumerate(partners) if not chosen]
+    with_partners = [v for v in range(stack.shape[0]) if v not in alone]
+    fit = functools.partial(
+        _fit_and_denoise, stack, Masker(width, mode, dims=2), seed=seed, device=device, generator=generator,
+        budget=TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
+                              batch_size=batch_size, learning_rate=learning_rate),
+        net_width=net_width, depth=depth, j_invariant=j_invariant,
+    )
+    fallback_volumes = alone
+    if not with_partners:  # the series context, but no volume has a partner: the volume context for all
+        context, partners, with_partners, fallback_volumes = "volume", None, alone, []
+    main = fit(with_partners, partners, n_partners, state_dict, f"noise2self ({context})")
+    fallback = None
+    if fallback_volumes:
+        fallback = fit(fallback_volumes, None, 0, volume_context_state_dict, "noise2self (volume, alone in shell)")
+    denoised = np.empty_like(stack)
+    for run in (main, fallback):
+        if run is not None:
+            denoised[run.volumes] = run.denoised
+    result = np.stack([from_slices(denoised[v], slice_axis) for v in range(stack.shape[0])], axis=-1)
+    result = scale.inverse(result)
+    return Noise2SelfResult(
+        denoised=result[..., 0] if squeeze else result,
+        history=main.history, context=context, final_loss=main.final_loss, state_dict=main.state_dict,
+        volume_context_volumes=alone,
+        volume_context_history=None if fallback is None else fallback.history,
+        volume_context_state_dict=None if fallback is None else fallback.state_dict,
+    )
 
-    def item(index):
-        volume, position = divmod(int(index), n_slices)
-        target = torch.from_numpy(np.ascontiguousarray(stack[volume, position][None]))
+
+@dataclass
+class _NetworkRun:
+    """One network trained (or reused) on some volumes of the slice stack, and its output for them."""
+
+    volumes: list
+    denoised: np.ndarray  # (len(volumes), n_slices, H, W)
+    history: dict
+    final_loss: float
+    state_dict: dict
+
+
+class _SliceItems:
+    """Training items of a network: (volume, slice position) pairs over its volumes, as tensors.
+
+    Item ``i`` is slice ``i % n_slices`` of ``volumes[i // n_slices]``; with partners, the
+    partner volumes' slices at the same position are the extra input channels.
+    """
+
+    def __init__(self, stack, volumes, partners):
+        self.stack, self.volumes, self.partners = stack, list(volumes), partners
+        self.n_slices = stack.shape[1]
+        self.count = len(self.volumes) * self.n_slices
+
+    def item(self, index):
+        volume, position = divmod(int(index), self.n_slices)
+        volume = self.volumes[volume]
+        target = torch.from_numpy(np.ascontiguousarray(self.stack[volume, position][None]))
         extra = None
-        if partners is not None:
-            extra = torch.from_numpy(np.ascontiguousarray(stack[partners[volume], position]))
+        if self.partners is not None:
+            extra = torch.from_numpy(np.ascontiguousarray(self.stack[self.partners[volume], position]))
         return target, extra
 
-    def gather(indices):
-        items = [item(i) for i in indices]
+    def gather(self, indices):
+        items = [self.item(i) for i in indices]
         target = torch.stack([t for t, _ in items])
-        extra = torch.stack([e for _, e in items]) if partners is not None else torch.zeros(0)
+        extra = torch.stack([e for _, e in items]) if self.partners is not None else torch.zeros(0)
         return target, extra
+
+
+def _fit_and_denoise(stack, masker, volumes, partners, n_partners, state_dict, label, *, seed, device, generator,
+                     budget, net_width, depth, j_invariant) -> _NetworkRun:
+    """Train one network on ``volumes`` of the (V, n_slices, H, W) stack (or load ``state_dict``),
+    J-invariant on the target channel, and denoise those volumes with it."""
+    items = _SliceItems(stack, volumes, partners)
+    phases = masker.phases_hiding(stack.shape[2:])
+    rng = np.random.default_rng(seed)
+    held_out = rng.permutation(items.count)[: max(1, items.count // 10)]
+    held = set(held_out.tolist())
+    train_items = np.array([i for i in range(items.count) if i not in held] or list(held))
 
     def sample_batch(gen, size):
         indices = train_items[torch.randint(len(train_items), (size,), generator=gen).numpy()]
-        phase = torch.randint(masker.n_phases, (1,), generator=gen)
-        target, extra = gather(indices)
-        return target, extra, phase
+        phase = phases[int(torch.randint(len(phases), (1,), generator=gen))]
+        target, extra = items.gather(indices)
+        return target, extra, torch.tensor([phase])
 
     def loss_fn(model, target, extra, phase):
         return masked_loss(model, masker, target, extra if extra.numel() else None, int(phase))
 
     validation = []
-    for chunk_start in range(0, len(held_out), batch_size):
-        target, extra = gather(held_out[chunk_start : chunk_start + batch_size])
-        for phase in range(0, masker.n_phases, max(1, masker.n_phases // 3)):
+    for chunk_start in range(0, len(held_out), budget.batch_size):
+        target, extra = items.gather(held_out[chunk_start : chunk_start + budget.batch_size])
+        for phase in phases[:: max(1, len(phases) // 3)]:
             validation.append((target, extra, torch.tensor([phase])))
 
     in_channels = 1 + (n_partners if partners is not None else 0)
     model = UNet(dims=2, in_channels=in_channels, out_channels=1, width=net_width, depth=depth)
-    budget = TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
-                            batch_size=batch_size, learning_rate=learning_rate)
     history = train_or_reuse(model, state_dict, sample_batch, loss_fn, validation, budget=budget, device=device,
-                             generator=generator, label=f"noise2self ({context})")
+                             generator=generator, label=label)
+    denoised = _predict(model, masker, items, budget.batch_size, device, j_invariant)
+    return _NetworkRun(
+        volumes=list(volumes), denoised=denoised, history=history,
+        final_loss=history["epochs"][-1]["val_loss"] if history["epochs"] else float("nan"),
+        state_dict={k: v.cpu() for k, v in model.state_dict().items()},
+    )
 
-    denoised = np.empty_like(stack)
-    for volume in range(n_volumes):
+
+def _predict(model, masker, items, batch_size, device, j_invariant) -> np.ndarray:
+    """The network's output for every slice of the items' volumes: (len(volumes), n_slices, H, W)."""
+    n_slices = items.n_slices
+    denoised = np.empty((len(items.volumes), n_slices) + items.stack.shape[2:], dtype=items.stack.dtype)
+    for index in range(len(items.volumes)):
         for start in range(0, n_slices, batch_size):
-            indices = [volume * n_slices + p for p in range(start, min(start + batch_size, n_slices))]
-            target, extra = gather(indices)
+            indices = [index * n_slices + p for p in range(start, min(start + batch_size, n_slices))]
+            target, extra = items.gather(indices)
             target = target.to(device)
-            extra = extra.to(device) if partners is not None else None
+            extra = extra.to(device) if items.partners is not None else None
             if j_invariant:
                 output = j_invariant_predict(model, masker, target, extra)
             else:
                 with torch.no_grad():
                     output = model(target if extra is None else torch.cat([target, extra], dim=1))
-            denoised[volume, start : start + len(indices)] = output[:, 0].float().cpu().numpy()
-    result = np.stack([from_slices(denoised[v], slice_axis) for v in range(n_volumes)], axis=-1)
-    result = scale.inverse(result)
-    final = history["epochs"][-1]["val_loss"] if history["epochs"] else float("nan")
-    return Noise2SelfResult(
-        denoised=result[..., 0] if squeeze else result,
-        history=history, context=context, final_loss=final,
-        state_dict={k: v.cpu() for k, v in model.state_dict().items()},
-    )
+            denoised[index, start : start + len(indices)] = output[:, 0].float().cpu().numpy()
+    return denoised

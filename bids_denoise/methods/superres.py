@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bids_denoise.methods._device import resolve_device
+from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import IntensityScale, TrainingBudget, seed_everything, train
 
 # --------------------------------------------------------------------------- wavelet layers
@@ -199,19 +200,43 @@ class SuperResolutionResult:
 
 
 def _training_pairs(volume, axis, scale):
-    """In-plane slices (the two axes other than ``axis``), degraded along each in-plane axis."""
+    """In-plane slices (the two axes other than ``axis``), degraded along each in-plane axis.
+
+    An in-plane axis shorter than ``scale`` has no low-resolution row to learn from and gives no
+    pair; where neither gives one, the image cannot be super-resolved (UnsuitableDataError).
+    """
     planes = np.moveaxis(volume, axis, 0)  # (n, b, c): both in-plane axes at full resolution
     pairs = []
     for in_plane in (0, 1):
-        crop = [slice(None)] * 3
         length = planes.shape[1 + in_plane] // scale * scale
+        if length == 0:
+            continue
+        crop = [slice(None)] * 3
         crop[1 + in_plane] = slice(0, length)
         high = planes[tuple(crop)]
         low = degrade(high, scale, in_plane)
         if in_plane == 1:  # the network upsamples along image axis 0: transpose
             high, low = high.transpose(0, 2, 1), low.transpose(0, 2, 1)
         pairs.append((low, high))
+    if not pairs:
+        raise UnsuitableDataError(
+            f"WASA x{scale} needs an in-plane size of at least {scale} voxels to learn from, got "
+            f"{planes.shape[1]}x{planes.shape[2]}"
+        )
     return pairs
+
+
+def _patch_shape(pairs, patch, scale):
+    """Low-resolution training patch (rows, columns) that fits every pair.
+
+    ``patch // scale`` rows (at least 4) by ``patch`` columns, clipped to the smallest pair: the
+    two in-plane orientations differ in shape (transposed, cropped to a multiple of ``scale``), and
+    one batch draws from both, so its patches must share one shape even where the image is smaller
+    than the patch.
+    """
+    rows = min(max(patch // scale, 4), min(low.shape[1] for low, _ in pairs))
+    columns = min(patch, min(low.shape[2] for low, _ in pairs))
+    return rows, columns
 
 
 def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, epochs=30, max_seconds=600.0,
@@ -227,7 +252,7 @@ def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, e
         The low-resolution (through-plane) axis to super-resolve.
     scale : {2, 4}
     patch : int
-        Training patch size (in high-resolution voxels).
+        Training patch size (in high-resolution voxels), clipped to the image where it is smaller.
     model : WASA, optional
         A trained network to reuse (no training then), e.g. for the other volumes of a DWI run.
 
@@ -237,7 +262,20 @@ def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, e
         ``image`` has ``scale`` times more voxels along ``axis``; ``affine`` keeps it in place.
     model : WASA
         The trained network (pass it back as ``model`` for more volumes of the same run).
+
+    Raises
+    ------
+    UnsuitableDataError
+        Not a 3D image, or no in-plane axis of at least ``scale`` voxels.
+
+    Notes
+    -----
+    Scale-invariant: the image is divided by a robust maximum (:class:`IntensityScale`) before
+    the network sees it, and multiplied back.
     """
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise UnsuitableDataError(f"WASA super-resolves a 3D image, got shape {volume.shape}")
     device = resolve_device(device)
     generator = seed_everything(seed)
     norm = IntensityScale.fit(volume)
@@ -245,6 +283,7 @@ def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, e
     history = {"epochs": [], "stopped": "reused trained weights"}
     if model is None:
         pairs = _training_pairs(data, axis, scale)
+        ph, pw = _patch_shape(pairs, patch, scale)
         model = WASA(scale=scale, channels=channels, n_blocks=n_blocks, axis=0)
 
         def sample(gen, size):
@@ -252,7 +291,6 @@ def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, e
             for _ in range(size):
                 low, high = pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
                 n, h, w = low.shape
-                ph, pw = min(max(patch // scale, 4), h), min(patch, w)
                 i = int(torch.randint(n, (1,), generator=gen))
                 y = int(torch.randint(h - ph + 1, (1,), generator=gen))
                 x = int(torch.randint(w - pw + 1, (1,), generator=gen))

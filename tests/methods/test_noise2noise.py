@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import IntensityScale, UNet, from_slices, neighbour_stack, to_slices
 from bids_denoise.methods.noise2noise import noise2noise, pair_volumes
 
@@ -68,3 +69,24 @@ def test_reusing_weights_reproduces_the_output(phantom):
     again = small_run(phantom, context=1, state_dict=first.state_dict)
     assert np.array_equal(first.denoised, again.denoised)
     assert again.history["stopped"] == "reused trained weights"
+
+
+def test_single_b0_and_lone_bvalue_are_passed_through(phantom):
+    bvals = phantom.bvals.copy()
+    b0s = np.flatnonzero(bvals <= 50)
+    bvals[b0s[0]], bvals[b0s[1:]] = 15.0, 1000.0  # one b0 left, at b=15 as in a DSI series
+    lone = int(np.flatnonzero(bvals > 50)[-1])
+    bvals[lone] = 3000.0
+    result = noise2noise(phantom.noisy, bvals, phantom.bvecs, epochs=1, steps_per_epoch=2, batch_size=2, width=4)
+    assert result.passed_through == sorted([int(b0s[0]), lone])
+    assert np.array_equal(result.denoised[..., result.passed_through], phantom.noisy[..., result.passed_through])
+    paired = [a for a, _, _ in result.pairs]
+    assert sorted(paired + result.passed_through) == list(range(phantom.noisy.shape[3]))
+    assert not np.array_equal(result.denoised[..., paired], phantom.noisy[..., paired])
+
+
+def test_no_pair_at_all_is_unsuitable(phantom):
+    with pytest.raises(UnsuitableDataError, match="two volumes in one shell"):
+        noise2noise(phantom.noisy[..., :2], np.array([0.0, 1000.0]), phantom.bvecs[:, :2], epochs=1)
+    with pytest.raises(UnsuitableDataError, match="4D"):
+        noise2noise(phantom.noisy[..., 0], np.array([0.0]), phantom.bvecs[:, :1], epochs=1)

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.superres import (
     WASA,
+    _patch_shape,
+    _training_pairs,
     degrade,
     haar_dwt,
     haar_iwt,
@@ -95,3 +98,29 @@ def test_training_lowers_the_loss_and_is_seeded():
     second, _ = super_resolve(volume, np.eye(4), axis=2, scale=2, channels=8, n_blocks=1, epochs=3,
                               steps_per_epoch=5, batch_size=4, patch=16, seed=3)
     assert np.array_equal(first.image, second.image)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_image_smaller_than_the_patch_in_plane(scale):
+    """31x38x16 (a small T1w): the two in-plane orientations clip the patch differently; one batch
+    mixes both, so they must share a patch shape (np.stack of different shapes crashed here)."""
+    volume = np.random.default_rng(0).uniform(0, 100, (31, 38, 16)).astype(np.float32)
+    result, _ = super_resolve(volume, np.eye(4), axis=2, scale=scale, channels=4, n_blocks=1, epochs=1,
+                              steps_per_epoch=2, batch_size=4, patch=48, seed=0)
+    assert result.image.shape == (31, 38, 16 * scale)
+    assert np.isfinite(result.image).all()
+    assert result.history["epochs"]
+
+
+def test_patch_shape_fits_both_orientations():
+    pairs = _training_pairs(np.zeros((31, 38, 16), np.float32), 2, 2)
+    rows, columns = _patch_shape(pairs, 48, 2)
+    for low, high in pairs:
+        assert rows <= low.shape[1] and columns <= low.shape[2]
+        assert high.shape[1] == 2 * low.shape[1]
+    assert (rows, columns) == (15, 31)
+
+
+def test_too_narrow_an_image_is_unsuitable():
+    with pytest.raises(UnsuitableDataError, match="in-plane size of at least 2"):
+        super_resolve(np.ones((1, 1, 6), np.float32), np.eye(4), axis=2, scale=2, epochs=1)

@@ -26,7 +26,12 @@ def otsu_threshold(values, bins=256) -> float:
 
 
 def b0_brain_mask(data, bvals, *, b0_threshold=50.0) -> np.ndarray:
-    """Boolean brain mask (X, Y, Z) from a DWI series."""
+    """Boolean brain mask (X, Y, Z) from a DWI series.
+
+    Empty where there is nothing to threshold (a flat image, or one of a few voxels): the methods
+    that take a mask refuse an empty one (UnsuitableDataError); a caller may fit without a mask.
+    Scale-invariant (a threshold on a histogram of the data's own range).
+    """
     from scipy import ndimage
 
     bvals = np.asarray(bvals, dtype=float).ravel()

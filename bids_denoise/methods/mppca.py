@@ -172,7 +172,8 @@ def mppca(
         largest window it allows has fewer than 4 voxels (1x1x1 for a 2x2x2 image, the extents
         being odd), so that each window would have fewer than 4 eigenvalues and MP-PCA would
         return zeros or noise (see :func:`_check_window_holds_estimate`); or an ``extent``
-        larger than the image. A given ``extent`` of fewer than 4 voxels is a ``ValueError``.
+        larger than the image; or an empty mask. A given ``extent`` of fewer than 4 voxels is a
+        ``ValueError``.
 
     Notes
     -----
@@ -200,6 +201,8 @@ def mppca(
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != shape:
             raise ValueError(f"mask shape {mask.shape} does not match image shape {shape}")
+        if not mask.any():  # the output would be all zeros
+            raise UnsuitableDataError("MP-PCA: the mask is empty, no voxel to denoise")
     device = resolve_device(device)
     dtype = {"float64": torch.float64, "float32": torch.float32}[precision]
     use_kernel = _use_compiled_solver(solver, device, dtype)

@@ -154,8 +154,9 @@ def patch2self(
     Raises
     ------
     UnsuitableDataError
-        Not a 4D series; no group of at least 2 volumes to denoise; or no more voxels (in the
-        mask, if given) than regression features (volumes of the largest group x patch voxels).
+        Not a 4D series; no group of at least 2 volumes to denoise; an empty mask; or no more
+        voxels (in the mask, if given) than regression features (volumes of the largest group x
+        patch voxels).
 
     Notes
     -----
@@ -180,7 +181,7 @@ def patch2self(
 
     fit_rows = None if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool).ravel())
     if fit_rows is not None and fit_rows.size == 0:
-        raise ValueError("the fitting mask is empty")
+        raise UnsuitableDataError("Patch2Self: the fitting mask is empty")
     info = Patch2SelfInfo(groups=[], passed_through=[], fit_voxels=0, regularised_groups=[])
     info.fit_voxels = int(series[..., 0].size if fit_rows is None else fit_rows.size)
 

@@ -123,3 +123,22 @@ def test_exact_methods_refuse_tiny_images(series, name, shape):
     with pytest.raises(UnsuitableDataError) as raised:
         run_method(name, data, series)
     assert "\n" not in str(raised.value) and str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["patch2self", "mppca"])
+def test_empty_mask_is_refused_not_zeroed(series, name):
+    empty = np.zeros(series.noisy.shape[:3], dtype=bool)
+    with pytest.raises(UnsuitableDataError, match="mask is empty"):
+        if name == "mppca":
+            mppca(series.noisy, mask=empty)
+        else:
+            patch2self(series.noisy, series.bvals, mask=empty)
+
+
+@pytest.mark.parametrize("factor", [1e-30, 1e30])
+def test_brain_mask_does_not_depend_on_the_scale(series, factor):
+    from bids_denoise.methods.masking import b0_brain_mask
+
+    mask = b0_brain_mask(series.noisy, series.bvals)
+    assert 0 < mask.sum() < mask.size
+    assert np.array_equal(b0_brain_mask(scaled(series.noisy, factor), series.bvals), mask)

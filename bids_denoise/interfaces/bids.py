@@ -61,13 +61,13 @@ class SinkInputSpec(RecordedInputSpec):
 
 
 class DerivativesSinkInputSpec(SinkInputSpec):
-    source_metadata = traits.Dict(desc="the raw file's sidecar metadata (inheritance resolved)")
+    source_metadata = traits.Dict(usedefault=True, desc="the raw file's sidecar metadata (inheritance resolved)")
     bval_file = File(exists=True, desc="DWI only")
     bvec_file = File(exists=True, desc="DWI only")
     provenance = traits.Dict(mandatory=True)
-    input_digests = traits.Dict(desc="SHA-256 of the raw files")
+    input_digests = traits.Dict(usedefault=True, desc="SHA-256 of the raw files")
     command_line = traits.Str("", usedefault=True)
-    versions = traits.Dict(desc="software versions")
+    versions = traits.Dict(usedefault=True, desc="software versions")
 
 
 class SinkOutputSpec(TraitedSpec):

@@ -2,45 +2,56 @@
 
 from __future__ import annotations
 
-from bids_denoise.contract import MethodResult, MethodSpec, Param, auto_or, positive
+from bids_denoise.contract import MethodResult, MethodSpec, Param, Reference, auto_or, default_of, positive
+from bids_denoise.methods.median import median_denoise
 from bids_denoise.registry import register
 from bids_denoise.registry.noise2self import BATSON2019
 
+STEIN1981 = Reference(
+    "stein1981",
+    "Stein CM. Estimation of the mean of a multivariate normal distribution. The Annals of Statistics "
+    "9(6):1135-1151, 1981.",
+    "@article{stein1981,\n  author={Stein, Charles M.},\n  title={Estimation of the mean of a multivariate normal "
+    "distribution},\n  journal={The Annals of Statistics},\n  volume={9},\n  number={6},\n  pages={1135--1151},\n"
+    "  year={1981}\n}",
+)
+
 
 def run(inputs, parameters) -> MethodResult:
-    import numpy as np
-
-    from bids_denoise.methods.calibrate import calibrated_median, donut_median
-
-    data = inputs.data if inputs.is_series else inputs.data[..., None]
-    radius, details = parameters["radius"], {}
-    if radius == "auto":
-        # calibrate on up to 8 volumes spread over the run: one radius for the run
-        picks = np.unique(np.linspace(0, data.shape[3] - 1, min(8, data.shape[3])).round().astype(int))
-        calibration = calibrated_median([data[..., v] for v in picks], radii=(1, 2, 3))
-        radius = int(calibration.best)
-        details["calibration"] = calibration.as_dict()
-    details["radius"] = int(radius)
-    denoised = np.stack([donut_median(data[..., v], int(radius)) for v in range(data.shape[3])], axis=-1)
-    denoised = denoised if inputs.is_series else denoised[..., 0]
+    result = median_denoise(inputs.data, radius=parameters["radius"], min_gain=parameters["min_gain"])
     what = "DWI series" if inputs.bvals is not None else "Image"
-    return MethodResult(denoised.astype(np.float32), f"{what} denoised with a self-calibrated median filter",
-                        details=details)
+    details = result.details
+    if details["filter"] == "identity":
+        description = f"{what} passed through unchanged: the self-supervised calibration found no filter that helps"
+    else:
+        description = (f"{what} denoised with a self-calibrated {details['filter']} filter "
+                       f"(radius {details['radius']}, locally blended with the input)")
+    warnings = [] if details["filter"] != "identity" else [
+        "the calibration chose no filtering (the output equals the input)"]
+    return MethodResult(result.denoised, description, details=details, warnings=warnings)
 
 
 def describe(parameters) -> str:
-    return ("Images were denoised with a median filter whose radius was chosen by the self-supervised "
-            "Noise2Self loss [batson2019].")
+    return ("Images were filtered with a median filter whose radius, form (with or without the centre voxel) and "
+            "local blend with the input were chosen without ground truth, from the self-supervised Noise2Self "
+            "loss [batson2019] and Stein's unbiased risk estimate [stein1981]; no filtering was kept where no "
+            "candidate lowered the estimated risk.")
 
 
 SPEC = register(MethodSpec(
     name="median",
     title="Calibrated median",
-    summary="a median filter whose radius is chosen by the self-supervised Noise2Self loss",
+    summary="a median filter calibrated without ground truth (radius, form, local blend with the input; "
+            "no filtering when it does not help)",
     run=run,
     describe=describe,
-    references=(BATSON2019,),
+    references=(BATSON2019, STEIN1981),
     modalities=("dwi", "anat"),
     mem_gb=1.0,
-    params=(Param("radius", auto_or(positive(int)), "auto", "filter radius in voxels, or auto (calibrated)"),),
+    params=(
+        Param("radius", auto_or(positive(int)), default_of(median_denoise, "radius"),
+              "filter radius in voxels, or auto (calibrated)"),
+        Param("min_gain", float, default_of(median_denoise, "min_gain"),
+              "least estimated risk reduction (a fraction of the noise variance) for filtering to be kept"),
+    ),
 ))

@@ -242,6 +242,7 @@ def _nipype_settings(args, Nipype):
 
 
 def _setup_logging():
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks over the summary
     if not LOGGER.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s [bids-denoise] %(levelname)s: %(message)s", "%H:%M:%S"))
@@ -425,7 +426,7 @@ def run_graph(config, runs, specs, device, layout) -> list[dict]:
         records = read_failures(failure_dir / subject)
         if crashed and not records:  # a node failed before our code ran: Nipype's crash file says why
             records = [{"run": f"sub-{subject}", "stage": "graph", "type": "RuntimeError", "message": crashed,
-                        "data_error": False, "disk_full": False}]
+                        "data_error": False, "disk_full": os.strerror(errno.ENOSPC) in crashed}]
         for record in records:
             record["crash_file"] = _crash_file(log_dir, record, started)
         failures += records
@@ -463,7 +464,7 @@ def _run_participant_graph(config, subject, runs, specs, device, failure_dir, ve
                     ", ".join(spec.name for spec in specs), config.nipype.plugin)
         try:
             workflow.run(plugin=config.nipype.plugin, plugin_args=config.nipype.plugin_args)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:  # OSError: Nipype could not write its own files (a full disk)
             return str(err).splitlines()[0] if str(err) else "the workflow did not complete"
         return ""
     finally:
@@ -501,6 +502,14 @@ def write_participant_reports(layout, subject) -> None:
     LOGGER.info("sub-%s: report %s", subject, report)
 
 
+def _disk_full_line(message: str) -> str:
+    """``<file>: No space left on device`` from an OSError's text."""
+    import re
+
+    match = re.search(r"\[Errno \d+\] ([^:]+): '(.+)'", message)
+    return f"{match[2]}: {match[1]}" if match else message
+
+
 def summarize(config, runs, bad_runs, failures) -> int:
     """One line per failure (run, stage, cause, crash file); the exit code."""
     data_errors = [record for record in failures if record.get("data_error")]
@@ -513,6 +522,9 @@ def summarize(config, runs, bad_runs, failures) -> int:
             print(f"  - {message}", file=sys.stderr)
     processing = [record for record in failures if not record.get("data_error")]
     for record in processing:
+        if record.get("disk_full"):
+            print(f"bids-denoise: error: {_disk_full_line(record['message'])}", file=sys.stderr)
+            continue
         where = f"; crash file {record['crash_file']}" if record.get("crash_file") else ""
         print(f"bids-denoise: error: {record['run']}: {record['stage']} failed: {record['type']}: "
               f"{record['message']}{where}", file=sys.stderr)

@@ -169,6 +169,22 @@ def load_run(in_file, bval_file=None, bvec_file=None, modality="dwi"):
     return image, data, read_bvals(bval_file, n_volumes), read_bvecs(bvec_file, n_volumes)
 
 
+def run_warnings(data, bvals=None, bvecs=None, *, b0_threshold=50.0) -> list[str]:
+    """What is odd but not wrong about a run (recorded in the log and the outputs' sidecars)."""
+    warnings = []
+    if not np.any(data):
+        warnings.append("the image is zero everywhere")
+    if bvals is not None:
+        weighted = np.flatnonzero(bvals > b0_threshold)
+        if weighted.size == 0:
+            warnings.append(f"no diffusion-weighted volume (every b-value is at most {b0_threshold:g})")
+        norms = np.linalg.norm(bvecs[:, weighted], axis=0)
+        odd = weighted[np.abs(norms - 1.0) > 0.1]
+        if odd.size:
+            warnings.append(f"volumes {odd.tolist()} have b > {b0_threshold:g} but a zero or non-unit b-vector")
+    return warnings
+
+
 @contextmanager
 def atomic_path(destination):
     """Yield a temporary path beside ``destination``; rename it into place on success.

@@ -8,11 +8,14 @@ output layout (:mod:`bids_denoise.outputs`) gives.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from nipype.interfaces.base import Directory, File, TraitedSpec, isdefined, traits
 
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
+
+LOGGER = logging.getLogger("bids_denoise")
 
 
 class LoadRunInputSpec(RecordedInputSpec):
@@ -26,6 +29,7 @@ class LoadRunOutputSpec(TraitedSpec):
     data_file = File(exists=True, desc="the checked voxel data (.npy, float32 or float64)")
     gradients_file = File(exists=True, desc="bvals and bvecs (.npz), DWI only")
     digests = traits.Dict(desc="SHA-256 of the raw files, by file name")
+    warnings = traits.List(traits.Str, desc="what is odd about the run (zero image, odd b-vectors ...)")
 
 
 class LoadRun(RecordedInterface):
@@ -37,7 +41,7 @@ class LoadRun(RecordedInterface):
     def _run(self, runtime):
         import numpy as np
 
-        from bids_denoise.io import load_run, sha256_of
+        from bids_denoise.io import load_run, run_warnings, sha256_of
 
         gradients = [self.inputs.bval_file, self.inputs.bvec_file]
         gradients = [path if isdefined(path) else None for path in gradients]
@@ -48,6 +52,7 @@ class LoadRun(RecordedInterface):
         if bvals is not None:
             np.savez(cwd / "gradients.npz", bvals=bvals, bvecs=bvecs)
             self._results["gradients_file"] = str(cwd / "gradients.npz")
+        self._results["warnings"] = run_warnings(data, bvals, bvecs)
         self._results["digests"] = {Path(path).name: sha256_of(path)
                                     for path in [self.inputs.in_file] + gradients if path}
         return runtime
@@ -66,6 +71,7 @@ class DerivativesSinkInputSpec(SinkInputSpec):
     bvec_file = File(exists=True, desc="DWI only")
     provenance = traits.Dict(mandatory=True)
     input_digests = traits.Dict(usedefault=True, desc="SHA-256 of the raw files")
+    input_warnings = traits.List(traits.Str, usedefault=True, desc="what LoadRun found odd about the run")
     command_line = traits.Str("", usedefault=True)
     versions = traits.Dict(usedefault=True, desc="software versions")
 
@@ -111,8 +117,11 @@ class DerivativesSink(RecordedInterface):
             )
             if is_image:
                 sidecar.update(item.get("sidecar", {}))
-                if item.get("warnings"):
-                    sidecar["Warnings"] = list(item["warnings"])
+                warnings = list(self.inputs.input_warnings) + list(item.get("warnings", []))
+                for warning in warnings:
+                    LOGGER.warning("%s (%s): %s", source.label, method, warning)
+                if warnings:
+                    sidecar["Warnings"] = warnings
             write_json(sidecar, layout.sidecar(destination))
             written += [str(destination), str(layout.sidecar(destination))]
             if is_image and isdefined(self.inputs.bval_file):

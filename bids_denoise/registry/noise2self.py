@@ -21,10 +21,15 @@ def run(inputs, parameters) -> MethodResult:
         inputs.data, inputs.bvals, context=context, width=parameters["mask_width"], mode=parameters["fill"],
         slice_axis=parameters["slice_axis"], seed=inputs.seed, device=inputs.device, **budget(parameters),
     )
-    details = {"context": context, "history": result.history, "final_validation_loss": result.final_loss,
-               "weights": save_weights(result.state_dict, inputs.work_dir)}
+    details = {"context": result.context, "history": result.history, "final_validation_loss": result.final_loss,
+               "weights": save_weights(result.state_dict, inputs.work_dir),
+               "volume_context_volumes": list(result.volume_context_volumes)}
+    warnings = []
+    if result.volume_context_volumes:
+        warnings.append(f"volumes {list(result.volume_context_volumes)} are alone in their shell: denoised in the "
+                        "volume context (from themselves only)")
     what = "DWI series" if inputs.bvals is not None else "Image"
-    return MethodResult(result.denoised, f"{what} denoised with Noise2Self", details=details)
+    return MethodResult(result.denoised, f"{what} denoised with Noise2Self", details=details, warnings=warnings)
 
 
 def describe(parameters) -> str:

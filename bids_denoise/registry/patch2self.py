@@ -39,7 +39,12 @@ def run(inputs, parameters) -> MethodResult:
         "fit_voxels": info.fit_voxels,
         "regularised_groups": info.regularised_groups,
     }
-    return MethodResult(denoised, "DWI series denoised with Patch2Self", details=details)
+    warnings, description = [], "DWI series denoised with Patch2Self"
+    if info.passed_through:
+        warnings.append(f"volumes {info.passed_through} are alone in their group: passed through unchanged")
+        if len(info.passed_through) == inputs.data.shape[3]:
+            description = "DWI series passed through unchanged: no Patch2Self group had two volumes"
+    return MethodResult(denoised, description, details=details, warnings=warnings)
 
 
 def _run_dipy(inputs, parameters, common) -> MethodResult:

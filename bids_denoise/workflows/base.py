@@ -63,7 +63,7 @@ def init_run_wf(run, methods: list, config: RunConfig, *, device: str, failure_d
         workflow.connect([
             (load, denoise, [("data_file", "data_file")]),
             (load, report, [("data_file", "data_file")]),
-            (load, sink, [("digests", "input_digests")]),
+            (load, sink, [("digests", "input_digests"), ("warnings", "input_warnings")]),
             (denoise, sink, [("derivatives", "derivatives"), ("provenance", "provenance")]),
             (denoise, report, [("derivatives", "derivatives"), ("provenance", "provenance")]),
             (denoise, report_sink, [("derivatives", "derivatives")]),

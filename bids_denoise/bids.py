@@ -289,6 +289,31 @@ def dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
     }
 
 
+def raw_dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
+    """The source's description for the denoised raw dataset: its name and fields kept, bids-denoise
+    added to ``GeneratedBy`` (after the source's own entries) and the source in ``SourceDatasets``."""
+    raw = {}
+    try:
+        raw = json.loads((bids_dir / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        pass
+    generated_by = {"Name": "bids-denoise", "Version": __version__, "CodeURL": CODE_URL,
+                    "Description": "thermal noise removed; see derivatives/bids-denoise for what was done"}
+    if container:
+        generated_by["Container"] = container
+    source = {"URL": bids_dir.resolve().as_uri()}
+    if raw.get("DatasetDOI"):
+        source["DOI"] = raw["DatasetDOI"]
+    description = dict(raw)
+    description.setdefault("Name", bids_dir.name)
+    description.setdefault("BIDSVersion", BIDS_VERSION)
+    description["DatasetType"] = "raw"
+    description["GeneratedBy"] = [entry for entry in raw.get("GeneratedBy", []) if entry.get("Name") != "bids-denoise"]
+    description["GeneratedBy"].append(generated_by)
+    description["SourceDatasets"] = [entry for entry in raw.get("SourceDatasets", []) if entry != source] + [source]
+    return description
+
+
 def container_info() -> dict | None:
     """Describe the container we run in, if any (set by the Dockerfile / Singularity.def)."""
     kind = os.environ.get("BIDS_DENOISE_CONTAINER")

@@ -91,6 +91,18 @@ def build_parser(methods) -> argparse.ArgumentParser:
     selection.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                            help="do not run the BIDS validator on BIDS_DIR")
 
+    output = parser.add_argument_group("Output")
+    output.add_argument("--output-layout", choices=["derivatives", "bids"], default="derivatives",
+                        help="derivatives: a BIDS-Derivatives dataset (default); bids: a raw BIDS dataset, the "
+                             "input with each denoised run under its raw name, for fMRIPrep/QSIPrep to take as "
+                             "their bids_dir (maps, figures and reports in OUTPUT_DIR/derivatives/bids-denoise)")
+    output.add_argument("--copy-mode", choices=["link", "copy", "symlink"], default="link",
+                        help="--output-layout bids: how the input's other files are carried over (default link: "
+                             "hard links, copies across file systems)")
+    output.add_argument("--carry-over", choices=["all", "selected"], default="all",
+                        help="--output-layout bids: carry over every participant (default) or only the selected "
+                             "participants and sessions")
+
     processing = parser.add_argument_group("Processing")
     processing.add_argument("--methods", nargs="+", default=defaults, choices=denoisers, metavar="METHOD",
                             help=f"methods to run (default {' '.join(defaults)}; available: {', '.join(denoisers)})")
@@ -189,7 +201,8 @@ def build_config(args, methods, command_line: str):
         bids_dir=args.bids_dir.resolve(), output_dir=args.output_dir.resolve(), work_dir=args.work_dir.resolve(),
         analysis_level=args.analysis_level, participant_label=args.participant_label,
         session_label=args.session_label, bids_filters=args.bids_filters or {},
-        skip_bids_validation=args.skip_bids_validation, command_line=command_line, version=__version__,
+        skip_bids_validation=args.skip_bids_validation, output_layout=args.output_layout,
+        copy_mode=args.copy_mode, carry_over=args.carry_over, command_line=command_line, version=__version__,
     )
     workflow = Workflow(methods=list(dict.fromkeys(args.methods)), super_resolution=args.super_resolution,
                         device=args.device, seed=args.seed)
@@ -197,7 +210,18 @@ def build_config(args, methods, command_line: str):
         name: {param.name: _plain(getattr(args, methods[name].option_dest(param))) for param in methods[name].params}
         for name in workflow.all_methods
     }
+    if execution.output_layout == "bids":
+        _one_denoiser_per_modality(workflow, methods)
     return RunConfig(execution, _nipype_settings(args, Nipype), workflow)
+
+
+def _one_denoiser_per_modality(workflow, methods) -> None:
+    """A raw dataset holds one version of each run: one denoising method per modality."""
+    for modality in sorted({m for name in workflow.methods for m in methods[name].modalities}):
+        takers = [name for name in workflow.methods if modality in methods[name].modalities]
+        if len(takers) > 1:
+            raise AppError(EXIT_USAGE, f"--output-layout bids writes one denoised version of each run: choose one "
+                                       f"method for {modality} runs, not {' and '.join(takers)}")
 
 
 def _plain(value):
@@ -367,16 +391,25 @@ def prepare_work_dir(config) -> None:
 
 
 def prepare_output(config):
-    """OUTPUT_DIR writable, stale temporary files of killed runs removed, dataset-level files written."""
-    from bids_denoise.bids import container_info, dataset_description
-    from bids_denoise.outputs import OutputLayout
+    """OUTPUT_DIR writable, stale temporary files of killed runs removed, dataset-level files written;
+    for the raw layout, the input's other files carried over."""
+    from bids_denoise.bids import strip_prefix
+    from bids_denoise.outputs import layout_for
 
-    _probe_writable(config.execution.output_dir, "OUTPUT_DIR")
-    layout = OutputLayout(config.execution.output_dir)
+    execution = config.execution
+    _probe_writable(execution.output_dir, "OUTPUT_DIR")
+    layout = layout_for(execution.output_dir, execution.output_layout)
     for path in layout.remove_stale_temporaries():
         LOGGER.info("removed %s, left by an interrupted run", path)
     with _io_errors():
-        layout.write_dataset_files(dataset_description(config.execution.bids_dir, container_info()))
+        layout.write_dataset_files(execution.bids_dir)
+        if execution.output_layout == "bids":
+            selected = execution.carry_over == "selected"
+            subjects = {strip_prefix(s, "sub-") for s in execution.participant_label or []} or None
+            sessions = {strip_prefix(s, "ses-") for s in execution.session_label or []} or None
+            carried = layout.carry_over(execution.bids_dir, subjects=subjects if selected else None,
+                                        sessions=sessions if selected else None, mode=execution.copy_mode)
+            LOGGER.info("carried over %d file(s) of %s (%s)", len(carried), execution.bids_dir, execution.copy_mode)
     return layout
 
 
@@ -440,8 +473,10 @@ def _run_participant_graph(config, subject, runs, specs, device, failure_dir, ve
     """Run one participant's workflow; return Nipype's error line if it failed, else ''."""
     from nipype import config as nipype_config
 
+    from bids_denoise.interfaces.failures import tie_workers_to_the_app
     from bids_denoise.workflows.base import init_participant_wf
 
+    tie_workers_to_the_app()
     nipype_config.update_config({
         "execution": {
             "crashdump_dir": str(log_dir),
@@ -474,9 +509,9 @@ def _run_participant_graph(config, subject, runs, specs, device, failure_dir, ve
 
 def _crash_file(log_dir: Path, record: dict, since: float) -> str | None:
     """The Nipype crash file of a failed node, matched by its run and node name."""
-    import re
+    from bids_denoise.workflows.base import node_safe
 
-    run = re.sub(r"[^0-9a-zA-Z]", "_", record.get("run", ""))
+    run = node_safe(record.get("run", ""))
     for path in sorted(log_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime, reverse=True):
         if path.stat().st_mtime < since - 1:
             continue
@@ -546,12 +581,12 @@ def summarize(config, runs, bad_runs, failures) -> int:
 def run_group(config) -> int:
     """Collect what participant runs wrote: OUTPUT_DIR/group.tsv and group.html."""
     from bids_denoise.io import write_text
-    from bids_denoise.outputs import DESCRIPTION, GROUP_FIGURE, GROUP_REPORT, GROUP_TABLE, OutputLayout
+    from bids_denoise.outputs import DESCRIPTION, GROUP_FIGURE, GROUP_REPORT, GROUP_TABLE, detect_layout
     from bids_denoise.reports.figures import group_plot
     from bids_denoise.reports.group import collect_rows, render_table
     from bids_denoise.reports.html import render_group_report
 
-    layout = OutputLayout(config.execution.output_dir)
+    layout = detect_layout(config.execution.output_dir)
     if not layout.path(DESCRIPTION).exists():
         raise AppError(EXIT_NOINPUT, f"{layout.root}: no participant-level outputs found (run 'participant' first)")
     rows = collect_rows(layout)

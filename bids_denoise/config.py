@@ -24,6 +24,11 @@ class Execution:
     session_label: list | None = None
     bids_filters: dict = field(default_factory=dict)
     skip_bids_validation: bool = False
+    #: ``derivatives`` (a derivatives dataset) or ``bids`` (a raw dataset for the next pipeline)
+    output_layout: str = "derivatives"
+    #: raw layout: how input files are carried over (link, copy, symlink) and which participants
+    copy_mode: str = "link"
+    carry_over: str = "all"
     command_line: str = ""
     version: str = ""
 

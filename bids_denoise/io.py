@@ -186,12 +186,13 @@ def run_warnings(data, bvals=None, bvecs=None, *, b0_threshold=50.0) -> list[str
 
 
 @contextmanager
-def atomic_path(destination):
+def atomic_path(destination, *, mode=0o644):
     """Yield a temporary path beside ``destination``; rename it into place on success.
 
     The temporary name, ``.<name>.<host>~<pid>~<random>.part<ext>``, tells a later
     run which process wrote it, so that one left by a killed run can be removed
     (:func:`stale_temporaries`). An OSError (a full disk) names the destination.
+    ``mode`` is the finished file's permission bits (None leaves them).
     """
     destination = Path(destination)
     try:
@@ -206,7 +207,8 @@ def atomic_path(destination):
     temporary = Path(temporary)
     try:
         yield temporary
-        os.chmod(temporary, 0o644)
+        if mode is not None:  # None: the temporary is a link to another file, whose mode is not ours to set
+            os.chmod(temporary, mode)
         os.replace(temporary, destination)
     except OSError as err:
         if err.filename == str(destination):
@@ -284,6 +286,17 @@ def copy_atomic(source, destination) -> Path:
     with atomic_path(destination) as temporary:
         shutil.copyfile(source, temporary)
     return Path(destination)
+
+
+def place_image(source, destination) -> Path:
+    """Put a NIfTI file at ``destination`` atomically, compressed or not as its name says."""
+    source, destination = Path(source), Path(destination)
+    if source.name.endswith(".gz") == destination.name.endswith(".gz"):
+        return copy_atomic(source, destination)
+    image = nib.load(str(source))
+    with atomic_path(destination) as temporary:
+        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, image.header), str(temporary))
+    return destination
 
 
 def write_text(text: str, destination) -> Path:

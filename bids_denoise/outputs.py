@@ -140,10 +140,29 @@ class Source:
 
 
 class OutputLayout:
-    """The paths of one OUTPUT_DIR (derivatives layout)."""
+    """The paths of one OUTPUT_DIR (derivatives layout).
+
+    ``root`` is where derivatives go; ``dataset_root`` is OUTPUT_DIR (the same
+    here; for the raw layout the derivatives are a dataset nested inside it).
+    """
+
+    kind = "derivatives"
 
     def __init__(self, root):
         self.root = Path(root)
+        self.dataset_root = self.root
+
+    def relpath(self, path: Path) -> str:
+        """A path relative to OUTPUT_DIR."""
+        return Path(path).relative_to(self.dataset_root).as_posix()
+
+    def record(self, source: Source, desc: str, *, extra=None) -> Path:
+        """The JSON that records a method's main output (provenance, QC, warnings): its sidecar here."""
+        return self.sidecar(self.image(source, desc, extra=extra))
+
+    def raw_sidecar(self, source: Source, *, extra=None) -> Path | None:
+        """The raw-dataset sidecar of a denoised run (raw layout only)."""
+        return None
 
     # -- per run and method ----------------------------------------------------------------
     def _entities(self, source: Source, desc: str, extra: dict | None = None) -> dict:
@@ -217,7 +236,13 @@ class OutputLayout:
             path.unlink(missing_ok=True)
         return removed
 
-    def write_dataset_files(self, description: dict) -> None:
+    def write_dataset_files(self, bids_dir: Path) -> None:
+        """The dataset-level files of OUTPUT_DIR."""
+        from bids_denoise.bids import container_info, dataset_description
+
+        self._write_description_and_ignore(dataset_description(bids_dir, container_info()), BIDSIGNORE_LINES)
+
+    def _write_description_and_ignore(self, description: dict, ignore_lines) -> None:
         """dataset_description.json and .bidsignore, safe under concurrent participant jobs.
 
         An existing valid description is kept (the first job defines it); missing
@@ -231,9 +256,124 @@ class OutputLayout:
             write_json(description, target)
         ignore = self.path(BIDSIGNORE)
         existing = ignore.read_text().splitlines() if ignore.exists() else []
-        lines = existing + [line for line in BIDSIGNORE_LINES if line not in existing]
+        lines = existing + [line for line in ignore_lines if line not in existing]
         if lines != existing:
             write_text("\n".join(lines) + "\n", ignore)
+
+
+class RawBIDSLayout(OutputLayout):
+    """OUTPUT_DIR as a raw BIDS dataset: the input, with each denoised run under its raw name.
+
+    What is not a run of the raw dataset (maps, figures, reports, provenance,
+    logs, super-resolved images on a new grid) goes to the nested derivatives
+    dataset ``OUTPUT_DIR/derivatives/bids-denoise``, where this class's
+    inherited paths point.
+    """
+
+    kind = "bids"
+    NESTED = Path("derivatives") / "bids-denoise"
+
+    def __init__(self, root):
+        super().__init__(Path(root) / self.NESTED)
+        self.dataset_root = Path(root)
+
+    def image(self, source: Source, desc: str, *, extra=None, extension=".nii.gz") -> Path:
+        if _new_grid(extra) or extension != ".nii.gz":
+            return super().image(source, desc, extra=extra, extension=extension)
+        return self.dataset_root / source.relpath
+
+    def gradients(self, source: Source, desc: str, *, extra=None):
+        """A run on its raw grid keeps the raw bval/bvec (carried over); a new grid gets copies."""
+        return super().gradients(source, desc, extra=extra) if _new_grid(extra) else None
+
+    def record(self, source: Source, desc: str, *, extra=None) -> Path:
+        return super().sidecar(super().image(source, desc, extra=extra))
+
+    def raw_sidecar(self, source: Source, *, extra=None) -> Path | None:
+        return None if _new_grid(extra) else self.sidecar(self.dataset_root / source.relpath)
+
+    def write_dataset_files(self, bids_dir: Path) -> None:
+        """The raw dataset's description (the source's, with GeneratedBy and SourceDatasets added)
+        and the nested derivatives dataset's files."""
+        from bids_denoise.bids import container_info, dataset_description, raw_dataset_description
+
+        raw = OutputLayout(self.dataset_root)
+        raw._write_description_and_ignore(raw_dataset_description(bids_dir, container_info()), ())
+        description = dataset_description(bids_dir, container_info())
+        description["DatasetLinks"] = {"raw": "../../"}
+        description["SourceDatasets"] = [{"URL": "../../"}] + description["SourceDatasets"]
+        self._write_description_and_ignore(description, BIDSIGNORE_LINES)
+
+    def carry_over(self, bids_dir: Path, *, subjects=None, sessions=None, mode="link") -> list[Path]:
+        """Bring every file of BIDS_DIR that is not already in OUTPUT_DIR (denoised runs replace theirs).
+
+        ``subjects``/``sessions`` limit the participants' folders carried (None: all);
+        ``derivatives/`` and hidden entries (but ``.bidsignore``) are left out. A file
+        already present is kept, so participant jobs may run in any order. ``mode``:
+        ``link`` (a hard link; a copy across file systems), ``copy`` or ``symlink``.
+        """
+        carried = []
+        for source in _dataset_files(Path(bids_dir), subjects, sessions):
+            relative = source.relative_to(bids_dir)
+            destination = self.dataset_root / relative
+            if destination.exists() or destination.is_symlink():
+                continue
+            _place(source, destination, mode)
+            carried.append(destination)
+        return carried
+
+
+def _new_grid(extra) -> bool:
+    return bool(extra) and "res" in extra
+
+
+def _dataset_files(bids_dir: Path, subjects, sessions):
+    for path in sorted(bids_dir.rglob("*")):
+        parts = path.relative_to(bids_dir).parts
+        if parts[0] == "derivatives" or any(p.startswith(".") and p != BIDSIGNORE for p in parts):
+            continue
+        if subjects is not None and parts[0].startswith("sub-") and parts[0][4:] not in subjects:
+            continue
+        if sessions is not None and len(parts) > 1 and parts[1].startswith("ses-") and parts[1][4:] not in sessions:
+            continue
+        if path.is_file():
+            yield path
+
+
+def _place(source: Path, destination: Path, mode: str) -> None:
+    """A hard link, copy or symbolic link of ``source`` at ``destination`` (atomically)."""
+    import errno
+    import os
+
+    from bids_denoise.io import atomic_path, copy_atomic
+
+    if mode == "copy":
+        copy_atomic(source, destination)
+        return
+    with atomic_path(destination, mode=None) as temporary:
+        temporary.unlink()
+        if mode == "symlink":
+            os.symlink(source.resolve(), temporary)
+            return
+        try:
+            os.link(source, temporary)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            import shutil
+
+            shutil.copyfile(source, temporary)
+
+
+def detect_layout(output_dir) -> OutputLayout:
+    """The layout an earlier participant run wrote in OUTPUT_DIR (for the group level)."""
+    nested = Path(output_dir) / RawBIDSLayout.NESTED / DESCRIPTION
+    return layout_for(output_dir, "bids" if nested.exists() else "derivatives")
+
+
+def layout_for(output_dir, kind: str = "derivatives") -> OutputLayout:
+    """The layout of OUTPUT_DIR: ``derivatives`` (default) or ``bids`` (a raw dataset)."""
+    return RawBIDSLayout(output_dir) if kind == "bids" else OutputLayout(output_dir)
 
 
 def _valid_json(path: Path) -> bool:

@@ -60,6 +60,7 @@ class LoadRun(RecordedInterface):
 
 class SinkInputSpec(RecordedInputSpec):
     output_dir = Directory(mandatory=True, desc="OUTPUT_DIR")
+    layout_kind = traits.Enum("derivatives", "bids", usedefault=True, desc="the output layout")
     source_relpath = traits.Str(mandatory=True, desc="the raw file's path relative to BIDS_DIR")
     method = traits.Str(mandatory=True)
     derivatives = traits.List(traits.Dict, mandatory=True, desc="the method node's outputs")
@@ -80,20 +81,30 @@ class SinkOutputSpec(TraitedSpec):
     out_files = traits.List(File(exists=True))
 
 
-class DerivativesSink(RecordedInterface):
+class _Sink(RecordedInterface):
+    """What both sinks start from: the output layout, the source run, the method's main output."""
+
+    output_spec = SinkOutputSpec
+
+    def _target(self):
+        from bids_denoise.outputs import Source, layout_for
+
+        layout = layout_for(self.inputs.output_dir, self.inputs.layout_kind)
+        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
+        return layout, Source.from_relpath(self.inputs.source_relpath), main
+
+
+class DerivativesSink(_Sink):
     """Write a method's image and maps with their sidecars (and bval/bvec), atomically."""
 
     input_spec = DerivativesSinkInputSpec
-    output_spec = SinkOutputSpec
 
     def _run(self, runtime):
         from bids_denoise import __version__
         from bids_denoise.bids import CODE_URL, provenance_record
-        from bids_denoise.io import copy_atomic, sha256_of, write_json
-        from bids_denoise.outputs import OutputLayout, Source
+        from bids_denoise.io import copy_atomic, place_image, sha256_of, write_json
 
-        layout = OutputLayout(self.inputs.output_dir)
-        source = Source.from_relpath(self.inputs.source_relpath)
+        layout, source, main = self._target()
         method = self.inputs.method
         provenance = dict(self.inputs.provenance, InputDigests=dict(self.inputs.input_digests),
                           CommandLine=self.inputs.command_line, SoftwareVersions=dict(self.inputs.versions))
@@ -104,10 +115,11 @@ class DerivativesSink(RecordedInterface):
                 destination = layout.image(source, method, extra=item["entities"])
             else:
                 destination = layout.map(source, method, item["name"])
-            copy_atomic(item["path"], destination)
+            place_image(item["path"], destination)
             digest = sha256_of(destination)
-            digests.append((str(destination.relative_to(layout.root)), digest))
-            sidecar = dict(self.inputs.source_metadata) if is_image else {}
+            digests.append((layout.relpath(destination), digest))
+            raw_sidecar = layout.raw_sidecar(source, extra=item["entities"]) if is_image else None
+            sidecar = dict(self.inputs.source_metadata) if is_image and raw_sidecar is None else {}
             sidecar.update(
                 Description=item["description"],
                 Sources=[source.uri],
@@ -122,17 +134,36 @@ class DerivativesSink(RecordedInterface):
                     LOGGER.warning("%s (%s): %s", source.label, method, warning)
                 if warnings:
                     sidecar["Warnings"] = warnings
-            write_json(sidecar, layout.sidecar(destination))
-            written += [str(destination), str(layout.sidecar(destination))]
-            if is_image and isdefined(self.inputs.bval_file):
-                for raw, target in zip((self.inputs.bval_file, self.inputs.bvec_file),
-                                       layout.gradients(source, method, extra=item["entities"])):
+            record = layout.record(source, method, extra=item["entities"]) if is_image else layout.sidecar(destination)
+            if raw_sidecar is not None:  # the raw layout: the run's own sidecar, and the record beside the maps
+                sidecar["Image"] = f"bids::{layout.relpath(destination)}"
+                write_json(_raw_sidecar(self.inputs.source_metadata, method, provenance, digest,
+                                        layout.relpath(record)), raw_sidecar)
+                written.append(str(raw_sidecar))
+            write_json(sidecar, record)
+            written += [str(destination), str(record)]
+            gradients = layout.gradients(source, method, extra=item["entities"]) if is_image else None
+            if gradients and isdefined(self.inputs.bval_file):
+                for raw, target in zip((self.inputs.bval_file, self.inputs.bvec_file), gradients):
                     written.append(str(copy_atomic(raw, target)))
-        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
         write_json(provenance_record(source, method, digests, provenance),
                    layout.prov_record(source, method, extra=main["entities"]))
         self._results["out_files"] = written
         return runtime
+
+
+def _raw_sidecar(metadata: dict, method: str, provenance: dict, digest: str, record: str) -> dict:
+    """The raw sidecar of a denoised run: the source's metadata and a short record of what was done."""
+    sidecar = dict(metadata)
+    sidecar["Denoising"] = {
+        "Method": method,
+        "Parameters": provenance.get("Parameters", {}),
+        "Software": f"bids-denoise {provenance.get('SoftwareVersions', {}).get('bids-denoise')}",
+        "SourceDigests": provenance.get("InputDigests", {}),
+        "OutputDigest": digest,
+        "Record": f"bids::{record}",
+    }
+    return sidecar
 
 
 class ReportSinkInputSpec(SinkInputSpec):
@@ -143,29 +174,25 @@ class ReportSinkInputSpec(SinkInputSpec):
     warnings = traits.List(traits.Str, desc="figures that could not be made, and why")
 
 
-class ReportSink(RecordedInterface):
+class ReportSink(_Sink):
     """Write a run's QC figures and table, and add the QC numbers to the main sidecar."""
 
     input_spec = ReportSinkInputSpec
-    output_spec = SinkOutputSpec
 
     def _run(self, runtime):
         import json
 
         from bids_denoise.io import copy_atomic, write_json
-        from bids_denoise.outputs import OutputLayout, Source
 
-        layout = OutputLayout(self.inputs.output_dir)
-        source = Source.from_relpath(self.inputs.source_relpath)
+        layout, source, main = self._target()
         method = self.inputs.method
-        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
         written = []
         for figure in self.inputs.figures or []:
             target = layout.figure(source, method, figure["kind"], extra=main["entities"])
             written.append(str(copy_atomic(figure["path"], target)))
         if isdefined(self.inputs.qc_table):
             written.append(str(copy_atomic(self.inputs.qc_table, layout.qc_table(source, method))))
-        sidecar_path = layout.sidecar(layout.image(source, method, extra=main["entities"]))
+        sidecar_path = layout.record(source, method, extra=main["entities"])
         sidecar = json.loads(sidecar_path.read_text())
         if self.inputs.qc_summary:
             sidecar["QC"] = dict(self.inputs.qc_summary)

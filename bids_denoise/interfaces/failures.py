@@ -48,6 +48,25 @@ class RecordedInterface(SimpleInterface):
             raise
 
 
+def tie_workers_to_the_app() -> None:
+    """Make every MultiProc worker die with the app, from the moment it starts (not only once it
+    runs a node: an idle worker of a killed app would otherwise live on)."""
+    from nipype.pipeline.plugins import multiproc
+
+    if multiproc.process_initializer is not _worker_initializer:
+        _worker_initializer.__wrapped__ = multiproc.process_initializer
+        multiproc.process_initializer = _worker_initializer
+
+
+def _worker_initializer(cwd):
+    """Nipype's worker initializer, after tying the worker to the app (module level: picklable)."""
+    from nipype.pipeline.plugins import multiproc
+
+    _die_with_parent()
+    original = getattr(multiproc.process_initializer, "__wrapped__", multiproc.process_initializer)
+    original(cwd)
+
+
 def _die_with_parent():
     """In a MultiProc worker: die with the app instead of running on as an orphan (Linux)."""
     import ctypes

@@ -19,7 +19,8 @@ def collect_rows(layout) -> list[dict]:
         payload = json.loads(sidecar.read_text())
         provenance, qc = payload.get("Provenance", {}), payload.get("QC", {})
         entities = parse(sidecar)
-        image = sidecar.with_name(sidecar.name[: -len(".json")] + ".nii.gz")
+        image = payload.get("Image", "").removeprefix("bids::") or layout.relpath(
+            sidecar.with_name(sidecar.name[: -len(".json")] + ".nii.gz"))
         rows.append({
             "subject": entities.get("subject", ""),
             "session": entities.get("session", ""),
@@ -32,7 +33,7 @@ def collect_rows(layout) -> list[dict]:
             "noise_sigma": qc.get("NoiseSigmaMedian", "n/a"),
             "outlier_volumes": " ".join(str(v) for v in qc.get("OutlierVolumes", [])) or "none",
             "suffix": entities.get("suffix", ""),
-            "file": str(image.relative_to(layout.root)),
+            "file": image,
         })
     return rows
 

@@ -34,6 +34,15 @@ def _table(rows):
     return f"<table>{cells}</table>"
 
 
+DOWNSTREAM = (
+    "<h2>Using this dataset downstream</h2>\n<p>The folder two levels up from this page is a raw BIDS dataset: "
+    "each denoised run is under its raw name, every other file of the input is carried over. Give it to the "
+    "next pipeline as its <code>bids_dir</code>, and turn that pipeline's own thermal denoising off so that "
+    "nothing is denoised twice: <code>qsiprep &lt;dataset&gt; &lt;out&gt; participant --denoise-method none</code>; "
+    "fMRIPrep does not denoise, so <code>fmriprep &lt;dataset&gt; &lt;out&gt; participant</code> as usual.</p>\n"
+)
+
+
 def render_participant_report(layout, subject: str) -> str:
     """The participant's page, from the sidecars and figures its runs wrote (``layout``: an OutputLayout)."""
     from bids_denoise.outputs import CITATION_MD
@@ -75,6 +84,8 @@ def render_participant_report(layout, subject: str) -> str:
             f"<details><summary>Files</summary><ul>{link_list}</ul></details>"
         )
     body = "\n".join(sections) or "<p>No denoised run found.</p>"
+    if layout.kind == "bids":
+        body = DOWNSTREAM + body
     if (root / CITATION_MD).exists():
         body += f'\n<h2>Methods and citations</h2>\n<p><a href="{CITATION_MD}">{CITATION_MD}</a></p>'
     return _page(f"bids-denoise: sub-{subject}", body)

@@ -27,7 +27,7 @@ from bids_denoise.interfaces.reports import RunReport
 def init_participant_wf(subject: str, runs, methods: list, config: RunConfig, *, device: str, failure_dir: str,
                         versions: dict):
     """Workflow for one participant: a sub-workflow per run."""
-    workflow = pe.Workflow(name=f"sub_{_safe(subject)}_wf", base_dir=str(config.execution.work_dir))
+    workflow = pe.Workflow(name=f"sub_{node_safe(subject)}_wf", base_dir=str(config.execution.work_dir))
     for run in runs:
         workflow.add_nodes([init_run_wf(run, methods, config, device=device, failure_dir=failure_dir,
                                         versions=versions)])
@@ -36,7 +36,7 @@ def init_participant_wf(subject: str, runs, methods: list, config: RunConfig, *,
 
 def init_run_wf(run, methods: list, config: RunConfig, *, device: str, failure_dir: str, versions: dict):
     """Load one run, run each method that takes its modality, write the derivatives and the QC."""
-    workflow = pe.Workflow(name=f"{_safe(run.label)}_wf")
+    workflow = pe.Workflow(name=f"{node_safe(run.label)}_wf")
     record = {"failure_dir": failure_dir, "run_label": run.label}
     load = pe.Node(LoadRun(modality=run.modality, stage="load", **record), name="load_run")
     load.inputs.in_file = str(run.path)
@@ -53,6 +53,7 @@ def init_run_wf(run, methods: list, config: RunConfig, *, device: str, failure_d
                               name=f"{spec.name}_report_sink", run_without_submitting=True, overwrite=True)
         for node in (sink, report_sink):
             node.inputs.output_dir = str(config.execution.output_dir)
+            node.inputs.layout_kind = config.execution.output_layout
             node.inputs.source_relpath = run.relpath
             node.inputs.method = spec.name
         sink.inputs.source_metadata = run.metadata
@@ -97,5 +98,6 @@ def _method_node(spec, config: RunConfig, device: str, record: dict):
     return node
 
 
-def _safe(label: str) -> str:
+def node_safe(label: str) -> str:
+    """A run or subject label as a Nipype node name."""
     return re.sub(r"[^0-9a-zA-Z]", "_", label)

@@ -455,9 +455,10 @@ static int signal_count(int n, long long noise) { return noise == 0 ? n : n - (i
  * signal count, at least 1 (rows past a window's own count zero; the identity where a window has no noise
  * component); rows k.. are not written. Returns 0, or -1 if memory ran out.
  */
-int mppca_signal_subspace(int batch, int n, const double *parts, const double *part_sums,
-                          const long long *part_index, int depth, double count, int q, int exp1,
-                          long long *n_noise, double *sigma2, double *vectors)
+static int signal_subspace(int batch, int n, const double *parts, const double *part_sums,
+                           const long long *part_index, int depth, double count, int q, int exp1,
+                           const double *known_sigma2, double q_noise, double r_noise,
+                           long long *n_noise, double *sigma2, double *vectors)
 {
     const size_t nn = (size_t)n * n;
     /* lane buffers: whole vec8s, 64-byte aligned (sizes are multiples of 64 bytes) */
@@ -513,6 +514,10 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
             above[l] = 0.0;
             n_noise[window[l]] = 0;
             sigma2[window[l]] = 0.0;
+            if (known_sigma2 != NULL) { /* the noise level is given; an all-zero window is all noise */
+                sigma2[window[l]] = known_sigma2[window[l]];
+                if (found[l]) n_noise[window[l]] = n;
+            }
         }
         eigenvalues2(n, d, e2, pivmin, tol, &sa, &sb);
         for (int l = 0; l < LANES; ++l) {
@@ -538,6 +543,23 @@ int mppca_signal_subspace(int batch, int n, const double *parts, const double *p
                     if (sa.index[l] >= 0) lambda[position * LANES + l] = sa.value[l];
                     if (sb.index[l] >= 0) lambda[(position - 1) * LANES + l] = sb.value[l];
                 }
+            }
+            if (known_sigma2 != NULL) {
+                /* the component at `position` is noise once its eigenvalue is within the upper edge
+                 * of the Marchenko-Pastur law of the noise matrix left, (q_noise - j) x (r_noise - j)
+                 * with j larger components taken out */
+                const double j = n - 1.0 - position;
+                const double rows = q_noise - j > 0.0 ? q_noise - j : 0.0;
+                const double columns = r_noise - j > 0.0 ? r_noise - j : 0.0;
+                const double edge = (sqrt(rows) + sqrt(columns)) * (sqrt(rows) + sqrt(columns));
+                for (int l = 0; l < LANES; ++l) {
+                    if (found[l]) continue;
+                    if (lambda[position * LANES + l] <= known_sigma2[window[l]] * edge) {
+                        found[l] = 1;
+                        n_noise[window[l]] = position + 1;
+                    }
+                }
+                continue;
             }
             for (int l = 0; l < LANES; ++l) {
                 if (found[l]) continue;
@@ -615,6 +637,33 @@ done:
     free(A); free(H); free(d); free(e); free(e2); free(tau); free(p); free(lambda);
     free(dl); free(el); free(z); free(scratch); free(swap);
     return status;
+}
+
+int mppca_signal_subspace(int batch, int n, const double *parts, const double *part_sums,
+                          const long long *part_index, int depth, double count, int q, int exp1,
+                          long long *n_noise, double *sigma2, double *vectors)
+{
+    return signal_subspace(batch, n, parts, part_sums, part_index, depth, count, q, exp1, NULL, 0.0, 0.0,
+                           n_noise, sigma2, vectors);
+}
+
+/*
+ * As mppca_signal_subspace, with the noise variance of each window given (known_sigma2, batch values,
+ * per entry of the window matrix) instead of estimated: scanning from the largest eigenvalue, the
+ * component at ascending position p is signal while its eigenvalue exceeds
+ * known_sigma2 * (sqrt(q_noise - j) + sqrt(r_noise - j))^2, j = n - 1 - p (the rule of
+ * bids_denoise.methods.mppca.known_sigma_cutoff); q_noise >= r_noise are the window matrix's
+ * dimensions for the noise (one voxel fewer where the window is demeaned). sigma2 is set to
+ * known_sigma2; an all-zero window is all noise (n_noise = n); a window whose eigenvalues all exceed
+ * the edge keeps the identity (n_noise = 0), as in mppca_signal_subspace.
+ */
+int mppca_signal_subspace_known(int batch, int n, const double *parts, const double *part_sums,
+                                const long long *part_index, int depth, double count, const double *known_sigma2,
+                                double q_noise, double r_noise, long long *n_noise, double *sigma2,
+                                double *vectors)
+{
+    return signal_subspace(batch, n, parts, part_sums, part_index, depth, count, (int)q_noise, 0, known_sigma2,
+                           q_noise, r_noise, n_noise, sigma2, vectors);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_mppca_kernel",

@@ -30,11 +30,18 @@ _INT_MAX = 2**31 - 1
 
 
 @lru_cache(maxsize=1)
+def _library():
+    try:
+        return ctypes.CDLL(find_spec("bids_denoise.methods._mppca_kernel").origin)
+    except (AttributeError, ImportError, OSError, TypeError):
+        return None
+
+
+@lru_cache(maxsize=1)
 def _load():
     """The C function ``mppca_signal_subspace`` with its signature, or None where it was not built."""
-    try:
-        library = ctypes.CDLL(find_spec("bids_denoise.methods._mppca_kernel").origin)
-    except (AttributeError, ImportError, OSError, TypeError):
+    library = _library()
+    if library is None:
         return None
     function = library.mppca_signal_subspace
     function.restype = ctypes.c_int
@@ -42,6 +49,27 @@ def _load():
                          ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_void_p]
     return function
+
+
+@lru_cache(maxsize=1)
+def _load_known():
+    """The C function ``mppca_signal_subspace_known`` (noise level given), or None where the extension
+    was not built or predates it."""
+    library = _library() if _load() is not None else None
+    function = getattr(library, "mppca_signal_subspace_known", None) if library is not None else None
+    if function is None:
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_int, ctypes.c_double, ctypes.c_void_p, ctypes.c_double, ctypes.c_double,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return function
+
+
+def known_available() -> bool:
+    """Whether the compiled solver can also take a given noise level (:func:`signal_subspace` with
+    ``known_sigma2``): available, and built with that entry point."""
+    return available() and _load_known() is not None
 
 
 def disabled() -> bool:
@@ -68,12 +96,14 @@ def unavailable_reason() -> str:
     return ""
 
 
-def signal_subspace(parts, part_sums, part_index, n_voxels: int, q: int, exp1: bool):
+def signal_subspace(parts, part_sums, part_index, n_voxels: int, q: int, exp1: bool, known_sigma2=None,
+                    noise_shape=None):
     """Marchenko-Pastur cut-off and signal eigenvectors of a batch of window Gram matrices (in C).
 
     Window ``w``'s Gram matrix is the sum of ``parts[part_index[w, t]]`` over ``t``, less the
     outer product of the window's column sums divided by ``n_voxels`` where ``part_sums`` is given
-    (demeaning). The cut-off rule is :func:`bids_denoise.methods.mppca.marchenko_pastur_cutoff`'s.
+    (demeaning). The cut-off rule is :func:`bids_denoise.methods.mppca.marchenko_pastur_cutoff`'s,
+    or :func:`bids_denoise.methods.mppca.known_sigma_cutoff`'s where ``known_sigma2`` is given.
 
     Parameters
     ----------
@@ -88,7 +118,13 @@ def signal_subspace(parts, part_sums, part_index, n_voxels: int, q: int, exp1: b
     q : int
         The larger dimension of the window matrix, ``max(volumes, voxels)`` (>= r).
     exp1 : bool
-        Veraart's estimator instead of Cordero-Grande's.
+        Veraart's estimator instead of Cordero-Grande's (unused where ``known_sigma2`` is given).
+    known_sigma2 : ndarray of float64, shape (B,), optional
+        Each window's noise variance, given: the cut-off is then the Marchenko-Pastur edge for it
+        (``mppca_signal_subspace_known`` in C) and ``sigma2`` returns it.
+    noise_shape : (int, int), optional
+        With ``known_sigma2``: the window matrix's larger and smaller dimension for the noise
+        (``q_noise >= r_noise``; one voxel fewer where windows are demeaned).
 
     Returns
     -------
@@ -111,6 +147,8 @@ def signal_subspace(parts, part_sums, part_index, n_voxels: int, q: int, exp1: b
     function = _load()
     if function is None or disabled():
         raise RuntimeError(f"MP-PCA compiled solver unavailable: {unavailable_reason()}")
+    if known_sigma2 is not None and _load_known() is None:
+        raise RuntimeError("MP-PCA compiled solver built without mppca_signal_subspace_known: rebuild it")
     parts = _checked("parts", parts, np.float64, ndim=3)
     count, r = parts.shape[0], parts.shape[1]
     if parts.shape[2] != r or count < 1 or r < 1:
@@ -129,14 +167,31 @@ def signal_subspace(parts, part_sums, part_index, n_voxels: int, q: int, exp1: b
         raise ValueError(f"n_voxels must be >= 1 and q >= r = {r}, got n_voxels={n_voxels}, q={q}")
     if max(batch, r * r, depth, q) > _INT_MAX:
         raise ValueError(f"sizes exceed C int: batch={batch}, r={r}, depth={depth}, q={q}")
+    if known_sigma2 is not None:
+        known_sigma2 = _checked("known_sigma2", known_sigma2, np.float64, ndim=1)
+        if known_sigma2.shape != (batch,):
+            raise ValueError(f"known_sigma2 must have shape {(batch,)} (one value per window), got {known_sigma2.shape}")
+        if not np.all(np.isfinite(known_sigma2)) or np.any(known_sigma2 < 0):
+            raise ValueError("known_sigma2 must be finite and >= 0")
+        q_noise, r_noise = noise_shape if noise_shape is not None else (q, r)
+        if not 1 <= r_noise <= q_noise or r_noise > r:
+            raise ValueError(f"noise_shape must be (q_noise, r_noise) with 1 <= r_noise <= q_noise and r_noise <= "
+                             f"{r}, got {noise_shape}")
     n_noise = torch.empty(batch, dtype=torch.int64)
     sigma2 = torch.empty(batch, dtype=torch.float64)
     vectors = torch.empty(batch, r, r, dtype=torch.float64)
-    status = function(
-        batch, r, parts.ctypes.data, None if part_sums is None else part_sums.ctypes.data,
-        part_index.ctypes.data, depth, float(n_voxels), int(q), int(bool(exp1)),
-        n_noise.data_ptr(), sigma2.data_ptr(), vectors.data_ptr(),
-    )
+    sums_address = None if part_sums is None else part_sums.ctypes.data
+    if known_sigma2 is None:
+        status = function(
+            batch, r, parts.ctypes.data, sums_address, part_index.ctypes.data, depth, float(n_voxels), int(q),
+            int(bool(exp1)), n_noise.data_ptr(), sigma2.data_ptr(), vectors.data_ptr(),
+        )
+    else:
+        status = _load_known()(
+            batch, r, parts.ctypes.data, sums_address, part_index.ctypes.data, depth, float(n_voxels),
+            known_sigma2.ctypes.data, float(q_noise), float(r_noise), n_noise.data_ptr(), sigma2.data_ptr(),
+            vectors.data_ptr(),
+        )
     if status != 0:
         raise MemoryError("MP-PCA: the window solver could not allocate its buffers")
     return vectors, n_noise, sigma2

@@ -16,6 +16,17 @@ every window and averages them with weights ``1 / (1 + rank)``, as DIPY's
 ``mppca`` does, optionally on a strided grid of windows (each voxel still
 covered) for speed.
 
+Options beyond both peers (each off by default, so the default output is the one above):
+``shrinkage="frobenius"`` weights the signal components by the optimal shrinker
+of Gavish & Donoho for the Frobenius loss instead of keeping them whole;
+``aggregate="gaussian"`` averages every window's reconstruction with Gaussian
+weights centred on the window; ``noise_sigma`` takes a known noise level (a
+map or one value) for the threshold instead of estimating it;
+``noise_floor="koay"`` removes the Rician / noncentral-chi bias of magnitude
+data after denoising (:mod:`bids_denoise.methods.noise_floor`); and
+``demean="shell"`` removes each voxel's mean within each b-value shell before
+the PCA and adds it back after (as MRtrix3 ``dwidenoise2 -demean shells``).
+
 The eigenproblems are solved by a small compiled solver (``_mppca_kernel.c``,
 called through ctypes) where it was built, and by ``torch.linalg.eigh``
 otherwise, with the same cut-offs and the same output to rounding. The solver
@@ -38,13 +49,20 @@ References
        general noise models. NeuroImage 200 (2019) 391-404.
 .. [3] Manjon J.V. et al. Diffusion weighted image denoising using overcomplete
        local PCA. PLoS One 8 (2013) e73021.
+.. [4] Gavish M., Donoho D.L. Optimal shrinkage of singular values. IEEE
+       Trans Inf Theory 63 (2017) 2137-2152.
+.. [5] Koay C.G., Basser P.J. Analytically exact correction scheme for signal
+       extraction from noisy magnitude MR signals. J Magn Reson 179 (2006)
+       317-322.
+.. [6] Marchenko V.A., Pastur L.A. Distribution of eigenvalues for some sets
+       of random matrices. Math USSR-Sbornik 1 (1967) 457-483.
 """
 
 from __future__ import annotations
 
 import gc
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,6 +71,7 @@ from bids_denoise.methods import _mppca_solver
 from bids_denoise.methods._device import resolve_device
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import power_of_two_exponent
+from bids_denoise.methods.noise_floor import remove_noise_floor
 
 #: Bytes of window data handled per batch (per worker thread).
 BATCH_BYTES = 16 * 2**20
@@ -60,6 +79,19 @@ BATCH_BYTES = 16 * 2**20
 #: Fewest eigenvalues a window matrix must have (min(voxels, volumes)) for a Marchenko-Pastur
 #: estimate: see :func:`_check_window_holds_estimate`.
 MIN_EIGENVALUES = 4
+
+#: Standard deviation of the Gaussian aggregation weights, as a fraction of the window's extent along
+#: each axis (``aggregate="gaussian"``): 0.25 of a 5-voxel window is 1.25 voxels, so the window's
+#: corners weigh 2% of its centre.
+GAUSSIAN_WIDTH = 0.25
+
+#: Fixed-point iterations of Koay & Basser's correction of an estimated noise map
+#: (``noise_floor="koay"``): two or three bring the brain's sigma to its limit on the phantom.
+KOAY_ITERATIONS = 3
+
+SHRINKAGES = ("hard", "frobenius")
+AGGREGATES = ("centre", "overcomplete", "gaussian")
+NOISE_FLOORS = ("none", "koay")
 
 
 @dataclass
@@ -71,13 +103,23 @@ class MPPCAResult:
     denoised : ndarray, shape (X, Y, Z, V)
     noise_sigma : ndarray, shape (X, Y, Z)
         Estimated noise standard deviation per voxel (0 where no noise
-        component was found, and outside the mask).
+        component was found, and outside the mask). With ``noise_floor="koay"`` and the noise
+        estimated: the Gaussian noise level after Koay & Basser's correction (see :func:`mppca`).
+        With ``noise_sigma`` given: that noise level (broadcast to the image, 0 outside the mask).
     rank : ndarray, shape (X, Y, Z)
-        Number of signal components kept (float for overcomplete averaging).
+        Number of signal components kept (float for overcomplete and Gaussian averaging). With
+        ``shrinkage="frobenius"``: the components whose shrunk weight is above zero.
     extent : tuple of int
         The window used.
     solver : str
-        ``"tridiagonal"`` (the compiled solver) or ``"eigh"``.
+        ``"tridiagonal"`` (the compiled solver) or ``"eigh"``: the one that ran.
+    parameters : dict
+        Every option that shapes the output, as resolved (for provenance): ``estimator``,
+        ``aggregate``, ``stride`` (list), ``demean`` (False, True or ``"shell"``), ``shrinkage``,
+        ``gaussian_width`` (None unless Gaussian aggregation), ``rank_weighting`` (None for
+        ``aggregate="centre"``), ``noise_source`` (``"estimated"`` or ``"given"``),
+        ``noise_floor``, ``n_coils`` (None unless the noise floor is removed), ``shells`` (the
+        number of b-value shells demeaned, None unless ``demean="shell"``), ``precision``, ``solver``.
     """
 
     denoised: np.ndarray
@@ -85,6 +127,7 @@ class MPPCAResult:
     rank: np.ndarray
     extent: tuple
     solver: str = "eigh"
+    parameters: dict = field(default_factory=dict)
 
 
 def kernel_available() -> bool:
@@ -118,6 +161,13 @@ def mppca(
     demean=False,
     solver="auto",
     out_dtype=np.float32,
+    shrinkage="hard",
+    gaussian_width=GAUSSIAN_WIDTH,
+    rank_weighting=None,
+    noise_sigma=None,
+    noise_floor="none",
+    n_coils=1,
+    bvals=None,
 ):
     """Denoise a 4D series with MP-PCA.
 
@@ -129,14 +179,18 @@ def mppca(
     extent : int or sequence of 3 odd int, optional
         Window size; default as ``dwidenoise`` (see :func:`default_extent`).
     estimator : {"Exp2", "Exp1"}, optional
-        Noise estimator: Cordero-Grande (``Exp2``, default) or Veraart 2016.
-    aggregate : {"centre", "overcomplete"}, optional
-        Rebuild the centre voxel of each voxel's window (``dwidenoise``), or
-        every voxel of every window, averaged with weights 1/(1 + rank) (DIPY).
+        Noise estimator: Cordero-Grande (``Exp2``, default) or Veraart 2016. Unused where
+        ``noise_sigma`` is given.
+    aggregate : {"centre", "overcomplete", "gaussian"}, optional
+        Rebuild the centre voxel of each voxel's window (``dwidenoise``, default); or every voxel of
+        every window, averaged with weights 1/(1 + rank) (``overcomplete``, DIPY); or every voxel of
+        every window averaged with Gaussian weights centred on the window's centre (``gaussian``,
+        standard deviation ``gaussian_width`` times the extent along each axis), times 1/(1 + rank)
+        where ``rank_weighting`` is on.
     stride : int or sequence of 3 int, optional
-        Step between window positions for ``aggregate="overcomplete"``, one
-        for all axes or one per axis (default 1, every position). Larger steps
-        are faster; every voxel is still covered.
+        Step between window positions for ``aggregate="overcomplete"`` or ``"gaussian"``, one for
+        all axes or one per axis (default 1, every position). Larger steps are faster; every voxel
+        is still covered.
     device : str, optional
         ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``. On the CPU, batches
         of windows run on ``torch.get_num_threads()`` threads. The cost is one
@@ -147,9 +201,21 @@ def mppca(
     precision : {"float64", "float32"}, optional
         Arithmetic of the eigendecompositions (default float64; ``dwidenoise``
         uses float32, whose rounding flips borderline noise/signal decisions).
-    demean : bool, optional
-        Subtract each window's mean over its voxels before the PCA and add it
-        back after (as DIPY's ``mppca``). ``dwidenoise`` does not (default).
+    demean : {False, True, "shell"}, optional
+        ``True``: subtract each window's mean over its voxels before the PCA and add it back after
+        (as DIPY's ``mppca``). ``"shell"``: subtract each voxel's mean over the volumes of each
+        b-value shell (b0s one shell; ``bvals`` needed, shells as
+        :func:`bids_denoise.methods.shells.cluster_shells`) before the PCA, as MRtrix3
+        ``dwidenoise2 -demean shells``: the PCA then sees the ``V - S`` dimensions orthogonal to the
+        ``S`` shell means (an orthonormal Helmert basis within each shell, so the noise stays white
+        and the Marchenko-Pastur law applies with ``V - S`` volumes; no window demeaning). Unlike
+        ``dwidenoise2``, the shell means added back are not the noisy ones (their noise,
+        sigma / sqrt(volumes in the shell), would go back into every volume unfiltered, which cost
+        more than the demeaning gained on the phantom) but those of a first pass over the whole
+        series with the same options and window demeaning: two passes, about twice the time. A
+        volume alone in its shell is its first-pass value. The noise and rank maps are the second
+        pass's (the rank counts residual components, not the shell means). ``False`` (default):
+        no demeaning, as ``dwidenoise``.
     solver : {"auto", "tridiagonal", "eigh"}, optional
         How each window's Gram matrix is decomposed. ``tridiagonal``: the
         compiled solver of this package (Householder tridiagonalisation; by
@@ -157,9 +223,57 @@ def mppca(
         the trace; inverse iteration for the signal eigenvectors only), float64
         on the CPU. ``eigh``: a full ``torch.linalg.eigh``. ``auto`` (default)
         takes ``tridiagonal`` where it applies (CPU, float64, extension built)
-        and ``eigh`` otherwise. Both give the same cut-offs and the same
-        signal subspaces to rounding.
+        and ``eigh`` otherwise. Both give the same cut-offs and the same signal
+        subspaces to rounding, with ``noise_sigma`` too (the solver's
+        ``mppca_signal_subspace_known``; an extension built before it makes
+        ``auto`` fall back to ``eigh``). With ``shrinkage="frobenius"`` the
+        compiled solver's signal eigenvalues are the Rayleigh quotients of its
+        eigenvectors (equal to the eigenvalues to rounding).
     out_dtype : dtype, optional
+    shrinkage : {"hard", "frobenius"}, optional
+        ``hard`` (default): keep the signal components whole and drop the others (the
+        Marchenko-Pastur cut, as ``dwidenoise`` and DIPY). ``frobenius``: weight each signal
+        component by the optimal shrinker of Gavish & Donoho (2017) for the Frobenius loss,
+        ``eta(y) = sqrt((y^2 - beta - 1)^2 - 4 beta) / y`` for ``y >= 1 + sqrt(beta)`` and 0 below,
+        where ``y`` is the component's singular value over ``sigma sqrt(q)``, ``beta = r / q`` the
+        window matrix's aspect ratio (``r`` the smaller and ``q`` the larger dimension, one less
+        on the voxel side where windows are demeaned) and ``sigma`` the window's noise level
+        (Marchenko-Pastur estimate, or ``noise_sigma``). See :func:`frobenius_shrinkage`.
+    gaussian_width : float, optional
+        Standard deviation of the Gaussian aggregation weights as a fraction of the extent along
+        each axis (default ``GAUSSIAN_WIDTH`` = 0.25); used by ``aggregate="gaussian"`` only.
+    rank_weighting : bool, optional
+        Whether the window weights of overcomplete or Gaussian aggregation include 1/(1 + rank)
+        (Manjon et al. 2013), the rank being the window's count of kept components. Default (None):
+        on (DIPY's weights; with Gaussian weights too, where it measured slightly better on the
+        phantom of ``benchmarks/mppca_quality.py``). Unused for ``aggregate="centre"``.
+    noise_sigma : float or ndarray of shape (X, Y, Z), optional
+        A known noise standard deviation (per real channel, the Gaussian sigma of magnitude data),
+        one value or a map, in the units of ``data``: it fixes the threshold instead of the
+        Marchenko-Pastur fit. A window's noise variance is the mean of ``noise_sigma**2`` over its
+        voxels; scanning its Gram eigenvalues ``lambda_1 >= lambda_2 >= ...`` from the largest,
+        component ``i`` is signal while ``lambda_i > sigma^2 (sqrt(q - i + 1) + sqrt(r - i + 1))^2``,
+        the upper edge of the Marchenko-Pastur law of the ``(q - i + 1) x (r - i + 1)`` noise matrix
+        left once the larger components are taken out (the dimension reduction of Cordero-Grande et
+        al. 2019; for ``i = 1`` the classic edge ``sigma^2 q (1 + sqrt(r / q))^2``). The noise map
+        returned is then ``noise_sigma`` itself. Default None: estimated, as ``dwidenoise``.
+    noise_floor : {"none", "koay"}, optional
+        ``koay``: after denoising, replace every value by the underlying signal whose
+        noncentral-chi mean (2 ``n_coils`` degrees of freedom; Rician for one coil) it is, given the
+        Gaussian noise level: removes the noise floor that magnitude data keep where the signal is
+        low (Koay & Basser 2006; :func:`bids_denoise.methods.noise_floor.remove_noise_floor`).
+        Values at or below the floor become 0; voxels whose noise level is 0 are left as they are.
+        The noise level is ``noise_sigma`` where given; otherwise the Marchenko-Pastur map, which
+        measures the spread of the magnitudes and so underestimates the Gaussian sigma where the
+        signal is low, corrected by Koay & Basser's factor ``xi`` (``KOAY_ITERATIONS`` fixed-point
+        iterations, ``xi`` averaged over each voxel's volumes and window): the noise map returned
+        is then that corrected one. ``none`` (default): no correction, as ``dwidenoise`` and DIPY.
+    n_coils : int, optional
+        Receiver coils combined by root-sum-of-squares, for ``noise_floor="koay"`` (default 1,
+        Rician; ``N`` gives a noncentral chi distribution with ``2N`` degrees of freedom). For
+        SENSE/GRAPPA reconstructions with one effective channel, 1.
+    bvals : array-like of shape (V,), optional
+        b-values of the volumes, needed by ``demean="shell"`` and used by nothing else.
 
     Returns
     -------
@@ -172,59 +286,270 @@ def mppca(
         largest window it allows has fewer than 4 voxels (1x1x1 for a 2x2x2 image, the extents
         being odd), so that each window would have fewer than 4 eigenvalues and MP-PCA would
         return zeros or noise (see :func:`_check_window_holds_estimate`); or an ``extent``
-        larger than the image; or an empty mask. A given ``extent`` of fewer than 4 voxels is a
-        ``ValueError``.
+        larger than the image; or an empty mask; or, with ``demean="shell"``, fewer than 4 volumes
+        left once the shell means are taken out. A given ``extent`` of fewer than 4 voxels is a
+        ``ValueError``, as are options out of range, a ``noise_sigma`` of the wrong shape or with
+        negative or non-finite values, and ``demean="shell"`` without ``bvals`` of length V.
 
     Notes
     -----
     Scale-invariant: ``mppca(c * x)`` is ``c * mppca(x)`` (the noise map too) to rounding for any
-    ``c``. Data whose largest magnitude is outside [1e-6, 1e6] are divided by a power of two
-    first and multiplied back after, which is exact; other data are computed on as given, so
-    their output is unchanged to the bit.
+    ``c`` (``noise_sigma``, if given, scaled by ``c`` as well). Data whose largest magnitude is
+    outside [1e-6, 1e6] are divided by a power of two first and multiplied back after, which is
+    exact; other data are computed on as given, so their output is unchanged to the bit.
+    Deterministic: the same input and options give the same output to the bit, on any number of
+    threads.
     """
     data = _check_series(data)
     if estimator not in ("Exp1", "Exp2"):
         raise ValueError(f"estimator must be 'Exp1' or 'Exp2', not {estimator!r}")
-    if aggregate not in ("centre", "overcomplete"):
-        raise ValueError(f"aggregate must be 'centre' or 'overcomplete', not {aggregate!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, not {aggregate!r}")
     if precision not in ("float64", "float32"):
         raise ValueError(f"precision must be 'float64' or 'float32', not {precision!r}")
+    if shrinkage not in SHRINKAGES:
+        raise ValueError(f"shrinkage must be one of {SHRINKAGES}, not {shrinkage!r}")
+    if noise_floor not in NOISE_FLOORS:
+        raise ValueError(f"noise_floor must be one of {NOISE_FLOORS}, not {noise_floor!r}")
+    if isinstance(demean, str) and demean != "shell":
+        raise ValueError(f"demean must be False, True or 'shell', not {demean!r}")
+    window_demean = not isinstance(demean, str) and bool(demean)
+    if isinstance(n_coils, (bool, np.bool_)) or int(n_coils) != n_coils or n_coils < 1:
+        raise ValueError(f"n_coils must be an integer >= 1, got {n_coils!r}")
+    if aggregate == "gaussian" and not (np.isfinite(gaussian_width) and gaussian_width > 0):
+        raise ValueError(f"gaussian_width must be a positive number, got {gaussian_width!r}")
+    if rank_weighting is None:
+        rank_weighting = True
     stride = tuple(int(step) for step in np.atleast_1d(stride))
     stride = stride * 3 if len(stride) == 1 else stride
     if len(stride) != 3 or min(stride) < 1:
         raise ValueError(f"stride must be one or three integers >= 1, got {stride}")
     shape = data.shape[:3]
     given = extent is not None
+    shell_basis = None
+    if demean == "shell":
+        shell_basis = _ShellBasis.from_bvals(bvals, data.shape[3])
     extent = _check_extent(extent, data.shape[3], shape)
     _check_window_holds_estimate(extent, data.shape, given)
+    if shell_basis is not None:
+        shell_basis.check_enough_volumes()
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != shape:
             raise ValueError(f"mask shape {mask.shape} does not match image shape {shape}")
         if not mask.any():  # the output would be all zeros
             raise UnsuitableDataError("MP-PCA: the mask is empty, no voxel to denoise")
+    sigma_map = None if noise_sigma is None else _check_noise_sigma(noise_sigma, shape)
     device = resolve_device(device)
     dtype = {"float64": torch.float64, "float32": torch.float32}[precision]
     use_kernel = _use_compiled_solver(solver, device, dtype)
+    if use_kernel and sigma_map is not None and not _mppca_solver.known_available():
+        if solver == "tridiagonal":
+            raise ValueError("solver='tridiagonal' with noise_sigma needs the compiled solver's "
+                             "mppca_signal_subspace_known (rebuild the extension), or use solver='eigh'")
+        use_kernel = False
     exponent = power_of_two_exponent(data)
     if exponent:
         data = np.ldexp(data, -exponent)  # exact: the same digits at any scale
-    windows = _WindowSolver(
-        np.ascontiguousarray(data), extent, estimator == "Exp1", device, dtype, out_dtype, demean, use_kernel
-    )
-    if aggregate == "centre":
-        denoised, sigma, rank = windows.centre_voxels(mask)
+        if sigma_map is not None:
+            sigma_map = np.ldexp(sigma_map, -exponent)
+    noise_variance = None if sigma_map is None else sigma_map.astype(np.float64) ** 2
+    spatial = _gaussian_weights(extent, gaussian_width) if aggregate == "gaussian" else None
+
+    def denoise(series, demean_windows):
+        windows = _WindowSolver(
+            np.ascontiguousarray(series), extent, estimator == "Exp1", device, dtype, out_dtype,
+            demean_windows, use_kernel, shrinkage=shrinkage, noise_variance=noise_variance,
+        )
+        if aggregate == "centre":
+            return windows.centre_voxels(mask)
+        return windows.overcomplete(mask, stride, spatial=spatial, rank_weighting=rank_weighting)
+
+    if shell_basis is None:
+        denoised, sigma, rank = denoise(data, window_demean)
     else:
-        denoised, sigma, rank = windows.overcomplete(mask, stride)
+        # the shell means of a first pass on the whole series (window means removed), then the PCA of
+        # the residual: adding back the raw shell means would put their noise back unfiltered
+        first, _, _ = denoise(data, True)
+        shell_means = shell_basis.shell_means(first)
+        del first
+        denoised, sigma, rank = denoise(shell_basis.residual(data), False)
+        denoised = shell_basis.restore(denoised, shell_means, out_dtype)
+        if mask is not None:
+            denoised[~mask] = 0
+    if sigma_map is not None:
+        sigma = np.broadcast_to(sigma_map, shape).astype(np.float32)
+        if mask is not None:
+            sigma[~mask] = 0
     if exponent:
         denoised, sigma = np.ldexp(denoised, exponent), np.ldexp(sigma, exponent)
+    if noise_floor == "koay":
+        if sigma_map is None:  # MP-PCA measured the spread of magnitudes: Koay & Basser's factor
+            sigma = _gaussian_noise_level(denoised, sigma, extent, n_coils)
+        _remove_floor_in_place(denoised, sigma, n_coils)
+    solver_used = "tridiagonal" if use_kernel else "eigh"
+    parameters = {
+        "estimator": None if sigma_map is not None else estimator,
+        "aggregate": aggregate,
+        "stride": list(stride) if aggregate != "centre" else None,
+        "demean": "shell" if shell_basis is not None else window_demean,
+        "shrinkage": shrinkage,
+        "gaussian_width": float(gaussian_width) if aggregate == "gaussian" else None,
+        "rank_weighting": bool(rank_weighting) if aggregate != "centre" else None,
+        "noise_source": "given" if sigma_map is not None else "estimated",
+        "noise_floor": noise_floor,
+        "n_coils": int(n_coils) if noise_floor != "none" else None,
+        "shells": shell_basis.n_shells if shell_basis is not None else None,
+        "precision": precision,
+        "solver": solver_used,
+    }
     return MPPCAResult(
         denoised=denoised,
         noise_sigma=sigma,
         rank=rank,
         extent=extent,
-        solver="tridiagonal" if use_kernel else "eigh",
+        solver=solver_used,
+        parameters=parameters,
     )
+
+
+def _remove_floor_in_place(denoised, sigma, n_coils, slab_bytes=32 * 2**20):
+    """:func:`remove_noise_floor` over slabs along x (its float64 temporaries stay small)."""
+    per_x = max(1, denoised[0].size * 8)
+    step = max(1, slab_bytes // per_x)
+    for start in range(0, denoised.shape[0], step):
+        part = slice(start, start + step)
+        denoised[part] = remove_noise_floor(denoised[part], sigma[part], n_coils, out_dtype=denoised.dtype)
+
+
+def _gaussian_noise_level(denoised, magnitude_sigma, extent, n_coils, iterations=KOAY_ITERATIONS):
+    """The Gaussian noise level behind a noise map measured on magnitude data.
+
+    MP-PCA's estimate is the spread of the magnitudes in the window, ``sigma^2 * mean(xi(theta))``
+    with ``xi`` Koay & Basser's correction factor (:func:`noise_floor.variance_factor`; below 1 where
+    the signal is low: 0.43 for pure Rician noise). Fixed-point iteration from ``sigma =
+    magnitude_sigma``: the signal ``A`` of every value given ``sigma`` (floor removed), ``xi`` of
+    ``A / sigma`` averaged over each voxel's volumes and then over the (border-shifted) window
+    centred on it, ``sigma = magnitude_sigma / sqrt(mean xi)``. Voxels whose map is 0 stay 0 (and are
+    left out of the window averages).
+    """
+    from bids_denoise.methods.noise_floor import variance_factor
+
+    measured = np.asarray(magnitude_sigma, dtype=np.float64)
+    valid = measured > 0
+    count = _centred_window_means(valid.astype(np.float64), extent)
+    sigma = measured.copy()
+    step = max(1, (32 * 2**20) // max(1, denoised[0].size * 8))
+    for _ in range(iterations):
+        xi = np.ones(measured.shape)
+        for start in range(0, denoised.shape[0], step):
+            part = slice(start, start + step)
+            safe = np.where(valid[part], sigma[part], 1.0)[..., None]
+            theta = remove_noise_floor(denoised[part], safe, n_coils, out_dtype=np.float64) / safe
+            xi[part] = variance_factor(theta, n_coils).mean(axis=-1)
+        average = _centred_window_means(np.where(valid, xi, 0.0), extent) / np.maximum(count, 1e-12)
+        sigma = np.where(valid, measured / np.sqrt(np.clip(average, 1e-3, 1.0)), 0.0)
+    return sigma.astype(np.float32)
+
+
+def _centred_window_means(values, extent) -> np.ndarray:
+    """Mean of a (X, Y, Z) map over each voxel's window (centred, shifted inside at the border)."""
+    means = _window_means(values, extent)
+    index = [
+        np.clip(np.arange(size) - edge // 2, 0, size - edge) for size, edge in zip(values.shape, extent)
+    ]
+    return means[np.ix_(*index)]
+
+
+def _check_noise_sigma(noise_sigma, shape) -> np.ndarray:
+    """A given noise level as a float64 (X, Y, Z) map (a scalar broadcast), checked."""
+    sigma = np.asarray(noise_sigma, dtype=np.float64)
+    if sigma.ndim == 0:
+        sigma = np.full(shape, float(sigma))
+    elif sigma.shape != tuple(shape):
+        raise ValueError(f"noise_sigma must be one value or a map of the image's shape {tuple(shape)}, "
+                         f"got shape {sigma.shape}")
+    if not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
+        raise ValueError("noise_sigma must be finite and >= 0 everywhere")
+    return sigma
+
+
+def _gaussian_weights(extent, width) -> np.ndarray:
+    """Weights of a window's voxels (in the window's x, y, z order) for Gaussian aggregation: 1 at the
+    window's centre, ``exp(-d^2 / 2 s^2)`` per axis with ``s = width * extent``."""
+    axes = []
+    for edge in extent:
+        offset = np.arange(edge) - (edge - 1) / 2.0
+        axes.append(np.exp(-0.5 * (offset / (width * edge)) ** 2))
+    return np.einsum("i,j,k->ijk", *axes).ravel()
+
+
+class _ShellBasis:
+    """Per-voxel, per-shell demeaning as an orthonormal change of basis of the volume axis.
+
+    With ``S`` shells, the volume space splits into the ``S`` shell-mean directions (each shell's
+    indicator) and their ``V - S``-dimensional complement, spanned by Helmert contrasts within each
+    shell (orthonormal, exact, no decomposition involved). A voxel's series ``x`` is its shell means
+    plus ``(x Q) Q'``; the PCA runs on ``x Q`` (``V - S`` columns), whose noise is as white as
+    ``x``'s, and the means are added back after.
+    """
+
+    def __init__(self, labels):
+        self.labels = labels
+        columns = []
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            for j in range(1, members.size):
+                column = np.zeros(labels.size)
+                column[members[:j]] = 1.0
+                column[members[j]] = -float(j)
+                columns.append(column / np.sqrt(j * (j + 1.0)))
+        self.n_shells = int(np.unique(labels).size)
+        self.basis = np.stack(columns, axis=1) if columns else np.zeros((labels.size, 0))
+
+    @classmethod
+    def from_bvals(cls, bvals, n_volumes):
+        from bids_denoise.methods.shells import cluster_shells
+
+        if bvals is None:
+            raise ValueError("demean='shell' needs the b-values (bvals)")
+        bvals = np.asarray(bvals, dtype=np.float64).ravel()
+        if bvals.size != n_volumes or not np.all(np.isfinite(bvals)):
+            raise ValueError(f"bvals must hold one finite b-value per volume ({n_volumes}), got {bvals.size}")
+        return cls(cluster_shells(bvals))
+
+    def check_enough_volumes(self):
+        if self.basis.shape[1] < MIN_EIGENVALUES:
+            raise UnsuitableDataError(
+                f"MP-PCA with demean='shell': {self.labels.size} volumes in {self.n_shells} shells leave "
+                f"{self.basis.shape[1]} dimensions once the shell means are removed, fewer than "
+                f"{MIN_EIGENVALUES}"
+            )
+
+    def _slabs(self, shape, itemsize=8, slab_bytes=32 * 2**20):
+        per_x = max(1, int(np.prod(shape[1:3])) * self.labels.size * itemsize)
+        step = max(1, slab_bytes // per_x)
+        return [slice(start, start + step) for start in range(0, shape[0], step)]
+
+    def residual(self, data):
+        """``x Q`` for every voxel: (X, Y, Z, V - S), in the data's dtype."""
+        out = np.empty(data.shape[:3] + (self.basis.shape[1],), dtype=data.dtype)
+        for part in self._slabs(data.shape):
+            out[part] = data[part].astype(np.float64) @ self.basis
+        return out
+
+    def shell_means(self, data):
+        """Each voxel's mean over the volumes of each shell: (X, Y, Z, S), float64."""
+        members = np.stack([self.labels == label for label in np.unique(self.labels)], axis=1).astype(np.float64)
+        return np.einsum("xyzv,vs->xyzs", data, members / members.sum(axis=0), dtype=np.float64)
+
+    def restore(self, residual, shell_means, out_dtype):
+        """``shell_means`` (X, Y, Z, S) spread over their volumes plus the residual mapped back: (X, Y, Z, V)."""
+        shells = np.searchsorted(np.unique(self.labels), self.labels)
+        out = np.empty(residual.shape[:3] + (self.labels.size,), dtype=out_dtype)
+        for part in self._slabs(out.shape):
+            out[part] = shell_means[part][..., shells] + residual[part].astype(np.float64) @ self.basis.T
+        return out
 
 
 def _check_series(data) -> np.ndarray:
@@ -342,6 +667,85 @@ def marchenko_pastur_cutoff(eigenvalues, n_volumes, n_voxels, exp1=False):
     return n_noise, sigma2
 
 
+def known_sigma_cutoff(eigenvalues, sigma2, q, r):
+    """Number of noise components of each window where the noise variance is known.
+
+    Scanning the eigenvalues from the largest, ``lambda_1 >= lambda_2 >= ...``, component ``i`` is
+    signal while ``lambda_i > sigma2 * (sqrt(q - i + 1) + sqrt(r - i + 1))**2``: the upper edge of
+    the Marchenko-Pastur law (Marchenko & Pastur 1967) of the noise matrix that is left,
+    ``(q - i + 1) x (r - i + 1)``, once the ``i - 1`` larger components are taken out (Cordero-Grande
+    et al. 2019). For ``i = 1`` this is the classic edge ``sigma2 * q * (1 + sqrt(r / q))**2``.
+
+    Parameters
+    ----------
+    eigenvalues : torch.Tensor, shape (B, m)
+        Eigenvalues of each window's Gram matrix (the window matrix times its transpose, not divided
+        by anything), ascending; only the last ``r`` are considered (``m >= r``).
+    sigma2 : torch.Tensor, shape (B,)
+        Noise variance per matrix entry of each window.
+    q, r : int
+        The larger and the smaller dimension of the window matrix, after demeaning (one fewer voxel
+        where the window mean is removed).
+
+    Returns
+    -------
+    n_noise : torch.Tensor of int64, shape (B,)
+        ``m - k`` with ``k`` the signal count; 0 where every component is signal (the convention of
+        :func:`marchenko_pastur_cutoff`: the window is kept whole).
+    """
+    m = eigenvalues.shape[1]
+    descending = torch.flip(eigenvalues[:, m - r :], dims=(1,)).to(torch.float64)
+    i = torch.arange(r, dtype=torch.float64, device=eigenvalues.device)  # i - 1
+    edge = (torch.sqrt(q - i) + torch.sqrt(r - i)) ** 2
+    above = descending > sigma2.to(torch.float64)[:, None] * edge[None, :]
+    k = torch.cumprod(above.to(torch.int64), dim=1).sum(dim=1)
+    return torch.where(k >= m, torch.zeros_like(k), m - k)
+
+
+def frobenius_shrinkage(eigenvalues, sigma2, q, r):
+    """Gavish & Donoho's optimal shrinkage for the Frobenius loss, as a weight on each component.
+
+    A window matrix ``Y = X + Z`` (``q x r`` after transposing, ``Z`` white noise of variance
+    ``sigma2``) with singular values ``s_i`` (``s_i**2`` the Gram eigenvalues) is best approximated in
+    Frobenius norm, asymptotically, by ``sum_i eta(y_i) sigma sqrt(q) u_i v_i'`` with
+    ``y_i = s_i / (sigma sqrt(q))``, ``beta = r / q`` and
+
+    ``eta(y) = sqrt((y**2 - beta - 1)**2 - 4 beta) / y`` for ``y >= 1 + sqrt(beta)``, 0 below
+
+    (Gavish & Donoho 2017, eq. 7). Each component is thus kept with the weight
+    ``eta(y_i) / y_i = sqrt((t - beta - 1)**2 - 4 beta) / t``, ``t = s_i**2 / (q sigma2)``, between 0
+    (at the bulk edge) and 1 (far above it).
+
+    Parameters
+    ----------
+    eigenvalues : torch.Tensor, shape (B, k)
+        Gram eigenvalues ``s_i**2`` of the components to weigh.
+    sigma2 : torch.Tensor, shape (B,)
+        Noise variance per matrix entry; where it is 0 (no noise found) every weight is 1.
+    q, r : int
+        The larger and the smaller dimension of the window matrix.
+
+    Returns
+    -------
+    torch.Tensor of float64, shape (B, k)
+        Weights in [0, 1].
+
+    References
+    ----------
+    Gavish M., Donoho D.L. Optimal shrinkage of singular values. IEEE Trans Inf Theory 63 (2017)
+    2137-2152.
+    """
+    beta = r / q
+    sigma2 = sigma2.to(torch.float64)[:, None]
+    noisy = sigma2 > 0
+    t = eigenvalues.to(torch.float64) / (q * torch.where(noisy, sigma2, torch.ones_like(sigma2)))
+    above = t > (1.0 + beta**0.5) ** 2
+    safe = torch.where(above, t, torch.ones_like(t))
+    weight = torch.sqrt(torch.clamp((safe - beta - 1.0) ** 2 - 4.0 * beta, min=0.0)) / safe
+    weight = torch.where(above, weight, torch.zeros_like(weight))
+    return torch.where(noisy, weight, torch.ones_like(weight))
+
+
 class _WindowSolver:
     """Window extraction, eigendecomposition and reconstruction, in batches.
 
@@ -350,7 +754,8 @@ class _WindowSolver:
     input plus the output.
     """
 
-    def __init__(self, data, extent, exp1, device, dtype, out_dtype, demean=False, use_kernel=False):
+    def __init__(self, data, extent, exp1, device, dtype, out_dtype, demean=False, use_kernel=False,
+                 shrinkage="hard", noise_variance=None):
         self.data = data
         self.shape = data.shape[:3]
         self.n_volumes = data.shape[3]
@@ -363,6 +768,14 @@ class _WindowSolver:
         self.out_dtype = out_dtype
         self.demean = demean
         self.use_kernel = use_kernel
+        self.shrinkage = shrinkage
+        # the window matrix's dimensions for the noise model: removing the window mean leaves one
+        # voxel fewer of independent noise
+        rows = self.n_voxels - 1 if demean else self.n_voxels
+        self.q_noise = max(rows, self.n_volumes)
+        self.r_noise = min(rows, self.n_volumes)
+        # a given noise variance map: its mean over each window position, (X-ex+1, Y-ey+1, Z-ez+1)
+        self.window_variance = None if noise_variance is None else _window_means(noise_variance, extent)
         # the windows are rebuilt in the output's precision where the compiled solver runs (float32
         # output: float32 products, no float64 copy of the window data); eigh's path stays in the
         # compute precision throughout, as the reference
@@ -392,7 +805,9 @@ class _WindowSolver:
     def _decompose(self, corners):
         """Window matrices, voxels by volumes (B, n, V); signal eigenvectors of the smaller Gram
         matrix (B, r, k), k the batch's largest signal count, zero columns where a window has
-        fewer; n_noise, sigma2 and the window means (B, 1, V) or None."""
+        fewer; n_noise, sigma2, the window means (B, 1, V) or None; the weight of each signal
+        column (B, k) or None (hard cut: the columns kept whole); and the count of kept
+        components (B,)."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         matrix = torch.from_numpy(block.reshape(len(corners), self.n_voxels, self.n_volumes))
         from_planes = self.use_kernel and self.n_volumes <= self.n_voxels
@@ -405,8 +820,13 @@ class _WindowSolver:
             eigenvectors, n_noise, sigma2 = self._signal_subspace_from_planes(corners)
         elif self.use_kernel:  # each window's Gram matrix is its one part
             eigenvectors, n_noise, sigma2 = self._signal_subspace(
-                self._gram(matrix), None, np.arange(len(corners))[:, None]
+                self._gram(matrix), None, np.arange(len(corners))[:, None], corners
             )
+        elif self.window_variance is not None:
+            eigenvalues, eigenvectors = torch.linalg.eigh(self._gram(matrix))
+            variance = self.window_variance[corners[:, 0], corners[:, 1], corners[:, 2]]
+            sigma2 = torch.from_numpy(variance).to(self.device, torch.float64)
+            n_noise = known_sigma_cutoff(eigenvalues, sigma2, self.q_noise, self.r_noise)
         else:
             eigenvalues, eigenvectors = torch.linalg.eigh(self._gram(matrix))
             n_noise, sigma2 = marchenko_pastur_cutoff(
@@ -416,10 +836,25 @@ class _WindowSolver:
         k = max(1, r - int(n_noise.min()))  # the batch's largest signal count
         if self.use_kernel:  # signal vectors as rows, zero rows past a window's own count
             signal = eigenvectors[:, :k, :].transpose(1, 2).to(matrix.dtype)
+            keep = torch.arange(k, device=self.device).unsqueeze(0) < (r - n_noise).unsqueeze(1)
         else:  # ascending columns: the signal ones are the last r - n_noise, zero the others
             keep = torch.arange(r - k, r, device=self.device).unsqueeze(0) >= n_noise.unsqueeze(1)
             signal = eigenvectors[:, :, r - k :].to(matrix.dtype) * keep.unsqueeze(1).to(matrix.dtype)
-        return matrix, signal, n_noise, sigma2, mean
+        n_signal = r - n_noise
+        gain = None
+        if self.shrinkage == "frobenius":
+            if self.use_kernel:  # Rayleigh quotients of the eigenvectors: the eigenvalues to rounding
+                if self.n_volumes <= self.n_voxels:
+                    projected = matrix @ signal
+                else:
+                    projected = signal.transpose(1, 2) @ matrix
+                    projected = projected.transpose(1, 2)
+                values = (projected.to(torch.float64) ** 2).sum(dim=1)
+            else:
+                values = eigenvalues[:, r - k :]
+            gain = frobenius_shrinkage(values, sigma2, self.q_noise, self.r_noise) * keep.to(torch.float64)
+            n_signal = (gain > 0).sum(dim=1)
+        return matrix, signal, n_noise, sigma2, mean, gain, n_signal
 
     def _gram(self, matrix):
         """The smaller Gram matrix of each (B, n, V) window matrix: (B, r, r)."""
@@ -446,14 +881,18 @@ class _WindowSolver:
         ).to(self.device, self.dtype)
         parts = rows.transpose(1, 2) @ rows
         sums = rows.sum(dim=1) if self.demean else None
-        return self._signal_subspace(parts, sums, index.reshape(len(corners), depth))
+        return self._signal_subspace(parts, sums, index.reshape(len(corners), depth), corners)
 
-    def _signal_subspace(self, parts, part_sums, part_index):
+    def _signal_subspace(self, parts, part_sums, part_index, corners):
         """The compiled solver (:func:`_mppca_solver.signal_subspace`, the cut-off rule of
         :func:`marchenko_pastur_cutoff`): signal eigenvectors as rows of a (B, r, r) array (only the
         first k rows are set, k the batch's largest signal count; zero rows past a window's own),
         n_noise and sigma2. Window w's Gram matrix is the sum of ``parts[part_index[w]]``, less the
-        mean's outer product where ``part_sums`` is given."""
+        mean's outer product where ``part_sums`` is given. With a given noise map, each window's
+        noise variance goes with it (the cut-off of :func:`known_sigma_cutoff`)."""
+        known = None
+        if self.window_variance is not None:
+            known = np.ascontiguousarray(self.window_variance[corners[:, 0], corners[:, 1], corners[:, 2]])
         return _mppca_solver.signal_subspace(
             parts.contiguous(),
             None if part_sums is None else part_sums.contiguous(),
@@ -461,6 +900,8 @@ class _WindowSolver:
             n_voxels=self.n_voxels,
             q=max(self.n_volumes, self.n_voxels),
             exp1=self.exp1,
+            known_sigma2=known,
+            noise_shape=None if known is None else (self.q_noise, self.r_noise),
         )
 
     def _run_batches(self, solve, count, apply=None):
@@ -533,17 +974,23 @@ class _WindowSolver:
 
         def solve(start):
             stop = min(start + self.batch, corner_ids.size)
-            matrix, vectors, n_noise, sigma2, mean = self._decompose(unique_corners[start:stop])
+            matrix, vectors, n_noise, sigma2, mean, gain, n_signal = self._decompose(unique_corners[start:stop])
             batch_targets = order[first_target[start] : first_target[stop]]
             which = torch.from_numpy(window_of_target[batch_targets] - start).to(self.device)
             centre = torch.from_numpy(centres[batch_targets]).to(self.device)
             vectors_t = vectors[which]  # (T, r, k), noise columns zero
+            gain_t = None if gain is None else gain[which].to(matrix.dtype)  # (T, k)
             if n_volumes <= self.n_voxels:
                 column = matrix[which, centre, :]  # (T, V)
                 coefficients = (vectors_t.transpose(1, 2) @ column.unsqueeze(2))[..., 0]
+                if gain_t is not None:
+                    coefficients = coefficients * gain_t
                 rebuilt = (vectors_t @ coefficients.unsqueeze(2))[..., 0]
             else:
-                weights = vectors_t @ vectors_t[torch.arange(len(which)), centre].unsqueeze(2)
+                at_centre = vectors_t[torch.arange(len(which)), centre]
+                if gain_t is not None:
+                    at_centre = at_centre * gain_t
+                weights = vectors_t @ at_centre.unsqueeze(2)
                 rebuilt = (matrix[which].transpose(1, 2) @ weights)[..., 0]
             if mean is not None:
                 rebuilt = rebuilt + mean[which, 0, :]
@@ -551,13 +998,15 @@ class _WindowSolver:
             index = np.unravel_index(targets[batch_targets], shape)
             denoised[index] = rebuilt.cpu().numpy()
             sigma[index] = torch.sqrt(sigma2)[which].cpu().numpy()
-            rank[index] = (r - n_noise)[which].cpu().numpy()
+            rank[index] = n_signal[which].cpu().numpy()
 
         self._run_batches(solve, corner_ids.size)
         return denoised, sigma, rank
 
-    def overcomplete(self, mask, stride):
-        """DIPY's mode: every voxel of every window rebuilt, averaged with weights 1/(1 + rank)."""
+    def overcomplete(self, mask, stride, spatial=None, rank_weighting=True):
+        """DIPY's mode: every voxel of every window rebuilt, averaged with weights 1/(1 + rank)
+        (``rank_weighting``), times ``spatial[i]`` for the window's voxel i where given (Gaussian
+        aggregation)."""
         shape, n_volumes = self.shape, self.n_volumes
         positions = [
             _strided_positions(size - edge + 1, step)
@@ -578,12 +1027,19 @@ class _WindowSolver:
         statistics = torch.zeros(n_total, 3, dtype=torch.float64, device=self.device)
         r = min(n_volumes, self.n_voxels)
 
+        spatial_t = None if spatial is None else torch.from_numpy(np.asarray(spatial, np.float64)).to(self.device)
+
         def solve(start):
             corners = grid[start : start + self.batch]
-            matrix, signal, n_noise, sigma2, mean = self._decompose(corners)
-            n_signal = r - n_noise
-            theta = 1.0 / (1.0 + n_signal.to(torch.float64))  # (B,)
-            weighted = signal * theta[:, None, None].to(matrix.dtype)
+            matrix, signal, n_noise, sigma2, mean, gain, n_signal = self._decompose(corners)
+            if rank_weighting:
+                theta = 1.0 / (1.0 + n_signal.to(torch.float64))  # (B,)
+            else:
+                theta = torch.ones(len(corners), dtype=torch.float64, device=self.device)
+            if gain is None:
+                weighted = signal * theta[:, None, None].to(matrix.dtype)
+            else:
+                weighted = signal * (gain * theta[:, None])[:, None, :].to(matrix.dtype)
             # the rebuilt windows, voxels by volumes (B, n, V): rows go straight to the accumulator
             if n_volumes <= self.n_voxels:
                 rebuilt = (matrix @ signal) @ weighted.transpose(1, 2)
@@ -591,11 +1047,15 @@ class _WindowSolver:
                 rebuilt = weighted @ (signal.transpose(1, 2) @ matrix)
             if mean is not None:
                 rebuilt.add_(mean * theta[:, None, None].to(matrix.dtype))
+            if spatial_t is not None:
+                rebuilt.mul_(spatial_t.to(rebuilt.dtype)[None, :, None])
             voxels = np.ravel_multi_index(corners.T, shape)[:, None] + offsets[None, :]
             index = torch.from_numpy(voxels.ravel()).to(self.device)
             values = rebuilt.reshape(-1, n_volumes).to(torch.float32)
             per_window = torch.stack([theta, theta * torch.sqrt(sigma2), theta * n_signal], dim=1)
-            return index, values, per_window.repeat_interleave(self.n_voxels, dim=0)
+            if spatial_t is None:
+                return index, values, per_window.repeat_interleave(self.n_voxels, dim=0)
+            return index, values, (per_window[:, None, :] * spatial_t[None, :, None]).reshape(-1, 3)
 
         def accumulate(payload):
             index, values, per_voxel = payload
@@ -613,6 +1073,20 @@ class _WindowSolver:
             sigma[~mask] = 0
             rank[~mask] = 0
         return denoised, sigma, rank
+
+
+def _window_means(values, extent) -> np.ndarray:
+    """Mean of a (X, Y, Z) map over every window position: (X - ex + 1, Y - ey + 1, Z - ez + 1), by
+    cumulative sums in float64."""
+    total = np.pad(np.asarray(values, dtype=np.float64), [(1, 0)] * 3)
+    for axis in range(3):
+        np.cumsum(total, axis=axis, out=total)
+    ex, ey, ez = extent
+    sums = (
+        total[ex:, ey:, ez:] - total[:-ex, ey:, ez:] - total[ex:, :-ey, ez:] - total[ex:, ey:, :-ez]
+        + total[:-ex, :-ey, ez:] + total[:-ex, ey:, :-ez] + total[ex:, :-ey, :-ez] - total[:-ex, :-ey, :-ez]
+    )
+    return np.maximum(sums, 0.0) / float(ex * ey * ez)
 
 
 def _strided_positions(count: int, stride: int) -> np.ndarray:

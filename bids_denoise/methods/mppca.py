@@ -71,7 +71,7 @@ from bids_denoise.methods import _mppca_solver
 from bids_denoise.methods._device import resolve_device
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import power_of_two_exponent
-from bids_denoise.methods.noise_floor import remove_noise_floor
+from bids_denoise.methods.noise_floor import remove_noise_floor, variance_factor_of_mean
 
 #: Bytes of window data handled per batch (per worker thread).
 BATCH_BYTES = 16 * 2**20
@@ -413,12 +413,18 @@ def mppca(
     )
 
 
-def _remove_floor_in_place(denoised, sigma, n_coils, slab_bytes=32 * 2**20):
+def _slabs(shape, nbytes):
+    """Slices along x whose float64 copies of a (X, Y, Z, V) array take at most a sixteenth of
+    ``nbytes`` (the series' size) and 16 MiB: the temporaries of slab-wise passes stay a fraction of
+    the input whatever its size."""
+    per_x = max(1, int(np.prod(shape[1:])) * 8)
+    step = max(1, min(16 * 2**20, nbytes // 16) // per_x)
+    return [slice(start, start + step) for start in range(0, shape[0], step)]
+
+
+def _remove_floor_in_place(denoised, sigma, n_coils):
     """:func:`remove_noise_floor` over slabs along x (its float64 temporaries stay small)."""
-    per_x = max(1, denoised[0].size * 8)
-    step = max(1, slab_bytes // per_x)
-    for start in range(0, denoised.shape[0], step):
-        part = slice(start, start + step)
+    for part in _slabs(denoised.shape, denoised.nbytes):
         denoised[part] = remove_noise_floor(denoised[part], sigma[part], n_coils, out_dtype=denoised.dtype)
 
 
@@ -433,20 +439,16 @@ def _gaussian_noise_level(denoised, magnitude_sigma, extent, n_coils, iterations
     centred on it, ``sigma = magnitude_sigma / sqrt(mean xi)``. Voxels whose map is 0 stay 0 (and are
     left out of the window averages).
     """
-    from bids_denoise.methods.noise_floor import variance_factor
-
     measured = np.asarray(magnitude_sigma, dtype=np.float64)
     valid = measured > 0
     count = _centred_window_means(valid.astype(np.float64), extent)
     sigma = measured.copy()
-    step = max(1, (32 * 2**20) // max(1, denoised[0].size * 8))
+    slabs = _slabs(denoised.shape, denoised.nbytes)
     for _ in range(iterations):
         xi = np.ones(measured.shape)
-        for start in range(0, denoised.shape[0], step):
-            part = slice(start, start + step)
+        for part in slabs:
             safe = np.where(valid[part], sigma[part], 1.0)[..., None]
-            theta = remove_noise_floor(denoised[part], safe, n_coils, out_dtype=np.float64) / safe
-            xi[part] = variance_factor(theta, n_coils).mean(axis=-1)
+            xi[part] = variance_factor_of_mean(denoised[part] / safe, n_coils).mean(axis=-1)
         average = _centred_window_means(np.where(valid, xi, 0.0), extent) / np.maximum(count, 1e-12)
         sigma = np.where(valid, measured / np.sqrt(np.clip(average, 1e-3, 1.0)), 0.0)
     return sigma.astype(np.float32)
@@ -526,28 +528,27 @@ class _ShellBasis:
                 f"{MIN_EIGENVALUES}"
             )
 
-    def _slabs(self, shape, itemsize=8, slab_bytes=32 * 2**20):
-        per_x = max(1, int(np.prod(shape[1:3])) * self.labels.size * itemsize)
-        step = max(1, slab_bytes // per_x)
-        return [slice(start, start + step) for start in range(0, shape[0], step)]
-
     def residual(self, data):
         """``x Q`` for every voxel: (X, Y, Z, V - S), in the data's dtype."""
         out = np.empty(data.shape[:3] + (self.basis.shape[1],), dtype=data.dtype)
-        for part in self._slabs(data.shape):
+        for part in _slabs(data.shape, data.nbytes):
             out[part] = data[part].astype(np.float64) @ self.basis
         return out
 
     def shell_means(self, data):
         """Each voxel's mean over the volumes of each shell: (X, Y, Z, S), float64."""
         members = np.stack([self.labels == label for label in np.unique(self.labels)], axis=1).astype(np.float64)
-        return np.einsum("xyzv,vs->xyzs", data, members / members.sum(axis=0), dtype=np.float64)
+        weights = members / members.sum(axis=0)
+        out = np.empty(data.shape[:3] + (self.n_shells,))
+        for part in _slabs(data.shape, data.nbytes):
+            out[part] = data[part].astype(np.float64) @ weights
+        return out
 
     def restore(self, residual, shell_means, out_dtype):
         """``shell_means`` (X, Y, Z, S) spread over their volumes plus the residual mapped back: (X, Y, Z, V)."""
         shells = np.searchsorted(np.unique(self.labels), self.labels)
         out = np.empty(residual.shape[:3] + (self.labels.size,), dtype=out_dtype)
-        for part in self._slabs(out.shape):
+        for part in _slabs(out.shape, out.nbytes):
             out[part] = shell_means[part][..., shells] + residual[part].astype(np.float64) @ self.basis.T
         return out
 
@@ -806,8 +807,8 @@ class _WindowSolver:
         """Window matrices, voxels by volumes (B, n, V); signal eigenvectors of the smaller Gram
         matrix (B, r, k), k the batch's largest signal count, zero columns where a window has
         fewer; n_noise, sigma2, the window means (B, 1, V) or None; the weight of each signal
-        column (B, k) or None (hard cut: the columns kept whole); and the count of kept
-        components (B,)."""
+        column (B, k) or None (hard cut: the columns kept whole); the count of kept
+        components (B,); and ``matrix @ signal`` (B, n, k) where it was formed, else None."""
         block = self.windows[corners[:, 0], corners[:, 1], corners[:, 2]]
         matrix = torch.from_numpy(block.reshape(len(corners), self.n_voxels, self.n_volumes))
         from_planes = self.use_kernel and self.n_volumes <= self.n_voxels
@@ -841,20 +842,19 @@ class _WindowSolver:
             keep = torch.arange(r - k, r, device=self.device).unsqueeze(0) >= n_noise.unsqueeze(1)
             signal = eigenvectors[:, :, r - k :].to(matrix.dtype) * keep.unsqueeze(1).to(matrix.dtype)
         n_signal = r - n_noise
-        gain = None
+        gain = projected = None
         if self.shrinkage == "frobenius":
             if self.use_kernel:  # Rayleigh quotients of the eigenvectors: the eigenvalues to rounding
                 if self.n_volumes <= self.n_voxels:
-                    projected = matrix @ signal
+                    projected = matrix @ signal  # (B, n, k), reused by the overcomplete rebuild
+                    values = (projected.to(torch.float64) ** 2).sum(dim=1)
                 else:
-                    projected = signal.transpose(1, 2) @ matrix
-                    projected = projected.transpose(1, 2)
-                values = (projected.to(torch.float64) ** 2).sum(dim=1)
+                    values = ((signal.transpose(1, 2) @ matrix).to(torch.float64) ** 2).sum(dim=2)
             else:
                 values = eigenvalues[:, r - k :]
             gain = frobenius_shrinkage(values, sigma2, self.q_noise, self.r_noise) * keep.to(torch.float64)
             n_signal = (gain > 0).sum(dim=1)
-        return matrix, signal, n_noise, sigma2, mean, gain, n_signal
+        return matrix, signal, n_noise, sigma2, mean, gain, n_signal, projected
 
     def _gram(self, matrix):
         """The smaller Gram matrix of each (B, n, V) window matrix: (B, r, r)."""
@@ -974,7 +974,7 @@ class _WindowSolver:
 
         def solve(start):
             stop = min(start + self.batch, corner_ids.size)
-            matrix, vectors, n_noise, sigma2, mean, gain, n_signal = self._decompose(unique_corners[start:stop])
+            matrix, vectors, n_noise, sigma2, mean, gain, n_signal, _ = self._decompose(unique_corners[start:stop])
             batch_targets = order[first_target[start] : first_target[stop]]
             which = torch.from_numpy(window_of_target[batch_targets] - start).to(self.device)
             centre = torch.from_numpy(centres[batch_targets]).to(self.device)
@@ -1031,7 +1031,7 @@ class _WindowSolver:
 
         def solve(start):
             corners = grid[start : start + self.batch]
-            matrix, signal, n_noise, sigma2, mean, gain, n_signal = self._decompose(corners)
+            matrix, signal, n_noise, sigma2, mean, gain, n_signal, projected = self._decompose(corners)
             if rank_weighting:
                 theta = 1.0 / (1.0 + n_signal.to(torch.float64))  # (B,)
             else:
@@ -1042,7 +1042,7 @@ class _WindowSolver:
                 weighted = signal * (gain * theta[:, None])[:, None, :].to(matrix.dtype)
             # the rebuilt windows, voxels by volumes (B, n, V): rows go straight to the accumulator
             if n_volumes <= self.n_voxels:
-                rebuilt = (matrix @ signal) @ weighted.transpose(1, 2)
+                rebuilt = (matrix @ signal if projected is None else projected) @ weighted.transpose(1, 2)
             else:
                 rebuilt = weighted @ (signal.transpose(1, 2) @ matrix)
             if mean is not None:

@@ -39,7 +39,11 @@ class NothingSelectedError(ValueError):
 MODALITIES = {
     "dwi": ("dwi", ["dwi"], ["dwi"]),
     "anat": ("anat", ["T1w", "T2w"], ["t1w", "t2w"]),
+    "bold": ("func", ["bold"], ["bold"]),
 }
+
+#: modalities whose runs are series of volumes (4D)
+SERIES = ("dwi", "bold")
 
 #: query keys a filter file may not set: the app sets them (or the labels do)
 RESERVED_FILTER_KEYS = {
@@ -225,6 +229,10 @@ def select_runs(layout, participant_labels=None, session_labels=None, bids_filte
         datatype, suffixes, filter_keys = MODALITIES[modality]
         for suffix, filter_key in zip(suffixes, filter_keys):
             query = {"subject": wanted, "datatype": datatype, "suffix": suffix, "extension": [".nii", ".nii.gz"]}
+            if modality == "bold":  # a phase image is not a run of its own
+                from bids.layout import Query
+
+                query["part"] = ["mag", Query.NONE]
             if sessions:
                 query["session"] = sessions
             query.update((bids_filters or {}).get(filter_key, {}))

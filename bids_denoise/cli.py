@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import uuid
@@ -138,14 +139,37 @@ def build_parser(methods) -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = "bids-denoise: interrupted; rerun the same command to resume"
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids-denoise"))
+    previous = _handle_interrupts()
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        print("bids-denoise: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _handle_interrupts():
+    """Ctrl-C ends the app at once with one line and exit 130, wherever it arrives (a KeyboardInterrupt
+    raised inside Nipype's or logging's handlers can be swallowed). Every output is written atomically
+    and the work directory caches, so a rerun resumes; its temporary files are removed then."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupted(signum, frame):
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    return signal.signal(signal.SIGINT, interrupted)
 
 
 def _main(argv) -> int:

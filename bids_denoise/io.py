@@ -144,13 +144,11 @@ def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi") -> int:
     if modality == "dwi":
         _require_gradients(in_file, bval_file, bvec_file)
     image = _open_nifti(in_file)
-    _check_ndim(in_file, image.shape, 4 if modality == "dwi" else 3)
+    _check_ndim(in_file, image.shape, 4 if modality in ("dwi", "bold") else 3)
     if modality == "dwi":
-        n_volumes = int(image.shape[3])
-        read_bvals(bval_file, n_volumes)
-        read_bvecs(bvec_file, n_volumes)
-        return n_volumes
-    return 1
+        read_bvals(bval_file, int(image.shape[3]))
+        read_bvecs(bvec_file, int(image.shape[3]))
+    return int(image.shape[3]) if len(image.shape) == 4 else 1
 
 
 def load_run(in_file, bval_file=None, bvec_file=None, modality="dwi"):
@@ -160,6 +158,9 @@ def load_run(in_file, bval_file=None, bvec_file=None, modality="dwi"):
     -------
     image, data, bvals (or None), bvecs (or None)
     """
+    if modality == "bold":
+        image, data = load_nifti(in_file, ndim=4)
+        return image, data, None, None
     if modality != "dwi":
         image, data = load_nifti(in_file, ndim=3)
         return image, data, None, None

@@ -53,7 +53,9 @@ BIDSIGNORE_LINES = (
     "*_dwi.bval",
     "*_dwi.bvec",
     "*_dwimap.*",
+    "*_boldmap.*",
     "*_dwiqc.tsv",
+    "*_boldqc.tsv",
     PROV_DIR,
     LOGS_DIR,
     "sub-*/log",
@@ -64,7 +66,7 @@ BIDSIGNORE_LINES = (
 )
 
 #: suffixes of the images a method writes (maps and QC tables are derived from the source suffix)
-IMAGE_SUFFIXES = ("dwi", "T1w", "T2w")
+IMAGE_SUFFIXES = ("dwi", "T1w", "T2w", "bold")
 
 
 class OutputNameError(ValueError):

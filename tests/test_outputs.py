@@ -55,12 +55,17 @@ def test_a_name_that_would_lose_an_entity_is_refused():
                         "nonentity": "x"})
 
 
-def test_dataset_files_are_written_once_and_bidsignore_is_completed(layout):
+def test_dataset_files_are_written_once_and_bidsignore_is_completed(layout, tmp_path):
     layout.root.mkdir(parents=True)
     (layout.root / ".bidsignore").write_text("mine\n*_dwi.bval\n")
-    layout.write_dataset_files({"Name": "first", "BIDSVersion": "1.10.0", "DatasetType": "derivative"})
-    layout.write_dataset_files({"Name": "second", "BIDSVersion": "1.10.0", "DatasetType": "derivative"})
-    assert '"first"' in (layout.root / "dataset_description.json").read_text()
+    first, second = tmp_path / "first", tmp_path / "second"
+    for raw in (first, second):
+        raw.mkdir()
+        (raw / "dataset_description.json").write_text(f'{{"Name": "{raw.name}", "BIDSVersion": "1.10.0"}}')
+    layout.write_dataset_files(first)
+    layout.write_dataset_files(second)
+    description = (layout.root / "dataset_description.json").read_text()
+    assert "derivatives of first" in description and "second" not in description
     lines = (layout.root / ".bidsignore").read_text().splitlines()
     assert lines[0] == "mine" and set(BIDSIGNORE_LINES) <= set(lines) and len(lines) == len(set(lines))
 

@@ -22,7 +22,7 @@ class LoadRunInputSpec(RecordedInputSpec):
     in_file = File(exists=True, mandatory=True, desc="4D DWI series, or a 3D anatomical image")
     bval_file = File(exists=True, desc="FSL-style b-values (DWI)")
     bvec_file = File(exists=True, desc="FSL-style b-vectors (DWI)")
-    modality = traits.Enum("dwi", "anat", usedefault=True)
+    modality = traits.Enum("dwi", "anat", "bold", usedefault=True)
 
 
 class LoadRunOutputSpec(TraitedSpec):

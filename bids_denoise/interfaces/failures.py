@@ -60,9 +60,12 @@ def tie_workers_to_the_app() -> None:
 
 def _worker_initializer(cwd):
     """Nipype's worker initializer, after tying the worker to the app (module level: picklable)."""
+    import signal
+
     from nipype.pipeline.plugins import multiproc
 
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the app's to handle; workers die with it
     original = getattr(multiproc.process_initializer, "__wrapped__", multiproc.process_initializer)
     original(cwd)
 

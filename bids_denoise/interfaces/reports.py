@@ -24,6 +24,11 @@ CAPTIONS = {
     "training": "Training and held-out validation loss per epoch.",
     "calibration": "Self-supervised (J-invariant) loss of each candidate parameter; the least is chosen.",
     "superres": "Input and super-resolved output: central crops of the same region in three orientations.",
+    "tsnr": "Temporal SNR (mean over time / standard deviation over time) before and after, and their ratio. "
+            "A ratio far above what thermal noise explains may mean signal was removed: read it with the carpet.",
+    "carpet": "Carpet plots (brain voxels x time, each voxel's series demeaned and scaled by the input's "
+              "standard deviation) before and after, and of the removed part: structure in the removed part "
+              "(stripes, task blocks) is signal the denoiser took.",
 }
 
 
@@ -63,8 +68,8 @@ class RunReport(RecordedInterface):
                 bvals = gradients["bvals"]
         main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
         _, denoised = load_nifti(main["path"])
-        if bvals is None:  # an anatomical image: one "volume"
-            noisy, denoised = noisy.reshape(noisy.shape[:3] + (1,)), denoised.reshape(denoised.shape[:3] + (1,))
+        if noisy.ndim == 3:  # an anatomical image: one "volume"
+            noisy, denoised = noisy[..., None], denoised.reshape(denoised.shape[:3] + (1,))
         if noisy.shape[:3] != denoised.shape[:3]:  # super-resolution: a new grid, no residual
             self._superres(noisy, denoised)
         else:
@@ -100,8 +105,9 @@ class RunReport(RecordedInterface):
         from bids_denoise.methods.masking import b0_brain_mask
         from bids_denoise.reports import figures
 
-        series = bvals is not None
-        bvals = bvals if series else np.zeros(1)
+        series = noisy.shape[3] > 1
+        time_series = series and bvals is None  # BOLD: no b-values, one "shell"
+        bvals = bvals if bvals is not None else np.zeros(noisy.shape[3])
         mask = b0_brain_mask(noisy, bvals)
         rms, outlier, shells = figures.residual_statistics(noisy, denoised, bvals, mask)
         method, title = self.inputs.method, self.inputs.title
@@ -112,6 +118,11 @@ class RunReport(RecordedInterface):
         if series:
             self._figure("volumes", lambda path: figures.volume_plot(rms, outlier, bvals, path,
                                                                      f"{method}: residual per volume"))
+        if time_series:
+            self._figure("tsnr", lambda path: figures.tsnr_figure(noisy, denoised, mask, path,
+                                                                  f"{title}: temporal SNR ({method})"))
+            self._figure("carpet", lambda path: figures.carpet_plot(noisy, denoised, mask, path,
+                                                                    f"{title}: carpet ({method})"))
         summary = {
             "ResidualRMS": round(float(rms.mean()), 4),
             "OutlierVolumes": [int(v) for v in np.flatnonzero(outlier)],
@@ -125,6 +136,9 @@ class RunReport(RecordedInterface):
                 summary[item["summary_key"]] = round(float(np.median(values[mask])), 4)
             self._figure(f"{item['name']}map", lambda path, values=values, item=item: figures.map_figure(
                 values, path, f"{method}: {item['name']}"), caption=item["description"])
+        if time_series:
+            summary["TSNRMedianBefore"], summary["TSNRMedianAfter"] = (
+                round(float(np.median(figures.tsnr(x)[mask])), 3) for x in (noisy, denoised))
         if series:
             lines = ["volume\tbval\tshell\tresidual_rms\toutlier"]
             lines += [f"{i}\t{bvals[i]:g}\t{shells[i]}\t{rms[i]:.6g}\t{int(outlier[i])}" for i in range(rms.size)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bids_denoise.contract import MethodResult, MethodSpec, OutputMap, Param, Reference, boolean, integers
 from bids_denoise.methods.mppca import mppca
 from bids_denoise.registry import register
@@ -30,7 +32,9 @@ def run(inputs, parameters) -> MethodResult:
     if parameters["mask"] == "auto":
         from bids_denoise.methods.masking import b0_brain_mask
 
-        mask = b0_brain_mask(inputs.data, inputs.bvals)
+        # a BOLD series has no b-values: the mask comes from the mean of all volumes
+        bvals = inputs.bvals if inputs.bvals is not None else np.zeros(inputs.data.shape[3])
+        mask = b0_brain_mask(inputs.data, bvals)
     result = mppca(
         inputs.data,
         mask=mask,
@@ -47,13 +51,14 @@ def run(inputs, parameters) -> MethodResult:
         "rank": OutputMap(result.rank, "MP-PCA rank: number of signal components kept per voxel"),
     }
     details = {"extent": list(result.extent), "masked": mask is not None, "solver": result.solver}
-    return MethodResult(result.denoised, "DWI series denoised with MP-PCA", maps=maps, details=details)
+    what = "DWI series" if inputs.bvals is not None else "Series"
+    return MethodResult(result.denoised, f"{what} denoised with MP-PCA", maps=maps, details=details)
 
 
 def describe(parameters) -> str:
     estimator = parameters["estimator"]
     extent = parameters["extent"] or "the default (smallest odd cube holding at least as many voxels as volumes)"
-    return (f"Diffusion-weighted images were denoised with Marchenko-Pastur PCA [veraart2016] in a sliding "
+    return (f"The image series were denoised with Marchenko-Pastur PCA [veraart2016] in a sliding "
             f"window of extent {extent}, with the {estimator} noise estimator"
             f"{' [corderogrande2019]' if estimator == 'Exp2' else ''}; the noise level was mapped per voxel.")
 
@@ -65,7 +70,7 @@ SPEC = register(MethodSpec(
     run=run,
     describe=describe,
     references=(VERAART2016, CORDEROGRANDE2019),
-    modalities=("dwi",),
+    modalities=("dwi", "bold"),
     # the cost is one small eigenproblem per window: the compiled CPU solver does about 15,000
     # windows a second on one core here, while torch's batched CUDA eigh did about 1,000 68x68
     # matrices a second on an H100 (reported in the MP-PCA issue): MP-PCA runs on CPU threads

@@ -117,6 +117,51 @@ def map_figure(volume, path, title, cmap="magma"):
     return _save(figure, path)
 
 
+def tsnr(series) -> np.ndarray:
+    """Temporal SNR per voxel: mean over time / standard deviation over time (0 where flat)."""
+    series = np.asarray(series, dtype=np.float64)
+    spread = series.std(axis=3)
+    return np.divide(series.mean(axis=3), spread, out=np.zeros(spread.shape), where=spread > 0)
+
+
+def tsnr_figure(noisy, denoised, mask, path, title):
+    """tSNR before, after and their ratio, axial middle slice."""
+    before, after = tsnr(noisy), tsnr(denoised)
+    ratio = np.divide(after, before, out=np.zeros(before.shape), where=before > 0)
+    figure, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
+    top = float(np.percentile(after[mask], 99)) if mask.any() else 1.0
+    for ax, (image, label, low, high, cmap) in zip(axes, (
+            (before, "tSNR before", 0, top or 1.0, "magma"), (after, "tSNR after", 0, top or 1.0, "magma"),
+            (ratio, "after / before", 0, max(2.0, float(np.percentile(ratio[mask], 99)) if mask.any() else 2.0),
+             "viridis"))):
+        shown = ax.imshow(_middle_slice(image, 2), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(label, fontsize=7)
+        figure.colorbar(shown, ax=ax, shrink=0.7)
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
+def carpet_plot(noisy, denoised, mask, path, title, max_voxels=2000):
+    """Brain voxels x time, before, after and removed, on the input's scale."""
+    voxels = np.flatnonzero(mask.ravel())
+    if voxels.size > max_voxels:
+        voxels = voxels[np.linspace(0, voxels.size - 1, max_voxels).round().astype(int)]
+    before = noisy.reshape(-1, noisy.shape[3])[voxels].astype(np.float64)
+    after = denoised.reshape(-1, denoised.shape[3])[voxels].astype(np.float64)
+    centre, scale = before.mean(axis=1, keepdims=True), before.std(axis=1, keepdims=True)
+    scale[scale == 0] = 1.0
+    panels = ((before - centre) / scale, (after - centre) / scale, (before - after) / scale)
+    figure, axes = plt.subplots(3, 1, figsize=(7.5, 5.4), sharex=True)
+    for ax, panel, label in zip(axes, panels, ("input", "denoised", "removed (input - denoised)")):
+        ax.imshow(panel, aspect="auto", cmap="gray", vmin=-2.5, vmax=2.5, interpolation="nearest")
+        ax.set_ylabel(label, fontsize=7)
+        ax.set_yticks([])
+    axes[-1].set_xlabel("volume")
+    figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
 def volume_plot(rms, outlier, bvals, path, title):
     """Residual RMS over volume index, outliers marked."""
     figure, ax = plt.subplots(figsize=(7.5, 2.4))

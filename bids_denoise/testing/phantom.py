@@ -107,6 +107,41 @@ def make_anatomical(shape=(24, 24, 16), *, noise_sigma=0.05, seed=0, voxel_size=
     return signal.astype(np.float32), noisy.astype(np.float32), affine
 
 
+def add_bold_run(root, subject="01", session=None, *, shape=(14, 14, 8), n_volumes=48, tr=2.0, snr=20.0,
+                 seed=0, task="rest"):
+    """Add a small BOLD run (a block design in one region, slow fluctuations, Gaussian noise) to a
+    BIDS dataset; return (relpath, noise-free series path outside the dataset, active-region mask).
+
+    For the app's tests: a realistic shape of data, not a validation phantom.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    signal, _, affine = make_anatomical(shape, noise_sigma=0.0, seed=seed, voxel_size=3.0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
+    active = (np.linalg.norm(grid - np.array([0.35, 0.0, 0.0]), axis=-1) < 0.3) & (signal > 0)
+    times = np.arange(n_volumes) * tr
+    task_course = ((times // 20.0) % 2 == 1).astype(float)
+    drift = 0.01 * np.sin(2 * np.pi * times / 90.0)
+    series = signal[..., None] * (1.0 + drift + 0.03 * active[..., None] * task_course)
+    sigma = signal[signal > 0].mean() / snr
+    noisy = np.abs(series + rng.normal(0, sigma, series.shape))
+    folder = f"sub-{subject}" + (f"/ses-{session}" if session else "") + "/func"
+    name = f"sub-{subject}" + (f"_ses-{session}" if session else "") + f"_task-{task}_bold"
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    path = root / folder / f"{name}.nii.gz"
+    _save(noisy, affine, path)
+    image = nib.load(path)
+    image.header.set_zooms(tuple(image.header.get_zooms()[:3]) + (tr,))
+    nib.save(image, path)
+    (root / folder / f"{name}.json").write_text(json.dumps(
+        {"RepetitionTime": tr, "TaskName": task, "EchoTime": 0.03,
+         "SliceTiming": [i * tr / shape[2] for i in range(shape[2])]}, indent=2))
+    truth = root.parent / f"{root.name}_truth" / f"{name}_signal.nii.gz"
+    truth.parent.mkdir(parents=True, exist_ok=True)
+    _save(series, affine, truth)
+    return f"{folder}/{name}.nii.gz", truth, active
+
+
 def _save(array, affine, path, dtype=np.float32):
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     image.set_qform(affine, code=1)

@@ -85,3 +85,20 @@ def test_raw_layout_gives_fmriprep_the_denoised_bold(bold_dataset, tmp_path, cap
     assert not np.array_equal(nib.load(out / relpath).get_fdata(), nib.load(raw / relpath).get_fdata())
     metadata = json.loads((out / relpath.replace(".nii.gz", ".json")).read_text())
     assert metadata["RepetitionTime"] == 2.0 and metadata["Denoising"]["Method"] == "mppca"
+
+
+def test_nordic_with_noise_scans(bold_dataset, tmp_path, capsys):
+    raw, relpath, truth, _ = bold_dataset
+    code = main([str(raw), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
+                 "--participant-label", "01", "--session-label", "post", "--skip-bids-validation",
+                 "--methods", "nordic", "--nordic-noise-volumes", "4"])
+    assert code == 0, capsys.readouterr().err
+    stem = relpath.replace("_bold.nii.gz", "")
+    out = tmp_path / "out"
+    denoised = nib.load(out / f"{stem}_desc-nordic_bold.nii.gz")
+    assert denoised.shape[3] == nib.load(raw / relpath).shape[3] - 4
+    sidecar = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())
+    assert sidecar["NoiseScansRemoved"] == 4 and any("noise scans" in w for w in sidecar["Warnings"])
+    assert sidecar["Provenance"]["Details"]["threshold_source"] == "noise volumes"
+    assert (out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").exists()
+    assert "[moeller2021]" in (out / "logs" / "CITATION.md").read_text()

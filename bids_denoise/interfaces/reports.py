@@ -73,6 +73,9 @@ class RunReport(RecordedInterface):
         if noisy.shape[:3] != denoised.shape[:3]:  # super-resolution: a new grid, no residual
             self._superres(noisy, denoised)
         else:
+            # volumes a method dropped (trailing noise scans) are not compared
+            noisy = noisy[..., : denoised.shape[3]]
+            bvals = None if bvals is None else bvals[: denoised.shape[3]]
             self._residuals(noisy, denoised, bvals)
         self._learning()
         self._results["figures"] = self._figures

@@ -1,0 +1,72 @@
+"""NORDIC: registration (``methods/nordic.py`` holds the method)."""
+
+from __future__ import annotations
+
+from bids_denoise.contract import MethodResult, MethodSpec, OutputMap, Param, Reference, default_of, positive
+from bids_denoise.methods.nordic import nordic
+from bids_denoise.registry import register
+
+MOELLER2021 = Reference(
+    "moeller2021",
+    "Moeller S, Pisharady PK, Ramanna S, Lenglet C, Wu X, Dowdle L, Yacoub E, Ugurbil K, Akcakaya M. NOise "
+    "reduction with DIstribution Corrected (NORDIC) PCA in dMRI with complex-valued parameter-free locally "
+    "low-rank processing. NeuroImage 226:117539, 2021.",
+    "@article{moeller2021,\n  author={Moeller, Steen and Pisharady, Pramod Kumar and Ramanna, Sudhir and Lenglet, "
+    "Christophe and Wu, Xiaoping and Dowdle, Logan and Yacoub, Essa and Ugurbil, Kamil and Akcakaya, Mehmet},\n"
+    "  title={NOise reduction with DIstribution Corrected (NORDIC) PCA in dMRI with complex-valued parameter-free "
+    "locally low-rank processing},\n  journal={NeuroImage},\n  volume={226},\n  pages={117539},\n  year={2021}\n}",
+)
+VIZIOLI2021 = Reference(
+    "vizioli2021",
+    "Vizioli L, Moeller S, Dowdle L, et al. Lowering the thermal noise barrier in functional brain mapping with "
+    "magnetic resonance imaging. Nature Communications 12:5181, 2021.",
+    "@article{vizioli2021,\n  author={Vizioli, Luca and Moeller, Steen and Dowdle, Logan and others},\n"
+    "  title={Lowering the thermal noise barrier in functional brain mapping with magnetic resonance imaging},\n"
+    "  journal={Nature Communications},\n  volume={12},\n  pages={5181},\n  year={2021}\n}",
+)
+
+
+def run(inputs, parameters) -> MethodResult:
+    result = nordic(inputs.data, patch_ratio=parameters["patch_ratio"], noise_volumes=parameters["noise_volumes"],
+                    seed=inputs.seed)
+    details = dict(result.details)
+    maps = {
+        "noise": OutputMap(result.noise_sigma, "NORDIC noise level: standard deviation of the thermal noise per "
+                                               "voxel", summary_key="NoiseSigmaMedian"),
+        "rank": OutputMap(result.rank, "NORDIC rank: components kept per voxel (averaged over patches)"),
+    }
+    sidecar, warnings = {}, []
+    if parameters["noise_volumes"]:
+        sidecar["NoiseScansRemoved"] = parameters["noise_volumes"]
+        warnings.append(f"the last {parameters['noise_volumes']} volumes were noise scans: they set the threshold "
+                        "and are not in this series")
+    return MethodResult(result.denoised, "BOLD series denoised with NORDIC (magnitude, locally low-rank, hard "
+                        "threshold at the thermal noise level)", maps=maps, details=details, sidecar=sidecar,
+                        warnings=warnings)
+
+
+def describe(parameters) -> str:
+    noise = (f"the last {parameters['noise_volumes']} volumes (noise scans)" if parameters["noise_volumes"]
+             else "the Marchenko-Pastur distribution of the data")
+    return ("BOLD series were denoised with NORDIC [moeller2021] [vizioli2021]: locally low-rank patches "
+            f"(about {parameters['patch_ratio']:g} voxels per volume) whose singular values below the thermal "
+            f"noise level, estimated from {noise}, were set to zero; overlapping patches were averaged.")
+
+
+SPEC = register(MethodSpec(
+    name="nordic",
+    title="NORDIC",
+    summary="locally low-rank denoising of BOLD with a hard threshold at the thermal noise level (magnitude; "
+            "experimental: see the README's BOLD measurements)",
+    run=run,
+    describe=describe,
+    references=(MOELLER2021, VIZIOLI2021),
+    modalities=("bold",),
+    mem_gb=2.0,
+    params=(
+        Param("patch_ratio", positive(float), default_of(nordic, "patch_ratio"),
+              "voxels per volume in a patch (NORDIC's 11:1)"),
+        Param("noise_volumes", int, default_of(nordic, "noise_volumes"),
+              "the last N volumes are noise scans: they set the threshold and are dropped from the output"),
+    ),
+))

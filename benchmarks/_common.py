@@ -24,6 +24,7 @@ def _measure_here(queue, function, args, threads, warmup=None):
         if warmup is not None:  # library code loaded on first use is not the algorithm's memory
             function(warmup())
         gc.collect()
+        _release_free_heap()
         _reset_peak()
         baseline = _status_kib("VmRSS")
         start = time.perf_counter()
@@ -31,6 +32,19 @@ def _measure_here(queue, function, args, threads, warmup=None):
         seconds = time.perf_counter() - start
         peak = _status_kib("VmHWM")
     queue.put((seconds, (peak - baseline) * 1024, result))
+
+
+def _release_free_heap():
+    """Give the memory freed so far (building the input, the warm-up) back to the system (glibc's
+    ``malloc_trim``), so that later allocations show in the peak instead of reusing it unseen: glibc
+    raises its mmap threshold after large frees (up to 32 MiB), so arrays of that size come from, and
+    go back to, a heap that keeps its pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak():

@@ -853,6 +853,9 @@ class _WindowSolver:
             else:
                 values = eigenvalues[:, r - k :]
             gain = frobenius_shrinkage(values, sigma2, self.q_noise, self.r_noise) * keep.to(torch.float64)
+            # a window without a noise component is kept whole (the compiled solver returns the
+            # identity there, not eigenvectors)
+            gain = torch.where((n_noise == 0)[:, None], keep.to(torch.float64), gain)
             n_signal = (gain > 0).sum(dim=1)
         return matrix, signal, n_noise, sigma2, mean, gain, n_signal, projected
 

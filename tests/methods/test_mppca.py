@@ -504,3 +504,13 @@ def test_new_options_are_deterministic_on_any_thread_count(multishell):
     assert np.array_equal(single.denoised, double.denoised)
     assert np.array_equal(single.noise_sigma, double.noise_sigma)
     assert np.array_equal(single.rank, double.rank)
+
+
+def test_given_noise_level_with_an_older_extension_falls_back_to_eigh(multishell, monkeypatch):
+    needs_compiled_solver()
+    monkeypatch.setattr(_mppca_solver, "_load_known", lambda: None)
+    assert not _mppca_solver.known_available()
+    assert mppca(multishell.noisy, noise_sigma=100.0).solver == "eigh"
+    assert mppca(multishell.noisy).solver == "tridiagonal"
+    with pytest.raises(ValueError, match="mppca_signal_subspace_known"):
+        mppca(multishell.noisy, noise_sigma=100.0, solver="tridiagonal")

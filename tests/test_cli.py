@@ -90,7 +90,8 @@ def test_end_to_end(dataset, tmp_path, capsys):
 
     # a second run with the same work dir recomputes nothing and gives identical outputs
     digests = {p: p.read_bytes() for p in outputs(out)}
-    node_results = sorted(work.rglob("patch2self_denoised.nii.gz"))
+    node_results = sorted(work.rglob("*_denoise/image.nii.gz"))
+    assert len(node_results) == 2 * len(truths)  # one per run and method, cached in the work directory
     stamps = [p.stat().st_mtime_ns for p in node_results]
     code = run_app(raw, out, "participant", "--methods", "patch2self", "mppca", "-w", work,
                    "--skip-bids-validation", "--nprocs", "2")
@@ -291,7 +292,7 @@ def test_bad_run_is_reported_skipped_and_others_complete(dataset, tmp_path, caps
     assert not list(out.rglob(f"{bad_stem}_desc-*")) if out.exists() else True
     if broken not in ("no_bval", "bval_count"):
         # the good runs of the participant still completed
-        assert len(list(out.rglob("*_desc-patch2self_dwi.nii.gz"))) == 2
+        assert len(list(out.rglob("*_desc-mppca_dwi.nii.gz"))) == 2  # the default method
 
 
 def test_stop_on_first_crash_writes_nothing(dataset, tmp_path, capsys):
@@ -356,6 +357,41 @@ def test_dipy_backend_and_plugin_file(dataset, tmp_path, capsys):
     provenance = json.loads(sidecar.read_text())["Provenance"]
     assert provenance["Parameters"]["backend"] == "dipy"
     assert provenance["Details"]["backend"] == "dipy version=3"
+
+
+def test_mppca_defaults_options_and_noise_map(dataset, tmp_path, capsys):
+    raw, truths = dataset
+    select = ("--participant-label", "01", "--session-label", "post")
+    assert run_one(raw, tmp_path, *select) == 0, capsys.readouterr().err  # the default: MP-PCA, best mode
+    (sidecar,) = (tmp_path / "out").rglob("*_desc-mppca_dwi.json")
+    configuration = json.loads(sidecar.read_text())["Provenance"]["Details"]["configuration"]
+    assert (configuration["shrinkage"], configuration["noise_floor"], configuration["aggregate"]) == \
+        ("frobenius", "koay", "overcomplete")
+    (denoised,) = (tmp_path / "out").rglob("*_desc-mppca_dwi.nii.gz")
+    relpath = str(denoised.relative_to(tmp_path / "out")).replace("_desc-mppca", "")
+    signal, noisy = nib.load(truths[relpath]).get_fdata(), nib.load(raw / relpath).get_fdata()
+    brain = signal[..., 0] > 0
+    assert rmse(nib.load(denoised).get_fdata(), signal, brain) < 0.6 * rmse(noisy, signal, brain)
+
+    # a given noise level instead of the estimate, as a number or a map (which must fit the run)
+    sigma = np.full(noisy.shape[:3], 50.0, np.float32)
+    good, bad = tmp_path / "sigma.nii.gz", tmp_path / "sigma_bad.nii.gz"
+    nib.save(nib.Nifti1Image(sigma, np.eye(4)), good)
+    nib.save(nib.Nifti1Image(sigma[:-1], np.eye(4)), bad)
+    for value, expected in (("50", 0), (good, 0), (bad, 65)):
+        out = tmp_path / f"out_{Path(str(value)).name}"
+        code = run_app(raw, out, "participant", "-w", tmp_path / "work_sigma", "--skip-bids-validation", *select,
+                       "--methods", "mppca", "--mppca-noise-map", value)
+        err = capsys.readouterr().err
+        assert code == expected, err
+        if expected:
+            assert "sigma_bad.nii.gz: a noise map of shape" in err
+        else:
+            (sidecar,) = out.rglob("*_desc-mppca_dwi.json")
+            assert json.loads(sidecar.read_text())["Provenance"]["Details"]["configuration"]["noise_source"] == "given"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(raw), str(tmp_path / "o"), "participant", "--mppca-noise-map", "missing.nii.gz"])
+    assert exit_info.value.code == 64
 
 
 def test_mppca_overcomplete_with_per_axis_stride(dataset, tmp_path, capsys):
@@ -429,7 +465,7 @@ def test_concurrent_participants_share_one_output_dir(dataset, tmp_path):
     lines = (out / ".bidsignore").read_text().splitlines()
     assert len(lines) == len(set(lines)) and "prov" in lines
     assert not list(out.rglob(".*.part*"))  # no temporary file left behind
-    assert len(list(out.rglob("*_desc-patch2self_dwi.nii.gz"))) == 2
+    assert len(list(out.rglob("*_desc-mppca_dwi.nii.gz"))) == 2  # the default method
     if find_validator():
         n_errors, errors = validate_dataset(out)
         assert n_errors == 0, errors

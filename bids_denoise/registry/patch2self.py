@@ -77,7 +77,6 @@ SPEC = register(MethodSpec(
     describe=describe,
     references=(FADNAVIS2020,),
     modalities=("dwi",),
-    default=True,
     uses_gpu=True,
     mem_gb=4.0,
     params=(

@@ -181,7 +181,8 @@ def test_filters_and_labels(dataset, tmp_path, capsys):
     filters = tmp_path / "filter.json"
     filters.write_text(json.dumps({"dwi": {"run": 2}}))
     code = run_app(raw, out, "participant", "--participant_label", "sub-02", "--session-label", "pre",
-                   "--bids-filter-file", filters, "-w", tmp_path / "work", "--skip-bids-validation")
+                   "--bids-filter-file", filters, "-w", tmp_path / "work", "--skip-bids-validation",
+                   "--methods", "patch2self")
     assert code == 0, capsys.readouterr().err
     written = sorted(p.name for p in out.rglob("*_desc-patch2self_dwi.nii.gz"))
     assert written == ["sub-02_ses-pre_acq-multiband_run-2_desc-patch2self_dwi.nii.gz"]
@@ -351,7 +352,7 @@ def test_dipy_backend_and_plugin_file(dataset, tmp_path, capsys):
     plugin = tmp_path / "plugin.yml"
     plugin.write_text("plugin: Linear\nplugin_args: {}\n")
     code = run_one(raw, tmp_path, "--participant-label", "01", "--session-label", "post",
-                   "--patch2self-backend", "dipy", "--use-plugin", plugin)
+                   "--methods", "patch2self", "--patch2self-backend", "dipy", "--use-plugin", plugin)
     assert code == 0, capsys.readouterr().err
     (sidecar,) = (tmp_path / "out").rglob("*_desc-patch2self_dwi.json")
     provenance = json.loads(sidecar.read_text())["Provenance"]

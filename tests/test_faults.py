@@ -59,19 +59,23 @@ def test_a_negative_series_keeps_its_derivatives_and_figures(dataset, tmp_path, 
     assert list((out / "sub-01" / "figures").glob("*_desc-*_mosaic.png"))
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e30])
-def test_extreme_intensities_give_the_scaled_result(dataset, tmp_path, capsys, scale):
+def test_extreme_intensities_give_the_scaled_result(dataset, tmp_path, capsys):
     raw, _ = dataset
     reference_out = tmp_path / "reference"
     assert run_app(raw, tmp_path, *SELECT, "--methods", "patch2self", out=reference_out) == 0
-    rewrite(post_dwi(raw), lambda data: data * np.float32(scale))
-    code = main([str(raw), str(tmp_path / "scaled"), "participant", "-w", str(tmp_path / "work2"), *SELECT,
-                 "--methods", "patch2self"])
-    assert code == 0, capsys.readouterr().err
     (reference,) = reference_out.rglob("*_desc-patch2self_dwi.nii.gz")
-    (scaled,) = (tmp_path / "scaled").rglob("*_desc-patch2self_dwi.nii.gz")
     expected = nib.load(reference).get_fdata()
-    assert np.allclose(nib.load(scaled).get_fdata() / scale, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    original = post_dwi(raw).read_bytes()
+    for scale in (1e-30, 1e30):
+        post_dwi(raw).write_bytes(original)
+        rewrite(post_dwi(raw), lambda data: data * np.float32(scale))
+        out = tmp_path / f"scaled_{scale:g}"
+        code = main([str(raw), str(out), "participant", "-w", str(tmp_path / f"work_{scale:g}"), *SELECT,
+                     "--methods", "patch2self"])
+        assert code == 0, capsys.readouterr().err
+        (scaled,) = out.rglob("*_desc-patch2self_dwi.nii.gz")
+        assert np.allclose(nib.load(scaled).get_fdata() / scale, expected, rtol=1e-4,
+                           atol=1e-4 * np.abs(expected).max()), scale
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2)])

@@ -29,6 +29,8 @@ demo: $(VENV)/.installed
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/patch2self.py
 	$(PY) benchmarks/mppca.py
+	$(PY) benchmarks/mppca_quality.py
+	$(PY) benchmarks/bold.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) work .pytest_cache

@@ -34,7 +34,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bids_denoise.methods.calibrate import calibrated_median, donut_median
+    from bids_denoise.methods.median import median_denoise
     from bids_denoise.methods.mppca import mppca
     from bids_denoise.methods.networks import psnr, ssim
     from bids_denoise.methods.noise2noise import noise2noise
@@ -49,19 +49,17 @@ def main():
     white = brain & (fa_true > 0.3)
     budget = {"max_seconds": args.budget, "epochs": 200, "steps_per_epoch": 25, "batch_size": 16}
 
-    def median(data):
-        calibration = calibrated_median([data[..., v] for v in range(0, data.shape[3], 4)])
-        return np.stack([donut_median(data[..., v], calibration.best) for v in range(data.shape[3])], axis=-1)
-
     methods = {
         "noisy input": lambda d: d,
         "Patch2Self": lambda d: patch2self(d, bvals),
         "MP-PCA (dwidenoise)": lambda d: mppca(d).denoised,
         "MP-PCA (overcomplete, demean)": lambda d: mppca(d, aggregate="overcomplete", demean=True).denoised,
+        "MP-PCA (app default)": lambda d: mppca(d, aggregate="overcomplete", demean=True, shrinkage="frobenius",
+                                                noise_floor="koay").denoised,
         "Noise2Noise": lambda d: noise2noise(d, bvals, bvecs, seed=args.seed, **budget).denoised,
         "Noise2Self volume": lambda d: noise2self(d, bvals, context="volume", seed=args.seed, **budget).denoised,
         "Noise2Self series": lambda d: noise2self(d, bvals, context="series", seed=args.seed, **budget).denoised,
-        "calibrated median": median,
+        "calibrated median": lambda d: median_denoise(d).denoised,
     }
     print(f"phantom {tuple(args.shape) + (noisy.shape[3],)}, Rician noise, SNR 10 in white matter, "
           f"{args.threads} thread(s), learned methods trained for at most {args.budget:g} s")

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -448,16 +449,13 @@ def _probe_writable(folder: Path, what: str) -> None:
         raise AppError(code, f"{folder}: cannot create or write {what} ({err.strerror or err})") from None
 
 
-class _io_errors:
+@contextmanager
+def _io_errors():
     """A failed write (a full disk) becomes one line naming the file, exit 74."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if isinstance(err, OSError):
-            raise AppError(EXIT_IOERR, f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")) from None
-        return False
+    try:
+        yield
+    except OSError as err:
+        raise AppError(EXIT_IOERR, f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")) from None
 
 
 def run_graph(config, runs, specs, device, layout) -> list[dict]:

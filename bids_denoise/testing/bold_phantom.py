@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bids_denoise.testing.phantom import head_coordinates
+
 
 @dataclass
 class BoldPhantom:
@@ -154,8 +156,7 @@ def make_bold_phantom(shape=(24, 24, 12), n_volumes=80, tr=2.0, *, snr=15.0, n_e
         raise ValueError("a BOLD phantom needs at least 2 volumes")
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in shape)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
-    radius = np.sqrt(((grid / np.array([0.85, 0.9, 0.85])) ** 2).sum(-1))
+    grid, radius = head_coordinates(shape)
     brain = radius < 1.0
     csf = brain & (radius < 0.2)
     white = brain & ~csf & (radius < 0.65)

@@ -27,6 +27,12 @@ class Phantom:
     mask: np.ndarray  # the brain
 
 
+def head_coordinates(shape):
+    """Voxel coordinates in [-1, 1] per axis, and the normalised radius of the phantoms' ellipsoidal head."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
+    return grid, np.sqrt(((grid / np.array([0.85, 0.9, 0.85])) ** 2).sum(-1))
+
+
 def gradient_directions(count: int, rng) -> np.ndarray:
     """Nearly uniform unit vectors on the sphere (Fibonacci lattice, randomly rotated)."""
     index = np.arange(count) + 0.5
@@ -56,8 +62,7 @@ def make_phantom(shape=(24, 24, 14), *, n_b0=3, shells=((1000.0, 24),), noise_si
     """
     rng = np.random.default_rng(seed)
     gradient_rng = np.random.default_rng(seed if gradient_seed is None else gradient_seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
-    radius = np.sqrt(((grid / np.array([0.85, 0.9, 0.85])) ** 2).sum(-1))
+    grid, radius = head_coordinates(shape)
     brain = radius < 1.0
     csf = brain & (radius < 0.25)
     white = brain & ~csf & (radius < 0.75)
@@ -96,8 +101,7 @@ def make_phantom(shape=(24, 24, 14), *, n_b0=3, shells=((1000.0, 24),), noise_si
 def make_anatomical(shape=(24, 24, 16), *, noise_sigma=0.05, seed=0, voxel_size=1.5):
     """A T1w-like image (white > grey > CSF) with Rician noise: (signal, noisy, affine)."""
     rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
-    radius = np.sqrt(((grid / np.array([0.85, 0.9, 0.85])) ** 2).sum(-1))
+    grid, radius = head_coordinates(shape)
     signal = np.select([radius < 0.25, radius < 0.75, radius < 1.0], [300.0, 1000.0, 650.0], 0.0)
     signal *= 1.0 + 0.1 * np.cos(3 * grid[..., 0]) * np.cos(2 * grid[..., 1])
     sigma = noise_sigma * 1000.0
@@ -117,7 +121,7 @@ def add_bold_run(root, subject="01", session=None, *, shape=(14, 14, 8), n_volum
     root = Path(root)
     rng = np.random.default_rng(seed)
     signal, _, affine = make_anatomical(shape, noise_sigma=0.0, seed=seed, voxel_size=3.0)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
+    grid, _ = head_coordinates(shape)
     active = (np.linalg.norm(grid - np.array([0.35, 0.0, 0.0]), axis=-1) < 0.3) & (signal > 0)
     times = np.arange(n_volumes) * tr
     task_course = ((times // 20.0) % 2 == 1).astype(float)

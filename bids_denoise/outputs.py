@@ -210,8 +210,7 @@ class OutputLayout:
     def main_sidecars(self, subject: str | None = None) -> list[Path]:
         """Sidecars of the methods' main outputs (not of maps), found on disk."""
         pattern = f"sub-{subject}/**/*_desc-*.json" if subject else "sub-*/**/*_desc-*.json"
-        return sorted(path for path in self.root.glob(pattern) if parse(path).get("suffix") in IMAGE_SUFFIXES
-                      and "stat" not in parse(path))
+        return sorted(path for path in self.root.glob(pattern) if _is_main(parse(path)))
 
     def figures_of(self, sidecar: Path) -> dict[str, Path]:
         """The figures beside a main output, by kind."""
@@ -323,6 +322,10 @@ class RawBIDSLayout(OutputLayout):
             _place(source, destination, mode)
             carried.append(destination)
         return carried
+
+
+def _is_main(entities: dict) -> bool:
+    return entities.get("suffix") in IMAGE_SUFFIXES and "stat" not in entities
 
 
 def _new_grid(extra) -> bool:

@@ -58,6 +58,17 @@ class LoadRun(RecordedInterface):
         return runtime
 
 
+def read_loaded_run(data_file, gradients_file):
+    """What LoadRun wrote: the data, and the bvals and bvecs (None where it wrote no gradients)."""
+    import numpy as np
+
+    data, bvals, bvecs = np.load(data_file), None, None
+    if isdefined(gradients_file):
+        with np.load(gradients_file) as gradients:
+            bvals, bvecs = gradients["bvals"], gradients["bvecs"]
+    return data, bvals, bvecs
+
+
 class SinkInputSpec(RecordedInputSpec):
     output_dir = Directory(mandatory=True, desc="OUTPUT_DIR")
     layout_kind = traits.Enum("derivatives", "bids", usedefault=True, desc="the output layout")

@@ -7,7 +7,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nipype.interfaces.base import File, TraitedSpec, isdefined, traits
+from nipype.interfaces.base import File, TraitedSpec, traits
 
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
 
@@ -43,6 +43,7 @@ class RunMethod(RecordedInterface):
 
         from bids_denoise import registry
         from bids_denoise.contract import MethodInputs
+        from bids_denoise.interfaces.bids import read_loaded_run
         from bids_denoise.io import save_nifti
         from bids_denoise.methods._device import device_description, resolve_device
         from bids_denoise.methods.errors import UnsuitableDataError
@@ -50,12 +51,9 @@ class RunMethod(RecordedInterface):
         spec = registry.load_all()[self.inputs.method]
         parameters = spec.parse(dict(self.inputs.parameters))
         reference = nib.load(self.inputs.reference_file)
-        inputs = MethodInputs(data=np.load(self.inputs.data_file), affine=reference.affine,
-                              device=resolve_device(self.inputs.device), seed=self.inputs.seed,
-                              work_dir=Path(runtime.cwd))
-        if isdefined(self.inputs.gradients_file):
-            with np.load(self.inputs.gradients_file) as gradients:
-                inputs.bvals, inputs.bvecs = gradients["bvals"], gradients["bvecs"]
+        data, bvals, bvecs = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
+        inputs = MethodInputs(data=data, affine=reference.affine, device=resolve_device(self.inputs.device),
+                              seed=self.inputs.seed, bvals=bvals, bvecs=bvecs, work_dir=Path(runtime.cwd))
         torch.manual_seed(self.inputs.seed)
         np.random.seed(self.inputs.seed % 2**32)
         started, clock = datetime.now(timezone.utc), time.perf_counter()

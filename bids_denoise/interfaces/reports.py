@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nipype.interfaces.base import File, TraitedSpec, isdefined, traits
+from nipype.interfaces.base import File, TraitedSpec, traits
 
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
 
@@ -55,17 +55,12 @@ class RunReport(RecordedInterface):
     output_spec = RunReportOutputSpec
 
     def _run(self, runtime):
-        import numpy as np
-
+        from bids_denoise.interfaces.bids import read_loaded_run
         from bids_denoise.io import load_nifti
 
         self._cwd = Path(runtime.cwd)
         self._figures, self._warnings = [], []
-        noisy = np.load(self.inputs.data_file)
-        bvals = None
-        if isdefined(self.inputs.gradients_file):
-            with np.load(self.inputs.gradients_file) as gradients:
-                bvals = gradients["bvals"]
+        noisy, bvals, _ = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
         main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
         _, denoised = load_nifti(main["path"])
         if noisy.ndim == 3:  # an anatomical image: one "volume"

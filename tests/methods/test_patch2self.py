@@ -1,4 +1,10 @@
-"""Patch2Self: exact against an explicit per-volume regression, deterministic, useful."""
+"""Patch2Self: exact against an explicit per-volume regression, deterministic, useful.
+
+The function's defaults are DIPY's (``DIPY_OPTIONS``, passed explicitly where a test compares with
+a plain regression); the app's defaults, ``LOW_BIAS_OPTIONS`` (fit mask, every volume a predictor,
+blend with the input, noise-floor removal), have their own tests below, and
+``tests/methods/test_harm.py`` checks that the app's default does no harm.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ import numpy as np
 import pytest
 
 from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.patch2self import patch2self, volume_groups
+from bids_denoise.methods import patch2self as patch2self_module
+from bids_denoise.methods.patch2self import DIPY_OPTIONS, LOW_BIAS_OPTIONS, patch2self, volume_groups
 from tests.conftest import rmse
 
 
@@ -54,17 +61,17 @@ def small_series():
 @pytest.mark.parametrize("radius", [0, 1])
 def test_matches_explicit_least_squares(small_series, radius):
     data, bvals = small_series
-    ours = patch2self(data, bvals, patch_radius=radius, out_dtype=np.float64)
+    ours = patch2self(data, bvals, patch_radius=radius, out_dtype=np.float64, **DIPY_OPTIONS)
     expected = reference_patch2self(data, bvals, radius)
     assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_ridge_matches_explicit_ridge(small_series):
     data, bvals = small_series
-    ours = patch2self(data, bvals, model="ridge", alpha=50.0, out_dtype=np.float64)
+    ours = patch2self(data, bvals, model="ridge", alpha=50.0, out_dtype=np.float64, **DIPY_OPTIONS)
     expected = reference_patch2self(data, bvals, 0, alpha=50.0)
     assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
-    plain = patch2self(data, bvals, out_dtype=np.float64)
+    plain = patch2self(data, bvals, out_dtype=np.float64, **DIPY_OPTIONS)
     assert not np.allclose(ours, plain)  # the penalty did something
 
 
@@ -101,13 +108,13 @@ def test_single_b0_and_disabled_b0_pass_through(phantom):
 
 def test_small_group_warns(phantom, caplog):
     with caplog.at_level("WARNING"):
-        patch2self(phantom.noisy, phantom.bvals)
+        patch2self(phantom.noisy, phantom.bvals, grouping="b0_dwi")
     assert "fewer than 10 volumes" in caplog.text  # the 3 b0s
 
 
 def test_mask_restricts_fit_but_predicts_everywhere(phantom):
     out = patch2self(phantom.noisy, phantom.bvals, mask=phantom.mask)
-    full = patch2self(phantom.noisy, phantom.bvals)
+    full = patch2self(phantom.noisy, phantom.bvals, mask=None)
     assert not np.allclose(out, full)
     outside = ~phantom.mask
     assert np.isfinite(out).all()
@@ -122,6 +129,7 @@ def test_shell_grouping_splits_shells():
     assert [g.tolist() for g in groups] == [[0, 1], [2, 3, 6], [4, 5]]
     groups = volume_groups(bvals)
     assert [g.tolist() for g in groups] == [[0, 1], [2, 3, 4, 5, 6]]
+    assert [g.tolist() for g in volume_groups(bvals, grouping="all")] == [list(range(7))]
 
 
 def test_clip_and_shift():
@@ -151,7 +159,7 @@ def test_agrees_with_dipy_version3(phantom):
     pytest.importorskip("sklearn")
     np.random.seed(0)
     theirs = dipy.patch2self(phantom.noisy, phantom.bvals, version=3, shift_intensity=False, verbose=False)
-    ours = patch2self(phantom.noisy, phantom.bvals)
+    ours = patch2self(phantom.noisy, phantom.bvals, **DIPY_OPTIONS)
     brain = phantom.mask
     # DIPY v3 fits on a random 30% count sketch of the voxels, which adds noise of its own
     # (on a phantom this small, much of it): the same kind of output, ours closer to the signal
@@ -168,6 +176,9 @@ def test_bad_arguments():
         patch2self(data, np.zeros(5), model="lasso")
     with pytest.raises(ValueError, match="4D"):
         patch2self(np.zeros((4, 4, 4)), np.zeros(4))
+    for option in ({"blend": "voxel"}, {"noise_floor": "rician"}, {"mask": "brain"}, {"grouping": "pairs"}):
+        with pytest.raises(ValueError, match=next(iter(option))):
+            patch2self(data, np.zeros(5), **option)
 
 
 def lone_volume_series(phantom):
@@ -203,7 +214,9 @@ def test_single_b0_and_lone_bvalue(phantom):
 
 def test_nothing_to_regress_is_refused(phantom):
     with pytest.raises(UnsuitableDataError, match="group of at least 2 volumes"):
-        patch2self(phantom.noisy[..., :2], np.array([0.0, 1000.0]))
+        patch2self(phantom.noisy[..., :2], np.array([0.0, 1000.0]), grouping="b0_dwi")
+    with pytest.raises(UnsuitableDataError, match="group of at least 2 volumes"):
+        patch2self(phantom.noisy[..., :1], np.array([1000.0]), **LOW_BIAS_OPTIONS)
 
 
 @pytest.mark.parametrize("shape, radius", [((1, 1, 1), 0), ((2, 2, 2), 0), ((3, 3, 2), 1)])
@@ -228,4 +241,105 @@ def test_just_enough_voxels_denoise():
     bvals = np.r_[0.0, np.full(11, 1000.0)]
     out = patch2self(noisy, bvals)
     assert np.isfinite(out).all()
+    assert not np.array_equal(out[..., 1:], noisy[..., 1:])
+
+
+# --- the app's defaults against the bias: fit mask, all volumes as predictors, blend, noise floor ---
+
+
+@pytest.fixture(scope="module")
+def snr10_phantom():
+    from bids_denoise.testing.phantom import make_phantom
+
+    # S0 = 1000 in white matter: noise sigma 100 gives SNR 10 there
+    return make_phantom((24, 24, 14), n_b0=3, shells=((1000.0, 12), (2000.0, 12)), noise_sigma=0.1, seed=2)
+
+
+def test_default_records_its_steps_and_is_deterministic(snr10_phantom):
+    phantom = snr10_phantom
+    out, info = patch2self(phantom.noisy, phantom.bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    assert np.array_equal(out, patch2self(phantom.noisy, phantom.bvals, **LOW_BIAS_OPTIONS))
+    assert info.groups == [list(range(phantom.bvals.size))]  # one group: every volume predicts every other
+    assert info.fit_mask == "auto"
+    brain = patch2self_module.b0_brain_mask(phantom.noisy, phantom.bvals)
+    assert info.fit_voxels == brain.sum() and abs(brain.sum() - phantom.mask.sum()) < 0.05 * phantom.mask.sum()
+    # the Marchenko-Pastur noise level of the brain: the spread of the magnitudes, at most the Gaussian sigma
+    assert 0.8 * 100 < info.noise_sigma < 1.02 * 100
+    assert len(info.blend_weights) == phantom.bvals.size and all(0.5 < w <= 1 for w in info.blend_weights)
+    assert out.min() >= 0  # the noise floor removal maps values below the floor to zero
+
+
+def test_blend_is_the_formula_and_near_the_oracle_weight(snr10_phantom):
+    phantom = snr10_phantom
+    options = {**LOW_BIAS_OPTIONS, "mask": phantom.mask, "noise_floor": "none"}
+    prediction = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, **{**options, "blend": "none"})
+    out, info = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, return_info=True, **options)
+    noisy, brain = phantom.noisy.astype(float), phantom.mask
+    variance = info.noise_sigma**2
+    for volume, weight in enumerate(info.blend_weights):
+        residual = (prediction[..., volume] - noisy[..., volume])[brain]
+        expected = variance / (max(np.mean(residual**2) - variance, 0) + variance)
+        assert weight == pytest.approx(expected, rel=1e-6)
+        assert np.allclose(out[..., volume], weight * prediction[..., volume] + (1 - weight) * noisy[..., volume])
+        # the weight that minimises the error against the true signal, in the brain
+        truth = (phantom.signal[..., volume] - noisy[..., volume])[brain]
+        oracle = np.clip(np.sum(residual * truth) / np.sum(residual**2), 0, 1)
+        assert abs(weight - oracle) < 0.2
+    assert rmse(out, phantom.signal, brain) < rmse(prediction, phantom.signal, brain)
+
+
+def test_noise_floor_removal_is_koay_with_the_estimated_sigma(snr10_phantom):
+    from bids_denoise.methods.noise_floor import remove_noise_floor
+
+    phantom = snr10_phantom
+    blended, info = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, return_info=True,
+                               **{**LOW_BIAS_OPTIONS, "noise_floor": "none"})
+    out = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, **LOW_BIAS_OPTIONS)
+    assert np.allclose(out, remove_noise_floor(blended, info.noise_sigma), rtol=1e-6, atol=1e-6 * out.max())
+    # the floor lifts the weakest signal (b=2000 in white matter): its removal lowers the error there
+    high = phantom.bvals > 1500
+    white = phantom.mask & (phantom.signal[..., high].mean(axis=3) < 300)
+    assert white.sum() > 100
+    assert rmse(out[..., high], phantom.signal[..., high], white) < rmse(blended[..., high], phantom.signal[..., high], white)
+
+
+def test_auto_mask_fits_everywhere_when_the_image_is_all_brain(snr10_phantom):
+    phantom = snr10_phantom
+    crop = phantom.noisy[6:18, 6:18, 4:10]  # inside the brain: no background
+    out, info = patch2self(crop, phantom.bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    assert info.fit_mask.startswith("all")
+    assert info.fit_voxels == crop[..., 0].size
+    assert rmse(out, phantom.signal[6:18, 6:18, 4:10]) < 0.7 * rmse(crop, phantom.signal[6:18, 6:18, 4:10])
+    # a zero-filled background (a skull-stripped series) is background: the mask is used
+    stripped = np.where(phantom.mask[..., None], phantom.noisy, 0).astype(np.float32)
+    _, info = patch2self(stripped, phantom.bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    assert info.fit_mask == "auto"
+
+
+def test_lone_b0_predicts_but_passes_through_in_the_all_group(phantom):
+    bvals = phantom.bvals.copy()
+    b0s = np.flatnonzero(bvals <= 50)
+    bvals[b0s[1:]] = 1000.0
+    out, info = patch2self(phantom.noisy, bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    assert info.passed_through == [int(b0s[0])] and info.groups == [list(range(bvals.size))]
+    assert np.array_equal(out[..., b0s[0]], phantom.noisy[..., b0s[0]])
+    assert info.blend_weights[b0s[0]] == 1.0
+    _, info = patch2self(phantom.noisy, phantom.bvals, b0_denoising=False, return_info=True, **LOW_BIAS_OPTIONS)
+    assert sorted(info.passed_through) == b0s.tolist()
+
+
+def test_no_noise_estimate_means_no_blend_and_no_floor_removal(caplog):
+    """18 voxels and 12 volumes: too few voxels for a Marchenko-Pastur estimate; the prediction is returned."""
+    rng = np.random.default_rng(4)
+    signal = rng.uniform(500, 1500, (3, 3, 2, 1)) * rng.uniform(0.3, 1.0, (1, 1, 1, 12))
+    noisy = (signal + rng.normal(0, 30, signal.shape)).astype(np.float32)
+    bvals = np.r_[0.0, np.full(11, 1000.0)]
+    with caplog.at_level("WARNING"):
+        out, info = patch2self(noisy, bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    if info.noise_sigma == 0:
+        assert "no noise component" in caplog.text and info.blend_weights is None
+        assert np.array_equal(out, patch2self(noisy, bvals, **{**LOW_BIAS_OPTIONS, "blend": "none",
+                                                               "noise_floor": "none"}))
+    else:
+        assert all(0 <= w <= 1 for w in info.blend_weights)
     assert not np.array_equal(out[..., 1:], noisy[..., 1:])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_denoise.contract import MethodResult, MethodSpec, Param, Reference, boolean, default_of, integers, positive
+from bids_denoise.contract import (MethodResult, MethodSpec, Param, Reference, auto_or, boolean, default_of, integers,
+                                   positive)
 from bids_denoise.methods.patch2self import LOW_BIAS_OPTIONS, patch2self
 from bids_denoise.registry import register
 from bids_denoise.registry.mppca import CORDEROGRANDE2019, KOAY2006
@@ -23,13 +24,20 @@ FADNAVIS2020 = Reference(
 COMMON = ("patch_radius", "model", "alpha", "b0_threshold", "b0_denoising", "shift_intensity", "clip_negative_vals")
 
 
+def tile_option(text):
+    """``auto``, ``none`` (one fit for the whole image), or a tile edge: one integer or three (``x,y,z``)."""
+    if str(text).strip() == "none":
+        return None
+    return auto_or(integers(minimum=2))(text)
+
+
 def run(inputs, parameters) -> MethodResult:
     common = {key: parameters[key] for key in COMMON}
     if parameters["backend"] == "dipy":
         return _run_dipy(inputs, parameters, common)
     denoised, info = patch2self(inputs.data, inputs.bvals, grouping=parameters["grouping"],
                                 mask="auto" if parameters["fit_mask"] == "auto" else None,
-                                blend=parameters["blend"], noise_floor=parameters["noise_floor"],
+                                tile=parameters["tile"], blend=parameters["blend"], noise_floor=parameters["noise_floor"],
                                 n_coils=parameters["n_coils"], device=inputs.device, return_info=True, **common)
     details = {
         "backend": "bids-denoise",
@@ -40,6 +48,9 @@ def run(inputs, parameters) -> MethodResult:
         "regularised_groups": info.regularised_groups,
         "noise_sigma": info.noise_sigma,
         "blend_weights": info.blend_weights,
+        "outside_blend_weights": info.outside_blend_weights,
+        "tile": info.tile,
+        "tiles_fitted": info.tiles,
     }
     warnings, description = [], "DWI series denoised with Patch2Self"
     if info.noise_sigma == 0:
@@ -85,6 +96,11 @@ def describe(parameters) -> str:
             f"{GROUPING[parameters['grouping']]}; the regressions were fitted "
             + ("inside an automatic b0 brain mask where the image has background around the brain, on every voxel "
                "otherwise" if parameters["fit_mask"] == "auto" else "on every voxel") + ").")
+    if parameters["tile"] is not None:
+        edge = ("an edge set by the number of volumes" if parameters["tile"] == "auto"
+                else f"edge {parameters['tile']} voxels")
+        text += (f" The regressions were also fitted in overlapping cubes ({edge}) and each voxel's "
+                 "prediction averaged over its cubes, so that each region keeps its own mean signal.")
     noise = "the noise variance estimated by Marchenko-Pastur PCA of the fitted voxels [corderogrande2019]"
     if parameters["blend"] == "volume":
         text += (" Each volume's prediction, which does not see that volume's noise [batson2019], was blended with "
@@ -125,6 +141,9 @@ SPEC = register(MethodSpec(
               "fit the regressions inside an automatic b0 brain mask where the image has background around "
               "the brain (auto, default), or on every voxel (none, DIPY); the prediction is made everywhere",
               choices=("auto", "none")),
+        Param("tile", tile_option, LOW_BIAS_OPTIONS["tile"],
+              "fit the regressions also in cubes overlapping by half (auto, default: an edge holding 5 voxels per "
+              "volume; or an edge 'e' or 'x,y,z'), or once for the whole image (none, DIPY)"),
         Param("blend", str, LOW_BIAS_OPTIONS["blend"],
               "blend each volume's prediction with the input by the weight of least expected error, from the "
               "Marchenko-Pastur noise level of the fitted voxels (volume, default), or not (none, DIPY)",

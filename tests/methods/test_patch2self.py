@@ -280,12 +280,20 @@ def test_blend_is_the_formula_and_near_the_oracle_weight(snr10_phantom):
         residual = (prediction[..., volume] - noisy[..., volume])[brain]
         expected = variance / (max(np.mean(residual**2) - variance, 0) + variance)
         assert weight == pytest.approx(expected, rel=1e-6)
-        assert np.allclose(out[..., volume], weight * prediction[..., volume] + (1 - weight) * noisy[..., volume])
+        assert np.allclose(out[..., volume][brain], (weight * prediction[..., volume] + (1 - weight) * noisy[..., volume])[brain])
+        # outside the fit (background here) the prediction extrapolates: its own weight, mostly the input
+        outside = info.outside_blend_weights[volume]
+        assert np.allclose(out[..., volume][~brain],
+                           (outside * prediction[..., volume] + (1 - outside) * noisy[..., volume])[~brain])
         # the weight that minimises the error against the true signal, in the brain
         truth = (phantom.signal[..., volume] - noisy[..., volume])[brain]
         oracle = np.clip(np.sum(residual * truth) / np.sum(residual**2), 0, 1)
         assert abs(weight - oracle) < 0.2
     assert rmse(out, phantom.signal, brain) < rmse(prediction, phantom.signal, brain)
+    assert np.mean(info.outside_blend_weights) < 0.5
+    # the background's magnitude has mean sigma sqrt(pi / 2) (Rayleigh), what the blend estimates there
+    floor = np.full(noisy.shape, 100 * np.sqrt(np.pi / 2))
+    assert rmse(out, floor, ~brain) < min(rmse(prediction, floor, ~brain), rmse(noisy, floor, ~brain))
 
 
 def test_noise_floor_removal_is_koay_with_the_estimated_sigma(snr10_phantom):
@@ -343,3 +351,53 @@ def test_no_noise_estimate_means_no_blend_and_no_floor_removal(caplog):
     else:
         assert all(0 <= w <= 1 for w in info.blend_weights)
     assert not np.array_equal(out[..., 1:], noisy[..., 1:])
+
+
+def test_tiles_cover_the_image_overlapping_by_half():
+    corners = patch2self_module._tile_corners((24, 24, 14), (8, 8, 7))
+    assert sorted({c[0] for c in corners}) == [0, 4, 8, 12, 16] and sorted({c[2] for c in corners}) == [0, 3, 6, 7]
+    covered = np.zeros((24, 24, 14), dtype=int)
+    for i, j, k in corners:
+        covered[i : i + 8, j : j + 8, k : k + 7] += 1
+    assert covered.min() >= 1
+    assert patch2self_module._tile_edge("auto", (24, 24, 14, 27), (0, 0, 0)) == (6, 6, 6)  # 5 x 27 = 135 <= 216
+    assert patch2self_module._tile_edge("auto", (4, 30, 30, 100), (0, 0, 0)) == (4, 8, 8)  # capped at the image
+    with pytest.raises(ValueError, match="patch_radius 0"):
+        patch2self(np.ones((6, 6, 6, 12)), np.r_[0.0, np.full(11, 1000.0)], tile=4, patch_radius=1)
+
+
+def test_tiled_prediction_is_the_mean_of_the_tiles_fits(snr10_phantom):
+    phantom = snr10_phantom
+    options = {**LOW_BIAS_OPTIONS, "mask": phantom.mask, "blend": "none", "noise_floor": "none"}
+    out, info = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, return_info=True,
+                           **{**options, "tile": 8})
+    whole = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, **{**options, "tile": None})
+    total, count = np.zeros(out.shape), np.zeros(out.shape[:3])
+    features = phantom.bvals.size
+    for corner in patch2self_module._tile_corners(out.shape[:3], (8, 8, 8)):
+        region = tuple(slice(c, c + 8) for c in corner)
+        inside = phantom.mask[region]
+        if inside.sum() <= patch2self_module.TILE_MIN_FIT_RATIO * features:
+            continue
+        local = patch2self(phantom.noisy[region], phantom.bvals, out_dtype=np.float64,
+                           **{**options, "mask": inside, "tile": None})
+        total[region] += np.where(inside[..., None], local, 0)
+        count[region] += inside
+    assert info.tiles > 0 and info.tile == [8, 8, 8]
+    expected = np.where(count[..., None] > 0, total / np.maximum(count, 1)[..., None], whole)
+    assert np.abs(out - expected).max() <= 1e-6 * np.abs(expected).max()
+    assert (count > 0).sum() > 0.5 * phantom.mask.sum()
+
+
+def test_tiles_keep_the_angular_contrast_a_single_shell_loses():
+    """One shell: the whole-image fit flattens FA below the noisy input's error; local fits keep it."""
+    from bids_denoise.testing import harm
+    from bids_denoise.testing.phantom import make_phantom
+
+    phantom = make_phantom((32, 32, 20), n_b0=5, shells=((1000.0, 30),), noise_sigma=0.1, seed=0)
+    reference = harm.tensor_reference(phantom)
+    noisy_fa = harm.tensor_errors(phantom.noisy, phantom, reference)["fa"]
+    whole = patch2self(phantom.noisy, phantom.bvals, **{**LOW_BIAS_OPTIONS, "tile": None})
+    tiled = patch2self(phantom.noisy, phantom.bvals, **LOW_BIAS_OPTIONS)
+    assert harm.tensor_errors(whole, phantom, reference)["fa"] > noisy_fa
+    assert harm.tensor_errors(tiled, phantom, reference)["fa"] < 0.95 * noisy_fa

@@ -11,10 +11,43 @@ These are the generic tools (``grid_mask`` also serves the Noise2Self masker).
 The app's median method, which also weighs the filter against no filtering,
 is :mod:`bids_denoise.methods.median`.
 
+**A calibration that can say no.** A denoiser's output ``f`` is never written
+as is by the learned methods: each volume gets ``g = a f + (1 - a) x``, with
+the weight ``a`` chosen by the same self-supervised loss, and the identity
+(``a = 0``) is one of the candidates. With ``s`` the noise variance,
+``L = mean (f - x)^2`` and ``d`` the mean divergence of ``f`` (how much an
+output voxel moves with its own input: 0 for a J-invariant ``f``), Stein's
+unbiased risk estimate of the blend is
+
+    R(a) = a^2 L + s - 2 s a (1 - d),
+
+least at ``a = s (1 - d) / L`` (clipped to [0, 1]). For a J-invariant ``f``,
+``L = A + s`` (``A`` its true error [1]_) and this is ``a = s / (A + s)``,
+risk ``s A / (A + s)``: below both the identity's ``s`` and the filter's
+``A``. For an ordinary (not J-invariant) output, such as a network's
+unmasked pass, ``d`` is measured by a Monte-Carlo probe [2]_
+(:func:`monte_carlo_divergence`), and the two outputs' risks are compared on
+the same footing (:func:`choose_blend`). The noise variance comes from the
+data: MP-PCA's noise map for a series (:func:`series_noise_variance`), the
+finest Haar detail for an image (:func:`image_noise_variance`).
+
+**A guard on the angular contrast.** Per-volume risks do not see a bias that
+all volumes of a shell share: a spatial denoiser that smooths where fibres bend
+flattens the differences between gradient directions, which lowers every
+volume's squared error a little and biases FA a lot (FA's error grows with the
+share of contrast lost even at small weights, while the noise it removes only
+helps FA at second order). :func:`angular_contrast` estimates, without the
+signal, the share of the angular contrast an output keeps, and
+:func:`contrast_cap` the largest scale of the blend weights that loses at most
+0.5% of it; the learned methods scale their weights by it.
+
 References
 ----------
-Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019,
-PMLR 97:524-533.
+.. [1] Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019,
+   PMLR 97:524-533.
+.. [2] Ramani S., Blu T., Unser M. Monte-Carlo SURE: a black-box optimization of
+   regularization parameters for general denoising algorithms. IEEE Trans. Image
+   Process. 17(9):1540-1554, 2008.
 """
 
 from __future__ import annotations
@@ -55,10 +88,18 @@ def grid_mask(shape, width, phase):
 
 
 def neighbour_mean(image):
-    """Mean of the 3^d - 1 neighbours of every voxel (centre excluded), edges replicated."""
+    """Mean of the neighbours of every voxel that lie inside the image (centre excluded).
+
+    Outside the image counts as absent, not as a copy of the edge: replicating the edge
+    (``mode="nearest"``) would put a face voxel's own value into its fill, and a filter fed
+    that fill would see the voxel it is to predict (no longer J-invariant at the border).
+    """
+    image = np.asarray(image, dtype=np.float64)
     footprint = np.ones((3,) * image.ndim)
     footprint[(1,) * image.ndim] = 0
-    return _ndimage().convolve(image, footprint / footprint.sum(), mode="nearest")
+    sums = _ndimage().convolve(image, footprint, mode="constant", cval=0.0)
+    counts = _ndimage().convolve(np.ones(image.shape), footprint, mode="constant", cval=0.0)
+    return sums / np.maximum(counts, 1.0)
 
 
 def j_invariant(denoiser, image, width=3):
@@ -118,3 +159,211 @@ def calibrate(denoiser_of, image, thetas, *, parameter="theta", width=3, already
         losses.append(float(loss))
     best = thetas[int(np.argmin(losses))]
     return Calibration(parameter, list(thetas), losses, best)
+
+
+# --------------------------------------------------------------------------- blending with the input
+
+
+@dataclass
+class Blend:
+    """The blend ``a f + (1 - a) x`` of one output with its input, and its estimated risk.
+
+    ``risk`` and ``identity_risk`` (the noise variance ``s``) are mean squared errors per voxel
+    against the noise-free signal, estimated without it; ``loss`` is ``mean (f - x)^2`` and
+    ``divergence`` the mean divergence ``d`` of ``f``.
+    """
+
+    weight: float
+    risk: float
+    identity_risk: float
+    loss: float
+    divergence: float
+
+    def as_dict(self):
+        return {key: round(float(value), 6) for key, value in vars(self).items()}
+
+
+def blend_weight(output, data, noise_variance, *, divergence=0.0) -> Blend:
+    """The risk-minimising weight of ``output`` against ``data`` (see the module's docstring).
+
+    Parameters
+    ----------
+    output, data : ndarray of the same shape
+        The denoiser's output and its input (e.g. the brain voxels of one volume).
+    noise_variance : float or ndarray of the shape of ``data``
+        Variance of the noise of ``data`` (averaged when a map is given).
+    divergence : float
+        Mean divergence of the denoiser at ``data``: 0 for a J-invariant one.
+
+    Returns
+    -------
+    Blend
+        ``weight = clip(s (1 - d) / L, 0, 1)``; a weight of 0 is the identity.
+    """
+    output, data = np.asarray(output, np.float64), np.asarray(data, np.float64)
+    s = float(np.mean(noise_variance))
+    loss = float(np.mean((output - data) ** 2))
+    d = float(divergence)
+    weight = 0.0 if loss <= 0 or s <= 0 else float(np.clip(s * (1.0 - d) / loss, 0.0, 1.0))
+    risk = weight**2 * loss + s - 2.0 * s * weight * (1.0 - d)
+    return Blend(weight, risk, s, loss, d)
+
+
+def choose_blend(candidates, data, noise_variance, *, min_gain=0.0):
+    """The candidate output whose blend with ``data`` has the least estimated risk, or the identity.
+
+    Parameters
+    ----------
+    candidates : dict of name to (output, divergence)
+    data : ndarray
+    noise_variance : float or ndarray
+    min_gain : float
+        A candidate must lower the risk below the identity's by more than this fraction of it.
+
+    Returns
+    -------
+    name : str
+        The chosen candidate, or ``"identity"``.
+    blends : dict of name to Blend
+        Every candidate's blend (the identity's risk is their ``identity_risk``).
+    """
+    blends = {name: blend_weight(output, data, noise_variance, divergence=divergence)
+              for name, (output, divergence) in candidates.items()}
+    best = min(blends, key=lambda name: blends[name].risk, default=None)
+    if best is None or blends[best].risk >= blends[best].identity_risk * (1.0 - min_gain) or blends[best].weight == 0:
+        return "identity", blends
+    return best, blends
+
+
+def monte_carlo_divergence(denoiser, image, epsilon, *, seed=0, axis=None):
+    """Mean divergence of ``denoiser`` at ``image`` from one random probe (Ramani et al. 2008).
+
+    ``d = mean(b * (f(x + epsilon b) - f(x))) / epsilon`` with ``b`` standard normal: the mean of
+    ``d f_i / d x_i`` over voxels, unbiased for a smooth ``f``. With ``axis``, one mean per index
+    along that axis (e.g. per volume of a series).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    probe = np.random.default_rng(seed).standard_normal(image.shape).astype(np.float32)
+    moved = np.asarray(denoiser(image + np.float32(epsilon) * probe), np.float64)
+    change = (moved - np.asarray(denoiser(image), np.float64)) * probe / float(epsilon)
+    if axis is None:
+        return float(change.mean())
+    other = tuple(a for a in range(image.ndim) if a != axis % image.ndim)
+    return change.mean(axis=other)
+
+
+def series_noise_variance(series):
+    """Noise variance map (X, Y, Z) of a magnitude series: MP-PCA's estimate, squared.
+
+    MP-PCA measures the spread of the values about their mean, which is the variance the blend
+    needs (in magnitude data it is below the Gaussian sigma^2 where the signal is low). Needs at
+    least 4 volumes and an image large enough for MP-PCA's window (otherwise:
+    :func:`image_noise_variance` of the volumes, pooled).
+    """
+    from bids_denoise.methods.errors import UnsuitableDataError
+    from bids_denoise.methods.mppca import mppca  # imported late: the window solver is not needed otherwise
+
+    series = np.asarray(series, dtype=np.float32)
+
+    def pooled():
+        volumes = np.moveaxis(series.reshape(series.shape[:3] + (-1,)), -1, 0)
+        return np.full(series.shape[:3], image_noise_variance(list(volumes)), np.float64)
+
+    if series.ndim != 4 or series.shape[3] < 4:
+        return pooled()
+    try:
+        return np.square(mppca(series).noise_sigma.astype(np.float64))
+    except UnsuitableDataError:  # an image too small for MP-PCA's window
+        return pooled()
+
+
+def image_noise_variance(images) -> float:
+    """Noise variance of images from the finest Haar detail coefficients (Donoho & Johnstone 1994).
+
+    ``(median |c| / 0.6745)^2`` over each disjoint 2x2x2 block's orthonormal high-pass along
+    every axis (zero for anything constant along an axis), pooled over ``images`` (an image, or a
+    sequence of images with the same noise). Blocks holding an exact zero (a zero-filled
+    background) are skipped.
+    """
+    images = [images] if isinstance(images, np.ndarray) and images.ndim <= 3 else list(images)
+    coefficients = []
+    for image in images:
+        detail = np.asarray(image, dtype=np.float64)
+        complete = detail != 0
+        for axis in range(detail.ndim):
+            if detail.shape[axis] < 2:
+                continue
+            even = 2 * (detail.shape[axis] // 2)
+            first, second = [slice(None)] * detail.ndim, [slice(None)] * detail.ndim
+            first[axis], second[axis] = slice(0, even, 2), slice(1, even, 2)
+            detail = (detail[tuple(second)] - detail[tuple(first)]) / np.sqrt(2.0)
+            complete = complete[tuple(first)] & complete[tuple(second)]
+        coefficients.append(detail[complete].ravel())
+    values = np.concatenate(coefficients) if coefficients else np.zeros(0)
+    return float((np.median(np.abs(values)) / 0.6744897501960817) ** 2) if values.size else 0.0
+
+
+# --------------------------------------------------------------------------- a guard on the angular contrast
+
+
+#: Largest share of the angular contrast a blended output may lose (see :func:`angular_contrast`).
+CONTRAST_TOLERANCE = 0.005
+
+
+def angular_contrast(output, data, shell_of_volume, noise_variance, mask, *, divergence=None, partner=None):
+    """How much of the angular contrast ``output`` keeps, per diffusion-weighted shell.
+
+    The angular contrast of a shell is each volume's deviation from the shell's mean at each voxel:
+    what anisotropy (FA) is made of. ``c = <f_dev, s_dev> / |s_dev|^2`` is 1 for an output that
+    keeps it and 0 for one that flattens it (e.g. smooths every volume alike where fibres bend).
+    Estimated without the signal ``s``: for a J-invariant output ``<f_dev, x_dev>`` is
+    ``<f_dev, s_dev>`` to within noise, and ``|s_dev|^2 = |x_dev|^2 - (N - 1) sum s`` (``N``
+    volumes, ``s`` the noise variance per voxel); an output that sees its own voxel (divergence
+    ``d`` per volume) adds ``d (1 - 1/N) sum s`` to the product, which is taken off. With a
+    ``partner`` series (independent repeats of each volume), ``<f_dev, partner_dev>`` and
+    ``<x_dev, partner_dev>`` need no noise term.
+
+    Returns
+    -------
+    dict of shell label to c (shells with fewer than 2 volumes, and the b0s, are left out)
+    """
+    shell_of_volume = np.asarray(shell_of_volume)
+    mask = np.asarray(mask, dtype=bool)
+    noise = float(np.sum(np.broadcast_to(noise_variance, mask.shape)[mask]))
+    result = {}
+    for label in np.unique(shell_of_volume):
+        volumes = np.flatnonzero(shell_of_volume == label)
+        if label == 0 or volumes.size < 2:
+            continue
+        n = volumes.size
+
+        def deviations(series):
+            values = np.asarray(series, np.float64)[mask][:, volumes]
+            return values - values.mean(axis=1, keepdims=True)
+
+        f_dev, x_dev = deviations(output), deviations(data)
+        if partner is not None:
+            p_dev = deviations(partner)
+            signal = float(np.sum(x_dev * p_dev))
+            product = float(np.sum(f_dev * p_dev))
+        else:
+            signal = float(np.sum(x_dev**2)) - (n - 1) * noise
+            product = float(np.sum(f_dev * x_dev))
+            if divergence is not None:
+                product -= float(np.sum(np.asarray(divergence)[volumes])) * (1 - 1 / n) * noise
+        result[int(label)] = product / signal if signal > 0 else 1.0
+    return result
+
+
+def contrast_cap(contrast, mean_weights, tolerance=CONTRAST_TOLERANCE) -> float:
+    """The largest scale of the blend weights that loses at most ``tolerance`` of any shell's contrast.
+
+    A blend ``x + a (f - x)`` keeps ``1 - a (1 - c)`` of the contrast (``c`` from
+    :func:`angular_contrast`); ``mean_weights`` maps each shell to its volumes' mean weight ``a``.
+    """
+    cap = 1.0
+    for label, c in contrast.items():
+        loss = mean_weights.get(label, 0.0) * (1.0 - c)
+        if loss > tolerance:
+            cap = min(cap, tolerance / loss)
+    return float(cap)

@@ -16,6 +16,21 @@ its shell (a single b0, a lone b-value) has no partners: in the ``series``
 context it is denoised in the ``volume`` context, and the result says so.
 Images are processed as 2D slices.
 
+**Do no harm.** The network's output is never written as is. For each volume
+the calibration of :mod:`bids_denoise.methods.calibrate` weighs three
+candidates by their estimated error: the input itself; the J-invariant output
+blended with the input (``a = s / mean (f - x)^2``, ``s`` the noise variance
+from MP-PCA's noise map, or the finest wavelet detail for an image); and the
+ordinary, unmasked pass of the network (which sees the voxel it writes and is
+often better [1]_) blended the same way, its risk from Stein's estimate with
+the divergence measured by a Monte-Carlo probe. The least risk is written; the
+input is kept where neither output lowers it. For a DWI series (b-vectors
+given) a guard then scales every volume's weight down to the factor at which
+the output loses at most 0.5% of any shell's angular contrast
+(:func:`bids_denoise.methods.calibrate.angular_contrast`): per-volume risks
+miss a bias all volumes share, such as angular contrast flattened where fibres
+bend, and FA's error grows with that loss even at small weights.
+
 References
 ----------
 .. [1] Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision.
@@ -32,7 +47,8 @@ import torch
 from torch.nn import functional as F
 
 from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.calibrate import grid_mask
+from bids_denoise.methods.calibrate import (angular_contrast, choose_blend, contrast_cap, grid_mask,
+                                            image_noise_variance, series_noise_variance)
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import (
     IntensityScale,
@@ -154,6 +170,13 @@ class Noise2SelfResult:
     volume_context_volumes: list = field(default_factory=list)
     volume_context_history: dict | None = None
     volume_context_state_dict: dict | None = None
+    #: per volume: the output written ("j-invariant", "single pass" or "identity"), its weight, and every
+    #: candidate's blend (weight, estimated risk, noise variance, loss, divergence)
+    choices: list = field(default_factory=list)
+    blend_weights: list = field(default_factory=list)
+    blends: list = field(default_factory=list)
+    #: the guard: the scale of the blend weights kept, and the angular contrast the output keeps per shell
+    guard: dict = field(default_factory=dict)
 
 
 def _series_partners(bvals, b0_threshold, shell_tolerance, n_partners):
@@ -173,16 +196,18 @@ def _series_partners(bvals, b0_threshold, shell_tolerance, n_partners):
     return partners
 
 
-def noise2self(data, bvals=None, *, context="volume", width=3, mode="interpolate", slice_axis=2, n_partners=4,
+def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode="interpolate", slice_axis=2, n_partners=4,
                b0_threshold=50.0, shell_tolerance=100.0, epochs=30, max_seconds=600.0, steps_per_epoch=50,
-               batch_size=16, net_width=24, depth=2, learning_rate=1e-3, j_invariant=True, seed=0, device="cpu",
-               state_dict=None, volume_context_state_dict=None):
+               batch_size=16, net_width=24, depth=2, learning_rate=1e-3, j_invariant=True, calibrate=True, mask=None,
+               seed=0, device="cpu", state_dict=None, volume_context_state_dict=None):
     """Denoise a 3D image or a 4D series with a J-invariant network trained on itself.
 
     Parameters
     ----------
     data : ndarray, (X, Y, Z) or (X, Y, Z, V)
     bvals : (V,) array, needed for ``context="series"``
+    bvecs : (3, V) array, optional
+        With ``bvals``, the calibration's tensor guard runs (see the module's docstring).
     context : {"volume", "series"}
         In the ``series`` context, a volume alone in its shell (a single b0, a lone b-value) has
         no partners: it is denoised in the ``volume`` context by a second network trained on
@@ -195,7 +220,14 @@ def noise2self(data, bvals=None, *, context="volume", width=3, mode="interpolate
     n_partners : int
         Other volumes of the shell given as channels in the ``series`` context.
     j_invariant : bool
-        J-invariant inference (default) or a single unmasked pass.
+        J-invariant inference (default) or a single unmasked pass, when ``calibrate`` is False.
+    calibrate : bool
+        Per volume, write the least-risk of the input, the blended J-invariant output and the
+        blended single-pass output (default; see the module's docstring). False: the network's
+        output as ``j_invariant`` says.
+    mask : ndarray of bool, optional
+        Voxels over which the calibration is estimated (default: an automatic b0 brain mask for a
+        DWI series, the whole image otherwise).
     state_dict, volume_context_state_dict : dict, optional
         Trained weights to reuse (no training then): of the main network, and of the network of
         the volumes denoised in the volume context (see :class:`Noise2SelfResult`).
@@ -245,14 +277,84 @@ def noise2self(data, bvals=None, *, context="volume", width=3, mode="interpolate
         if run is not None:
             denoised[run.volumes] = run.denoised
     result = np.stack([from_slices(denoised[v], slice_axis) for v in range(stack.shape[0])], axis=-1)
+    choices, weights, blends, guard = [], [], [], {}
+    if calibrate:
+        single = np.empty_like(stack)
+        probe_change = np.empty_like(stack)
+        for run in (main, fallback):
+            if run is not None:
+                single[run.volumes], probe_change[run.volumes] = run.single_pass, run.probe_change
+        single = np.stack([from_slices(single[v], slice_axis) for v in range(stack.shape[0])], axis=-1)
+        probe_change = np.stack([from_slices(probe_change[v], slice_axis) for v in range(stack.shape[0])], axis=-1)
+        calibration = _calibrated(normalised, result, single, probe_change, bvals, mask)
+        result, choices, weights, blends = (calibration[k] for k in ("output", "choices", "weights", "blends"))
+        if bvals is not None and bvecs is not None and not squeeze:
+            shells = cluster_shells(bvals, b0_threshold=b0_threshold, tolerance=shell_tolerance)
+            contrast = angular_contrast(calibration["chosen"], normalised, shells, calibration["variance"],
+                                        calibration["mask"], divergence=calibration["divergence"])
+            cap = contrast_cap(contrast, {int(label): float(np.mean(np.asarray(weights)[shells == label]))
+                                          for label in np.unique(shells)})
+            result = normalised + cap * (result - normalised)
+            weights = [round(w * cap, 4) for w in weights]
+            choices = [c if cap > 0 else "identity" for c in choices]
+            guard = {"scale": cap, "angular_contrast": contrast}
     result = scale.inverse(result)
+    if calibrate:  # volumes kept as they were keep their values to the bit
+        for volume, choice in enumerate(choices):
+            if choice == "identity" or weights[volume] == 0:
+                result[..., volume] = series[..., volume]
     return Noise2SelfResult(
         denoised=result[..., 0] if squeeze else result,
         history=main.history, context=context, final_loss=main.final_loss, state_dict=main.state_dict,
         volume_context_volumes=alone,
         volume_context_history=None if fallback is None else fallback.history,
         volume_context_state_dict=None if fallback is None else fallback.state_dict,
+        choices=choices, blend_weights=weights, blends=blends, guard=guard,
     )
+
+
+#: Size of the Monte-Carlo probe that measures the single pass's divergence, relative to the data's scale.
+PROBE_EPSILON = 1e-3
+
+
+def _calibrated(series, j_invariant_output, single_pass, probe_change, bvals, mask) -> dict:
+    """Per volume, the least-risk of the identity and the two blended outputs (normalised units).
+
+    Returns a dict: ``output`` (the blends), ``choices``, ``weights``, ``blends`` (every candidate's,
+    per volume), ``chosen`` (each volume's chosen output before the blend; the input where none),
+    ``divergence`` (of the chosen output, per volume), ``variance`` (noise map) and ``mask``.
+    """
+    if series.shape[3] >= 4:
+        variance = series_noise_variance(series)
+    else:
+        variance = np.full(series.shape[:3], image_noise_variance([series[..., v] for v in range(series.shape[3])]))
+    if mask is None:
+        mask = np.ones(series.shape[:3], dtype=bool)
+        if bvals is not None and series.shape[3] > 1:
+            from bids_denoise.methods.masking import b0_brain_mask
+
+            found = b0_brain_mask(series, np.asarray(bvals, float))
+            mask = found if found.any() else mask
+    mask = np.asarray(mask, dtype=bool)
+    output, chosen = series.copy(), series.copy()
+    choices, weights, blends, divergences = [], [], [], []
+    for volume in range(series.shape[3]):
+        data = series[..., volume][mask]
+        divergence = float(np.mean(probe_change[..., volume][mask]))
+        candidates = {"j-invariant": (j_invariant_output[..., volume][mask], 0.0),
+                      "single pass": (single_pass[..., volume][mask], divergence)}
+        choice, found = choose_blend(candidates, data, variance[mask])
+        weight = 0.0 if choice == "identity" else found[choice].weight
+        if choice != "identity":
+            source = j_invariant_output if choice == "j-invariant" else single_pass
+            chosen[..., volume] = source[..., volume]
+            output[..., volume] = weight * source[..., volume] + (1 - weight) * series[..., volume]
+        choices.append(choice)
+        weights.append(round(weight, 4))
+        blends.append({name: blend.as_dict() for name, blend in found.items()})
+        divergences.append(divergence if choice == "single pass" else 0.0)
+    return {"output": output, "choices": choices, "weights": weights, "blends": blends, "chosen": chosen,
+            "divergence": divergences, "variance": variance, "mask": mask}
 
 
 @dataclass
@@ -264,6 +366,8 @@ class _NetworkRun:
     history: dict
     final_loss: float
     state_dict: dict
+    single_pass: np.ndarray  # the unmasked pass, same shape as denoised
+    probe_change: np.ndarray  # probe * (single pass at x + eps probe - single pass at x) / eps, per voxel
 
 
 class _SliceItems:
@@ -324,28 +428,42 @@ def _fit_and_denoise(stack, masker, volumes, partners, n_partners, state_dict, l
     model = UNet(dims=2, in_channels=in_channels, out_channels=1, width=net_width, depth=depth)
     history = train_or_reuse(model, state_dict, sample_batch, loss_fn, validation, budget=budget, device=device,
                              generator=generator, label=label)
-    denoised = _predict(model, masker, items, budget.batch_size, device, j_invariant)
+    denoised, single_pass, probe_change = _predict(model, masker, items, budget.batch_size, device, j_invariant,
+                                                   seed)
     return _NetworkRun(
         volumes=list(volumes), denoised=denoised, history=history,
         final_loss=history["epochs"][-1]["val_loss"] if history["epochs"] else float("nan"),
         state_dict={k: v.cpu() for k, v in model.state_dict().items()},
+        single_pass=single_pass, probe_change=probe_change,
     )
 
 
-def _predict(model, masker, items, batch_size, device, j_invariant) -> np.ndarray:
-    """The network's output for every slice of the items' volumes: (len(volumes), n_slices, H, W)."""
+def _predict(model, masker, items, batch_size, device, j_invariant, seed=0):
+    """The network's outputs for every slice of the items' volumes, each (len(volumes), n_slices, H, W).
+
+    Returns the output ``j_invariant`` asks for, the single unmasked pass, and the Monte-Carlo
+    divergence terms of that pass: ``b * (f(x + eps b) - f(x)) / eps`` per voxel, with ``b`` a
+    seeded standard normal probe of the target channel (the partners stay as they are: the
+    divergence is the derivative of a volume's output by that volume).
+    """
     n_slices = items.n_slices
-    denoised = np.empty((len(items.volumes), n_slices) + items.stack.shape[2:], dtype=items.stack.dtype)
+    shape = (len(items.volumes), n_slices) + items.stack.shape[2:]
+    denoised, single, change = (np.empty(shape, dtype=np.float32) for _ in range(3))
+    probe_generator = torch.Generator().manual_seed(seed + 7)
     for index in range(len(items.volumes)):
         for start in range(0, n_slices, batch_size):
             indices = [index * n_slices + p for p in range(start, min(start + batch_size, n_slices))]
             target, extra = items.gather(indices)
-            target = target.to(device)
+            probe = torch.randn(target.shape, generator=probe_generator)
+            target, probe = target.to(device), probe.to(device)
             extra = extra.to(device) if items.partners is not None else None
-            if j_invariant:
-                output = j_invariant_predict(model, masker, target, extra)
-            else:
-                with torch.no_grad():
-                    output = model(target if extra is None else torch.cat([target, extra], dim=1))
-            denoised[index, start : start + len(indices)] = output[:, 0].float().cpu().numpy()
-    return denoised
+            with torch.no_grad():
+                plain = model(target if extra is None else torch.cat([target, extra], dim=1)).float()
+                moved = target + PROBE_EPSILON * probe
+                probed = model(moved if extra is None else torch.cat([moved, extra], dim=1)).float()
+                output = j_invariant_predict(model, masker, target, extra) if j_invariant else plain
+            block = slice(start, start + len(indices))
+            denoised[index, block] = output[:, 0].float().cpu().numpy()
+            single[index, block] = plain[:, 0].cpu().numpy()
+            change[index, block] = (probe * (probed - plain) / PROBE_EPSILON)[:, 0].cpu().numpy()
+    return denoised, single, change

@@ -18,32 +18,49 @@ LEHTINEN2018 = Reference(
 
 def run(inputs, parameters) -> MethodResult:
     result = noise2noise(
-        inputs.data, inputs.bvals, inputs.bvecs, slice_axis=parameters["slice_axis"], context=parameters["context"],
+        inputs.data, inputs.bvals, inputs.bvecs, pairing=parameters["pairing"],
+        max_angle_deg=parameters["max_angle"], slice_axis=parameters["slice_axis"], context=parameters["context"],
         shell_tolerance=parameters["shell_tolerance"], seed=inputs.seed, device=inputs.device, **budget(parameters),
     )
     pairs = [{"volume": a, "partner": b, "angle_deg": round(float(angle), 1)} for a, b, angle in result.pairs]
     details = {
+        "pairing": result.pairing,
         "pairs": pairs,
         "passed_through_volumes": result.passed_through,
+        "blend_weights": result.blend_weights,
+        "contrast_guard": result.guard,
         "history": result.history,
         "pair_psnr": result.pair_psnr,
         "pair_ssim": result.pair_ssim,
-        "weights": save_weights(result.state_dict, inputs.work_dir),
+        "weights": None if result.state_dict is None else save_weights(result.state_dict, inputs.work_dir),
     }
-    return MethodResult(result.denoised, "DWI series denoised with Noise2Noise", details=details,
-                        tables={"Volume pairs used for training": pairs})
+    warnings = list(result.warnings)
+    if result.pairing == "nearest":
+        warnings.append("nearest-direction pairing: the training targets are other gradient directions, so the "
+                        "network averages neighbouring directions and biases FA (see the README's measurements)")
+    description = ("DWI series denoised with Noise2Noise" if result.pairs
+                   else "DWI series returned unchanged: Noise2Noise found no repeated measurement to train on")
+    return MethodResult(result.denoised, description, details=details, warnings=warnings,
+                        tables={"Volume pairs used for training": pairs} if pairs else {})
 
 
 def describe(parameters) -> str:
+    if parameters["pairing"] == "nearest":
+        pairs = "each volume to the volume of its shell with the nearest gradient direction"
+    else:
+        pairs = (f"each volume to a repeated measurement of it (the other b0s; the same direction within "
+                 f"{parameters['max_angle']:g} degrees in its shell), volumes with no repeat left unchanged")
     return ("Diffusion-weighted images were denoised with Noise2Noise [lehtinen2018]: a U-Net trained on the "
-            "run itself to map each volume to the volume of its shell with the nearest gradient direction "
-            f"(slices along axis {parameters['slice_axis']}, at most {parameters['epochs']} epochs).")
+            f"run itself to map {pairs}, its output blended with the input by the weight that best predicts the "
+            "repeat, scaled down so that no shell lost more than 0.5% of its angular contrast (slices along axis "
+            f"{parameters['slice_axis']}, at most {parameters['epochs']} epochs).")
 
 
 SPEC = register(MethodSpec(
     name="noise2noise",
     title="Noise2Noise",
-    summary="a U-Net trained on the run to map each volume to the nearest-direction volume of its shell",
+    summary="a U-Net trained on the run to map each volume to a repeated measurement of it (b0s, repeated "
+            "directions); nearest-direction pairing as an option",
     run=run,
     describe=describe,
     references=(LEHTINEN2018,),
@@ -52,6 +69,11 @@ SPEC = register(MethodSpec(
     learned=True,
     mem_gb=4.0,
     params=budget_params(noise2noise) + (
+        Param("pairing", str, default_of(noise2noise, "pairing"),
+              "pair repeated measurements (repeats: b0s, directions within --noise2noise-max-angle) or each volume "
+              "with the nearest direction of its shell (nearest: biases FA)", choices=("repeats", "nearest")),
+        Param("max_angle", positive(float), float(default_of(noise2noise, "max_angle_deg")),
+              "largest angle in degrees between repeats of one gradient direction"),
         Param("slice_axis", int, default_of(noise2noise, "slice_axis"), "axis of the 2D slices", choices=(0, 1, 2)),
         Param("context", int, default_of(noise2noise, "context"),
               "neighbouring slices on each side as extra channels (2.5D); 0 = 2D"),

@@ -18,13 +18,18 @@ BATSON2019 = Reference(
 def run(inputs, parameters) -> MethodResult:
     context = parameters["context"] if inputs.is_series else "volume"  # an image alone has no series
     result = noise2self(
-        inputs.data, inputs.bvals, context=context, width=parameters["mask_width"], mode=parameters["fill"],
+        inputs.data, inputs.bvals, inputs.bvecs, context=context, width=parameters["mask_width"], mode=parameters["fill"],
         slice_axis=parameters["slice_axis"], seed=inputs.seed, device=inputs.device, **budget(parameters),
     )
     details = {"context": result.context, "history": result.history, "final_validation_loss": result.final_loss,
                "weights": save_weights(result.state_dict, inputs.work_dir),
-               "volume_context_volumes": list(result.volume_context_volumes)}
+               "volume_context_volumes": list(result.volume_context_volumes),
+               "calibration": {"choices": result.choices, "blend_weights": result.blend_weights,
+                               "blends": result.blends, "contrast_guard": result.guard}}
     warnings = []
+    if result.choices and all(choice == "identity" for choice in result.choices):
+        warnings.append("the network did not lower the estimated error of any volume: the input was returned "
+                        "unchanged")
     if result.volume_context_volumes:
         warnings.append(f"volumes {list(result.volume_context_volumes)} are alone in their shell: denoised in the "
                         "volume context (from themselves only)")
@@ -34,7 +39,10 @@ def run(inputs, parameters) -> MethodResult:
 
 def describe(parameters) -> str:
     return ("Images were denoised with a J-invariant network trained by Noise2Self [batson2019] on the run itself "
-            f"({parameters['context']} context, masker width {parameters['mask_width']}).")
+            f"({parameters['context']} context, masker width {parameters['mask_width']}); for each volume the "
+            "input, the J-invariant output and the single-pass output, each blended with the input, were weighed "
+            "by their self-supervised risk estimates and the least kept, and, for DWI, every weight was scaled "
+            "down so that no shell lost more than 0.5% of its angular contrast.")
 
 
 SPEC = register(MethodSpec(

@@ -50,3 +50,73 @@ def test_self_supervised_loss_picks_the_truly_best_parameter(kind):
     # loss = true error + noise variance (400), within sampling error
     assert np.allclose(np.array(calibration.losses) - np.array(true_error), 400, rtol=0.2)
     assert calibration.as_dict()["parameter"] == ("radius" if kind == "median" else "sigma")
+
+
+def test_neighbour_fill_never_sees_the_voxel_at_the_border():
+    image = np.random.default_rng(1).normal(size=(5, 6, 4))
+    for voxel in [(0, 0, 0), (4, 3, 0), (2, 5, 3)]:
+        changed = image.copy()
+        changed[voxel] += 100.0
+        assert calibrate.neighbour_mean(image)[voxel] == pytest.approx(calibrate.neighbour_mean(changed)[voxel])
+    # J-invariant filtering stays J-invariant at the border too
+    identity_like = lambda x: x  # noqa: E731 - the worst case: a filter that returns its input
+    hidden = calibrate.grid_mask(image.shape, 3, 0)  # includes the corner (0, 0, 0)
+    changed = image.copy()
+    changed[hidden] += 10
+    assert np.allclose(calibrate.j_invariant(identity_like, image)[hidden],
+                       calibrate.j_invariant(identity_like, changed)[hidden])
+
+
+def test_blend_weight_is_the_risk_minimiser_and_can_say_no():
+    signal, noisy = smooth_image(3)
+    variance = 400.0
+    smoothed = calibrate.j_invariant(lambda x: calibrate._ndimage().gaussian_filter(x, 1.5), noisy)
+    blend = calibrate.blend_weight(smoothed, noisy, variance)
+    assert 0 < blend.weight < 1
+    true_risks = {a: np.mean((a * smoothed + (1 - a) * noisy - signal) ** 2) for a in np.linspace(0, 1, 21)}
+    best = min(true_risks, key=true_risks.get)
+    assert abs(blend.weight - best) < 0.1
+    assert blend.risk == pytest.approx(true_risks[best], rel=0.2)
+    assert blend.risk < min(variance, np.mean((smoothed - signal) ** 2))
+    # an output that is the input plus more noise (divergence 1) does not help: the identity is chosen
+    worse = noisy + np.random.default_rng(4).normal(0, 40, noisy.shape)
+    choice, blends = calibrate.choose_blend({"noise": (worse, 1.0)}, noisy, variance)
+    assert choice == "identity" and blends["noise"].weight == 0.0
+    choice, _ = calibrate.choose_blend({"noise": (worse, 1.0), "smooth": (smoothed, 0.0)}, noisy, variance)
+    assert choice == "smooth"
+
+
+def test_monte_carlo_divergence():
+    image = np.random.default_rng(2).normal(size=(40, 40))
+    assert calibrate.monte_carlo_divergence(lambda x: x, image, 1e-2) == pytest.approx(1.0, abs=0.1)
+    box = lambda x: calibrate._ndimage().uniform_filter(x, 3, mode="wrap")  # noqa: E731
+    assert calibrate.monte_carlo_divergence(box, image, 1e-2) == pytest.approx(1 / 9, abs=0.02)
+    assert calibrate.monte_carlo_divergence(lambda x: 2 * x, image[..., None], 1e-2, axis=-1) == pytest.approx([2.0], abs=0.2)
+
+
+def test_noise_variance_estimates():
+    rng = np.random.default_rng(5)
+    grid = np.meshgrid(*[np.linspace(0, 1, 20)] * 3, indexing="ij")
+    signal = 100 * (1.5 + np.sin(4 * grid[0]) * np.cos(3 * grid[1]))
+    noisy = signal + rng.normal(0, 5, signal.shape)
+    assert calibrate.image_noise_variance(noisy) == pytest.approx(25, rel=0.15)
+    series = np.stack([signal * (1 + 0.1 * k) + rng.normal(0, 5, signal.shape) for k in range(8)], axis=-1)
+    assert np.median(calibrate.series_noise_variance(series)) == pytest.approx(25, rel=0.25)
+
+
+def test_angular_contrast_and_the_cap():
+    from bids_denoise.testing.phantom import make_phantom
+
+    phantom = make_phantom((14, 14, 8), n_b0=2, shells=((1000.0, 20),), noise_sigma=0.05, seed=1)
+    from bids_denoise.methods.shells import cluster_shells
+
+    shells = cluster_shells(phantom.bvals)
+    variance = (0.05 * 1000) ** 2
+    kept = calibrate.angular_contrast(phantom.signal, phantom.noisy, shells, variance, phantom.mask)
+    dwi = shells == 1
+    flat = phantom.signal.copy()
+    flat[..., dwi] = phantom.signal[..., dwi].mean(axis=-1, keepdims=True)
+    flattened = calibrate.angular_contrast(flat, phantom.noisy, shells, variance, phantom.mask)
+    assert kept[1] == pytest.approx(1.0, abs=0.1) and abs(flattened[1]) < 0.05
+    assert calibrate.contrast_cap(kept, {1: 1.0}) > calibrate.contrast_cap(flattened, {1: 1.0})
+    assert calibrate.contrast_cap(flattened, {1: 1.0}, tolerance=0.01) == pytest.approx(0.01, rel=0.1)

@@ -1,4 +1,5 @@
-"""Noise2Self: masker coverage, J-invariance, training (the calibration tools: test_calibrate.py)."""
+"""Noise2Self: masker coverage, J-invariance, training, the calibration that can say no, no harm on a phantom
+(the calibration tools: test_calibrate.py)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,32 @@ def test_series_context_with_no_partner_at_all_is_the_volume_context(phantom):
     assert result.volume_context_volumes == [0, 1]
     assert result.volume_context_state_dict is None
     assert result.state_dict["down.0.body.0.weight"].shape[1] == 1
+
+
+def test_calibration_records_a_choice_per_volume_and_keeps_unchosen_volumes_to_the_bit(phantom):
+    result = small_run(phantom, context="volume", bvecs=phantom.bvecs)
+    n_volumes = phantom.noisy.shape[3]
+    assert len(result.choices) == len(result.blend_weights) == len(result.blends) == n_volumes
+    assert set(result.choices) <= {"identity", "j-invariant", "single pass"}
+    assert all(0.0 <= weight <= 1.0 for weight in result.blend_weights)
+    for volume, weight in enumerate(result.blend_weights):
+        if weight == 0.0:
+            assert np.array_equal(result.denoised[..., volume], phantom.noisy[..., volume])
+    assert {"scale", "angular_contrast"} <= set(result.guard)
+
+
+def test_uncalibrated_output_is_the_network_as_asked(phantom):
+    masked = small_run(phantom, context="volume", calibrate=False)
+    assert masked.choices == [] and masked.guard == {}
+    assert not np.array_equal(masked.denoised, phantom.noisy)
+
+
+@pytest.mark.parametrize("context", ["volume", "series"])
+def test_does_no_harm_on_a_small_phantom(context):
+    from bids_denoise.testing.harm import check_no_harm
+    from bids_denoise.testing.phantom import make_phantom
+
+    phantom = make_phantom((16, 16, 10), n_b0=3, shells=((1000.0, 24),), noise_sigma=0.1, seed=3)
+    result = noise2self(phantom.noisy, phantom.bvals, phantom.bvecs, context=context, epochs=20, steps_per_epoch=20,
+                        batch_size=8, net_width=8, seed=0)
+    assert check_no_harm(result.denoised, phantom) == []

@@ -1,0 +1,89 @@
+"""P2S-Net: J-invariance over volumes, angular predictions, determinism, and no harm on a small phantom."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.p2snet import AngularCNN, angular_weights, conditions, even_sh_basis, p2snet
+from bids_denoise.testing.harm import check_no_harm
+from bids_denoise.testing.phantom import make_phantom
+
+
+def test_no_volume_is_predicted_from_itself(phantom):
+    weights = angular_weights(phantom.bvals, phantom.bvecs)
+    assert weights.shape == (phantom.bvals.size, 6, phantom.bvals.size)
+    for volume in range(phantom.bvals.size):
+        assert np.all(weights[volume, :, volume] == 0)
+
+
+def test_angular_predictions_reproduce_a_quadratic_profile_and_ignore_the_sign_of_g():
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(3, 30))
+    directions /= np.linalg.norm(directions, axis=0)
+    bvals = np.r_[0.0, 0.0, np.full(30, 1000.0)]
+    bvecs = np.c_[np.zeros((3, 2)), directions]
+    tensor = np.diag([3.0, 1.0, 0.5])
+    profile = np.r_[5.0, 5.0, np.einsum("iv,ij,jv->v", directions, tensor, directions)]
+    weights = angular_weights(bvals, bvecs)
+    # orders 2 and 4 hold a quadratic form exactly (up to the small ridge); order 0 does not
+    assert np.allclose(profile @ weights[:, 1, :], profile, rtol=1e-2)
+    assert np.allclose(profile @ weights[:, 2, :], profile, atol=2e-2)
+    assert not np.allclose(profile @ weights[:, 0, :], profile, atol=0.5)
+    flipped = bvecs.copy()
+    flipped[:, 5] *= -1
+    assert np.allclose(angular_weights(bvals, flipped), weights, atol=1e-6)
+    assert np.allclose(even_sh_basis(-directions.T, 4), even_sh_basis(directions.T, 4))
+    assert np.allclose(conditions(bvals, flipped), conditions(bvals, bvecs))
+
+
+def test_network_output_for_a_volume_never_depends_on_that_volume(phantom):
+    torch.manual_seed(0)
+    model = AngularCNN(width=4, layers=2).eval()
+    torch.nn.init.normal_(model.head.weight)  # a head at zero would hide any dependence
+    weights = torch.from_numpy(angular_weights(phantom.bvals, phantom.bvecs))
+    condition = torch.from_numpy(conditions(phantom.bvals, phantom.bvecs))
+    series = torch.from_numpy(phantom.noisy[:8, :8, :6] / 1000.0)
+    volume = 5
+
+    def predict(data):
+        angular = torch.einsum("xyzv,vcn->ncxyz", data, weights[:, :, [volume]])
+        return model(angular, condition[volume : volume + 1])
+
+    changed = series.clone()
+    changed[..., volume] += torch.rand(changed.shape[:3]) * 10
+    assert torch.allclose(predict(series), predict(changed))
+    changed[..., volume + 1] += 1.0
+    assert not torch.allclose(predict(series), predict(changed))  # it does use the other volumes
+
+
+def small_run(phantom, **options):
+    options.setdefault("seed", 0)
+    return p2snet(phantom.noisy, phantom.bvals, phantom.bvecs, epochs=3, steps_per_epoch=4, batch_size=2, width=6,
+                  layers=2, crop=8, **options)
+
+
+def test_seeded_runs_are_identical_and_weights_reproduce_them(phantom):
+    first, second = small_run(phantom), small_run(phantom)
+    assert np.array_equal(first.denoised, second.denoised)
+    assert not np.array_equal(first.denoised, small_run(phantom, seed=1, blend=False).denoised)
+    again = small_run(phantom, state_dict=first.state_dict)
+    assert np.array_equal(again.denoised, first.denoised)
+    assert again.history["stopped"] == "reused trained weights"
+
+
+def test_unsuitable_input(phantom):
+    with pytest.raises(UnsuitableDataError, match="4D"):
+        p2snet(phantom.noisy[..., 0], phantom.bvals[:1], phantom.bvecs[:, :1])
+    with pytest.raises(ValueError, match="noise_floor"):
+        small_run(phantom, noise_floor="rician")
+
+
+def test_does_no_harm_on_a_small_phantom():
+    phantom = make_phantom((16, 16, 10), n_b0=3, shells=((1000.0, 24),), noise_sigma=0.1, seed=3)
+    result = p2snet(phantom.noisy, phantom.bvals, phantom.bvecs, epochs=15, steps_per_epoch=10, batch_size=4,
+                    width=12, layers=3, crop=12, seed=0)
+    assert check_no_harm(result.denoised, phantom) == []
+    assert 0 < max(result.blend_weights) <= 1

@@ -2,7 +2,9 @@
 
     python benchmarks/quality.py [--shape 32 32 20] [--budget 120] [--threads 2] [--snr 10 20]
 
-For every method and SNR: PSNR and SSIM of the DWI volumes against the noise-free signal (inside the
+Rows: every DWI denoising method of the app at its app defaults (its registry entry's ``run`` with its
+registry defaults; a learned method's ``max_seconds`` set to --budget), then other modes of some
+methods. For every row and SNR: PSNR and SSIM of the DWI volumes against the noise-free signal (inside the
 brain's bounding box), the RMSE inside the brain, the mean absolute FA and MD errors in white matter
 (DIPY's tensor fit on the denoised series against the fit on the noise-free series), whether it
 passes the harm check (``bids_denoise.testing.harm.check_no_harm``: every shell's PSNR in the brain
@@ -13,7 +15,9 @@ and the time taken. The learned methods train within --budget seconds on this CP
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,33 +45,45 @@ def main():
         compare(phantom, args)
 
 
+def app_method(spec, phantom, args, **overrides):
+    """``spec`` as the app runs it (registry defaults), the training budget capped at --budget."""
+    from bids_denoise.contract import MethodInputs
+
+    parameters = spec.defaults()
+    if "max_seconds" in parameters:
+        parameters["max_seconds"] = args.budget
+    parameters.update(overrides)
+
+    def run(data):
+        with tempfile.TemporaryDirectory() as work_dir:  # learned methods save their weights there
+            inputs = MethodInputs(data=data, affine=phantom.affine, bvals=phantom.bvals, bvecs=phantom.bvecs,
+                                  seed=args.seed, work_dir=Path(work_dir))
+            return spec.run(inputs, parameters).image
+
+    return run
+
+
 def compare(phantom, args):
     """One table: every method on one phantom, with the harm check."""
-    from bids_denoise.methods.median import median_denoise
     from bids_denoise.methods.mppca import mppca
     from bids_denoise.methods.networks import psnr, ssim
-    from bids_denoise.methods.noise2noise import noise2noise
-    from bids_denoise.methods.noise2self import noise2self
-    from bids_denoise.methods.patch2self import DIPY_OPTIONS, LOW_BIAS_OPTIONS, patch2self
+    from bids_denoise.methods.patch2self import DIPY_OPTIONS, patch2self
+    from bids_denoise.registry import by_role
     from bids_denoise.testing import harm
 
-    signal, noisy, bvals, bvecs, brain = phantom.signal, phantom.noisy, phantom.bvals, phantom.bvecs, phantom.mask
+    signal, noisy, bvals, brain = phantom.signal, phantom.noisy, phantom.bvals, phantom.mask
     reference = harm.tensor_reference(phantom)
-    budget = {"max_seconds": args.budget, "epochs": 200, "steps_per_epoch": 25, "batch_size": 16}
+    specs = {name: spec for name, spec in by_role("denoise").items() if "dwi" in spec.modalities}
 
-    methods = {
-        "noisy input": lambda d: d,
-        "Patch2Self (app default)": lambda d: patch2self(d, bvals, **LOW_BIAS_OPTIONS),
+    methods = {"noisy input": lambda d: d}
+    methods.update({f"{spec.title} (app default)": app_method(spec, phantom, args) for spec in specs.values()})
+    methods.update({
         "Patch2Self (DIPY options)": lambda d: patch2self(d, bvals, **DIPY_OPTIONS),
         "MP-PCA (dwidenoise)": lambda d: mppca(d).denoised,
         "MP-PCA (overcomplete, demean)": lambda d: mppca(d, aggregate="overcomplete", demean=True).denoised,
-        "MP-PCA (app default)": lambda d: mppca(d, aggregate="overcomplete", demean=True, shrinkage="frobenius",
-                                                noise_floor="koay").denoised,
-        "Noise2Noise": lambda d: noise2noise(d, bvals, bvecs, seed=args.seed, **budget).denoised,
-        "Noise2Self volume": lambda d: noise2self(d, bvals, context="volume", seed=args.seed, **budget).denoised,
-        "Noise2Self series": lambda d: noise2self(d, bvals, context="series", seed=args.seed, **budget).denoised,
-        "calibrated median": lambda d: median_denoise(d).denoised,
-    }
+    })
+    if "noise2self" in specs:
+        methods["Noise2Self, volume context"] = app_method(specs["noise2self"], phantom, args, context="volume")
     header = (f"{'method':32s} {'PSNR dB':>8s} {'SSIM':>6s} {'RMSE':>7s} {'FA err (WM)':>12s} {'MD err (WM)':>12s} "
               f"{'seconds':>8s}  harm check")
     print(header)

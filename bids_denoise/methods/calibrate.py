@@ -38,8 +38,9 @@ volume's squared error a little and biases FA a lot (FA's error grows with the
 share of contrast lost even at small weights, while the noise it removes only
 helps FA at second order). :func:`angular_contrast` estimates, without the
 signal, the share of the angular contrast an output keeps, and
-:func:`contrast_cap` the largest scale of the blend weights that loses at most
-0.5% of it; the learned methods scale their weights by it.
+:func:`contrast_cap` the largest scale of the blend weights whose loss of it
+the noise removed pays for (at a rate set by the SNR); the learned methods
+scale their weights by it.
 
 References
 ----------
@@ -306,7 +307,10 @@ def image_noise_variance(images) -> float:
 # --------------------------------------------------------------------------- a guard on the angular contrast
 
 
-#: Largest share of the angular contrast a blended output may lose (see :func:`angular_contrast`).
+#: Angular contrast a blend may lose per unit of noise variance it removes, times the SNR
+#: (see :func:`contrast_cap`).
+CONTRAST_RATE = 1.0
+#: Share of the angular contrast a blend may lose in any case (a bias of at most this share of FA).
 CONTRAST_TOLERANCE = 0.005
 
 
@@ -355,15 +359,59 @@ def angular_contrast(output, data, shell_of_volume, noise_variance, mask, *, div
     return result
 
 
-def contrast_cap(contrast, mean_weights, tolerance=CONTRAST_TOLERANCE) -> float:
-    """The largest scale of the blend weights that loses at most ``tolerance`` of any shell's contrast.
+def contrast_cap(contrast, shell_gains, snr, rate=CONTRAST_RATE, tolerance=CONTRAST_TOLERANCE) -> float:
+    """The largest scale ``t`` of the blend weights whose loss of angular contrast its noise removal pays for.
 
-    A blend ``x + a (f - x)`` keeps ``1 - a (1 - c)`` of the contrast (``c`` from
-    :func:`angular_contrast`); ``mean_weights`` maps each shell to its volumes' mean weight ``a``.
+    The error of DTI's FA has two parts: the noise (about ``FA_noise ~ 0.35 / SNR`` of the FA at
+    SNR 10-30 on our phantom, falling as the square root of the noise variance left) and the bias
+    of a flattened contrast (the share lost times the FA). A blend that removes a share ``g`` of the
+    noise variance lowers the first by about ``g/2`` of it, so losing a share ``l`` of the contrast
+    is paid for while ``l <= k g`` with ``k`` about ``0.35 / SNR / 2``. That reasoning is rough and
+    errs on the side of caution: on the phantom at SNR 10-12, MP-PCA's default (``l / g`` about
+    0.044), a Noise2Noise output (about 0.06) and P2S-Net's (about 0.09) all lowered the FA error,
+    while Noise2Self outputs that lose 30-45% of the contrast raised it even at weights of a few
+    percent. ``k = rate / snr`` with ``rate`` 1 (0.083 at SNR 12) is set from those measurements.
+    A loss of at most ``tolerance`` of the contrast (0.5%: a bias of at most 0.5% of FA) is allowed
+    in any case, so a small, safe share of an output that helps little is still used.
+
+    Scaling every weight by ``t``, a shell loses ``t a_mean (1 - c)`` (``c`` from
+    :func:`angular_contrast`) and removes ``g(t) = mean_v (2 t a_v p_v - t^2 a_v^2 q_v)`` of the
+    noise variance, where volume ``v``'s estimated risk is ``s (1 - 2 a p + a^2 q)``: for a blend
+    of a (J-invariant, or divergence ``d``) output with loss ``L``, ``p = 1 - d`` and ``q = L / s``.
+
+    Parameters
+    ----------
+    contrast : dict of shell label to c
+    shell_gains : dict of shell label to list of (a, p, q), one per volume
+    snr : float
+        The data's signal-to-noise ratio (e.g. the b0s' mean in the brain over the noise sigma).
+
+    Returns
+    -------
+    float in [0, 1]
     """
+    k = rate / max(float(snr), 1e-6)
     cap = 1.0
     for label, c in contrast.items():
-        loss = mean_weights.get(label, 0.0) * (1.0 - c)
-        if loss > tolerance:
-            cap = min(cap, tolerance / loss)
+        terms = np.asarray(shell_gains.get(label, []), dtype=np.float64).reshape(-1, 3)
+        if not terms.size or c >= 1.0:
+            continue
+        a, p, q = terms.T
+        lost = float(np.mean(a)) * (1.0 - c)
+        linear, quadratic = float(np.mean(2 * a * p)), float(np.mean(a * a * q))
+        if lost <= 0:
+            continue
+        # t lost <= k (t linear - t^2 quadratic)  <=>  t quadratic <= linear - lost / k
+        room = linear - lost / k
+        paid = 0.0 if room <= 0 else (1.0 if quadratic <= 0 else min(1.0, room / quadratic))
+        cap = min(cap, max(paid, min(1.0, tolerance / lost)))
     return float(cap)
+
+
+def signal_to_noise(series, bvals, noise_variance, mask, b0_threshold=50.0) -> float:
+    """Mean of the b0s (of all volumes, where there is no b0) in ``mask`` over the noise sigma there."""
+    series = np.asarray(series)
+    b0 = np.asarray(bvals, dtype=float) <= b0_threshold if bvals is not None else np.zeros(series.shape[-1], bool)
+    reference = series[..., b0] if b0.any() else series
+    sigma = float(np.sqrt(np.mean(np.broadcast_to(noise_variance, mask.shape)[mask])))
+    return float(np.mean(reference[mask])) / sigma if sigma > 0 else float("inf")

@@ -30,9 +30,10 @@ the signal plus a constant: the weight minimises the error without ground truth,
 and ``a = 0`` keeps the input. Such per-volume risks miss a bias that all
 volumes share (a 2D network smooths each volume where fibres bend, which
 flattens the angular contrast, and FA, while lowering every volume's error):
-a guard scales all weights down to the factor at which any shell loses at most
-0.5% of its angular contrast, measured against the partners
-(:func:`bids_denoise.methods.calibrate.angular_contrast`); 0 returns the input.
+a guard scales all weights down until the angular contrast the output loses,
+measured against the partners, is paid for by the noise it removes
+(:func:`bids_denoise.methods.calibrate.angular_contrast`,
+:func:`bids_denoise.methods.calibrate.contrast_cap`); 0 returns the input.
 
 Training and inference work on 2D slices at native resolution (the network pads
 and crops internally; nothing is resampled, repeated or truncated), optionally
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 
 from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.calibrate import angular_contrast, contrast_cap
+from bids_denoise.methods.calibrate import CONTRAST_RATE, angular_contrast, contrast_cap, signal_to_noise
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import (
     IntensityScale,
@@ -322,9 +323,22 @@ def noise2noise(data, bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, rep
         shells = cluster_shells(bvals, b0_threshold=b0_threshold, tolerance=shell_tolerance)
         partner_series = normalised[..., [partner_of.get(v, v) for v in range(n_volumes)]]
         contrast = angular_contrast(network, series, shells, 0.0, mask, partner=partner_series)
-        cap = contrast_cap(contrast, {int(label): float(np.mean(weights[shells == label]))
-                                      for label in np.unique(shells)})
-        guard = {"scale": cap, "angular_contrast": contrast}
+        paired = sorted(partner_of)
+        # the noise variance from the pairs: half the mean squared difference of two measurements
+        variance = float(np.mean([np.mean((series[..., v][mask] - partner_series[..., v][mask]) ** 2) / 2
+                                  for v in paired]))
+        gains = [(0.0, 0.0, 0.0)] * n_volumes
+        for v in paired:
+            step = network[..., v][mask] - series[..., v][mask]
+            towards = partner_series[..., v][mask] - series[..., v][mask]
+            gains[v] = (float(weights[v]), float(np.mean(step * towards)) / max(variance, 1e-30),
+                        float(np.mean(step**2)) / max(variance, 1e-30))
+        snr = signal_to_noise(series, bvals, variance, mask, b0_threshold)
+        # at half the rate of the J-invariant methods: a 2D network's loss of contrast is local (where
+        # fibres bend), and a shell-wide share of it understated its FA bias on the phantom
+        cap = contrast_cap(contrast, {int(label): [gains[v] for v in np.flatnonzero(shells == label)]
+                                      for label in np.unique(shells)}, snr, rate=CONTRAST_RATE / 2)
+        guard = {"scale": cap, "angular_contrast": contrast, "snr": round(snr, 3)}
     guard_scale = guard["scale"]
     weights = weights * guard_scale
     denoised = data.copy()  # volumes with no weight keep their values to the bit

@@ -25,11 +25,12 @@ ordinary, unmasked pass of the network (which sees the voxel it writes and is
 often better [1]_) blended the same way, its risk from Stein's estimate with
 the divergence measured by a Monte-Carlo probe. The least risk is written; the
 input is kept where neither output lowers it. For a DWI series (b-vectors
-given) a guard then scales every volume's weight down to the factor at which
-the output loses at most 0.5% of any shell's angular contrast
-(:func:`bids_denoise.methods.calibrate.angular_contrast`): per-volume risks
-miss a bias all volumes share, such as angular contrast flattened where fibres
-bend, and FA's error grows with that loss even at small weights.
+given) a guard then scales every volume's weight down until the angular
+contrast the output loses is paid for by the noise it removes
+(:func:`bids_denoise.methods.calibrate.angular_contrast`,
+:func:`bids_denoise.methods.calibrate.contrast_cap`): per-volume risks miss a
+bias all volumes share, such as angular contrast flattened where fibres bend,
+and FA's error grows with that loss even at small weights.
 
 References
 ----------
@@ -48,7 +49,7 @@ from torch.nn import functional as F
 
 from bids_denoise.methods._device import resolve_device
 from bids_denoise.methods.calibrate import (angular_contrast, choose_blend, contrast_cap, grid_mask,
-                                            image_noise_variance, series_noise_variance)
+                                            image_noise_variance, series_noise_variance, signal_to_noise)
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import (
     IntensityScale,
@@ -292,12 +293,13 @@ def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode=
             shells = cluster_shells(bvals, b0_threshold=b0_threshold, tolerance=shell_tolerance)
             contrast = angular_contrast(calibration["chosen"], normalised, shells, calibration["variance"],
                                         calibration["mask"], divergence=calibration["divergence"])
-            cap = contrast_cap(contrast, {int(label): float(np.mean(np.asarray(weights)[shells == label]))
-                                          for label in np.unique(shells)})
+            snr = signal_to_noise(normalised, bvals, calibration["variance"], calibration["mask"])
+            cap = contrast_cap(contrast, {int(label): [calibration["gains"][v] for v in np.flatnonzero(shells == label)]
+                                          for label in np.unique(shells)}, snr)
             result = normalised + cap * (result - normalised)
             weights = [round(w * cap, 4) for w in weights]
             choices = [c if cap > 0 else "identity" for c in choices]
-            guard = {"scale": cap, "angular_contrast": contrast}
+            guard = {"scale": cap, "angular_contrast": contrast, "snr": round(snr, 3)}
     result = scale.inverse(result)
     if calibrate:  # volumes kept as they were keep their values to the bit
         for volume, choice in enumerate(choices):
@@ -322,7 +324,8 @@ def _calibrated(series, j_invariant_output, single_pass, probe_change, bvals, ma
 
     Returns a dict: ``output`` (the blends), ``choices``, ``weights``, ``blends`` (every candidate's,
     per volume), ``chosen`` (each volume's chosen output before the blend; the input where none),
-    ``divergence`` (of the chosen output, per volume), ``variance`` (noise map) and ``mask``.
+    ``divergence`` (of the chosen output, per volume), ``gains`` (per volume, the ``(a, p, q)`` of
+    :func:`bids_denoise.methods.calibrate.contrast_cap`), ``variance`` (noise map) and ``mask``.
     """
     if series.shape[3] >= 4:
         variance = series_noise_variance(series)
@@ -337,7 +340,7 @@ def _calibrated(series, j_invariant_output, single_pass, probe_change, bvals, ma
             mask = found if found.any() else mask
     mask = np.asarray(mask, dtype=bool)
     output, chosen = series.copy(), series.copy()
-    choices, weights, blends, divergences = [], [], [], []
+    choices, weights, blends, divergences, gains = [], [], [], [], []
     for volume in range(series.shape[3]):
         data = series[..., volume][mask]
         divergence = float(np.mean(probe_change[..., volume][mask]))
@@ -353,8 +356,11 @@ def _calibrated(series, j_invariant_output, single_pass, probe_change, bvals, ma
         weights.append(round(weight, 4))
         blends.append({name: blend.as_dict() for name, blend in found.items()})
         divergences.append(divergence if choice == "single pass" else 0.0)
+        gains.append((0.0, 0.0, 0.0) if choice == "identity" else
+                     (weight, 1.0 - found[choice].divergence, found[choice].loss / max(found[choice].identity_risk,
+                                                                                          1e-30)))
     return {"output": output, "choices": choices, "weights": weights, "blends": blends, "chosen": chosen,
-            "divergence": divergences, "variance": variance, "mask": mask}
+            "divergence": divergences, "gains": gains, "variance": variance, "mask": mask}
 
 
 @dataclass

@@ -18,12 +18,18 @@ What the network sees for target volume ``v`` (all of it free of ``x_v``):
   target, whose ``v``-th row is zero by construction. The angular contrast is
   modelled by the basis, not averaged across directions; ``g`` and ``-g`` are
   the same direction (even orders only).
+* **The local signal subspace**: in the 5x5x5 window around the voxel, the
+  components of the series above the Marchenko-Pastur noise edge (MP-PCA's
+  subspace [4]_), fitted to the voxel's other volumes and evaluated at ``v``
+  (a leave-one-out prediction, :func:`local_subspace_predictions`). Outside
+  the brain mask, the mean of the other volumes of ``v``'s shell instead.
 * **What it is predicting**: the b-value and the gradient direction's outer
   product ``g g^T`` (sign-invariant), as constant channels.
 
-A small 3D CNN maps these channels and their spatial neighbourhood (9x9x9
-voxels) to the volume; its output is added to the order-2 prediction
-(residual). It trains on random crops of the run's volumes, with some volumes
+A small 3D CNN maps the linear channels and their spatial neighbourhood
+(9x9x9 voxels), with the local-subspace prediction at the voxel, to the volume;
+its output is added to the local-subspace prediction (residual). The
+prediction of ``x_v`` at a voxel never depends on ``x_v`` at that voxel. It trains on random crops of the run's volumes, with some volumes
 held out for early stopping, seeded; on CUDA with mixed precision.
 
 **Do no harm.** The network's output ``f_v`` is blended with the input,
@@ -31,14 +37,16 @@ held out for early stopping, seeded; on CUDA with mixed precision.
 brain (:func:`bids_denoise.methods.calibrate.blend_weight`; ``s`` from
 MP-PCA's noise map): for a J-invariant ``f`` this minimises the estimated
 error, and a volume the network does not help keeps (almost) its input. All
-weights are then scaled down to the factor at which any shell loses at most
-0.5% of its angular contrast
-(:func:`bids_denoise.methods.calibrate.angular_contrast`): squared-error
-weights do not see a flattening of the angular contrast, which FA does.
+weights are then scaled down until the angular contrast the output loses is
+paid for by the noise it removes
+(:func:`bids_denoise.methods.calibrate.angular_contrast`,
+:func:`bids_denoise.methods.calibrate.contrast_cap`): squared-error weights do
+not see a flattening of the angular contrast, which FA does.
 Magnitude data keep a noise floor, which a prediction of ``x_v`` keeps too:
-``noise_floor="koay"`` removes it last (Koay & Basser, with MP-PCA's Gaussian
-noise map), as the app's MP-PCA does; it is off by default, because on an
-output that keeps much of the input's noise it raised the FA and MD errors.
+it is removed from the network's prediction (Koay & Basser, with MP-PCA's
+Gaussian noise map), as the app's MP-PCA does, before the blend
+(``noise_floor="none"`` keeps it). The blend's weights are estimated before the
+floor is removed.
 
 References
 ----------
@@ -49,6 +57,8 @@ References
        Models. ICLR 2023.
 .. [3] Batson J., Royer L. Noise2Self: Blind Denoising by Self-Supervision.
        ICML 2019.
+.. [4] Veraart J. et al. Denoising of diffusion MRI using random matrix
+       theory. NeuroImage 142:394-406, 2016.
 """
 
 from __future__ import annotations
@@ -61,17 +71,22 @@ import torch
 from torch import nn
 
 from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.calibrate import angular_contrast, blend_weight, contrast_cap, series_noise_variance
+from bids_denoise.methods.calibrate import (angular_contrast, blend_weight, contrast_cap, series_noise_variance,
+                                            signal_to_noise)
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.networks import IntensityScale, TrainingBudget, seed_everything, train_or_reuse
 from bids_denoise.methods.shells import cluster_shells
 
 LOGGER = logging.getLogger(__name__)
 
-#: Angular prediction channels per target volume (see :func:`angular_weights`).
-ANGULAR_CHANNELS = ("own order 0", "own order 2", "own order 4", "b0 mean", "lower shell", "higher shell")
+#: Angular prediction channels per target volume: six linear ones (see :func:`angular_weights`) and
+#: the local-subspace prediction (see :func:`local_subspace_predictions`).
+ANGULAR_CHANNELS = ("own order 0", "own order 2", "own order 4", "b0 mean", "lower shell", "higher shell",
+                    "local subspace")
 #: Index of the channel the network's output is added to.
-RESIDUAL_CHANNEL = 2
+RESIDUAL_CHANNEL = 6
+#: The linear angular channels (the first of :data:`ANGULAR_CHANNELS`).
+LINEAR_CHANNELS = 6
 #: Constant channels: b / b_max and the 6 entries of g g^T.
 CONDITION_CHANNELS = 7
 #: Ridge penalty of the spherical-harmonic fits, relative to the number of directions fitted.
@@ -120,7 +135,7 @@ def angular_weights(bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0) -
     n_volumes = bvals.size
     members = {label: np.flatnonzero(shells == label) for label in np.unique(shells)}
     mean_b = {label: float(bvals[index].mean()) for label, index in members.items()}
-    weights = np.zeros((n_volumes, len(ANGULAR_CHANNELS), n_volumes))
+    weights = np.zeros((n_volumes, LINEAR_CHANNELS, n_volumes))
 
     def shell_prediction(label, target, order_cap, exclude):
         index = np.array([m for m in members[label] if m != exclude], dtype=int)
@@ -157,6 +172,77 @@ def angular_weights(bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0) -
     return weights.astype(np.float32)
 
 
+def local_subspace_predictions(series, noise_variance, *, extent=5, mask=None, batch=4096, device="cpu") -> np.ndarray:
+    """Each volume at each voxel predicted from the voxel's other volumes in the local signal subspace.
+
+    In the ``extent``-cube window around a voxel the series' centred signals span a few signal
+    components above the noise (MP-PCA's observation [4]_): the eigenvectors of the window's
+    covariance whose eigenvalues exceed the Marchenko-Pastur edge ``s (1 + sqrt(V / n))^2`` of the
+    noise variance ``s``. The projection onto them, ``y = P x``, would use ``x_v`` to predict
+    ``x_v``; the leave-one-out prediction ``(y_v - P_vv x_v) / (1 - P_vv)`` (the hat-matrix identity)
+    does not: it is the least-squares fit of the other volumes by the subspace, evaluated at ``v``.
+    The subspace and the window mean are estimated from the window's other voxels (the centre is left
+    out), so the prediction of ``x_v`` at a voxel never depends on ``x_v`` there (J-invariant).
+
+    Parameters
+    ----------
+    series : ndarray (X, Y, Z, V)
+    noise_variance : ndarray (X, Y, Z)
+    extent : int
+        Window side (odd); windows are shifted inside the image at its border.
+    mask : ndarray of bool (X, Y, Z), optional
+        Voxels to predict (the others keep their values).
+    device : str or torch.device
+        Where the eigendecompositions run (float64).
+
+    Returns
+    -------
+    ndarray (X, Y, Z, V), float32
+    """
+    series = np.asarray(series, dtype=np.float32)
+    shape, n_volumes = series.shape[:3], series.shape[3]
+    sizes = [min(extent, n) for n in shape]
+    n = int(np.prod(sizes))
+    if n < 3:
+        raise UnsuitableDataError(f"a window of {n} voxels leaves too few to estimate a subspace")
+    device = resolve_device(device)
+    values = torch.from_numpy(np.ascontiguousarray(series)).double().to(device)
+    windows = values.permute(3, 0, 1, 2)[None]
+    for axis, size in enumerate(sizes):
+        windows = windows.unfold(2 + axis, size, 1)
+    # windows: (1, V, X - sx + 1, Y - sy + 1, Z - sz + 1, sx, sy, sz); voxel p uses the window starting at
+    # clip(p - size // 2, 0, n - size)
+    starts = [np.clip(np.arange(extent_) - size // 2, 0, extent_ - size) for extent_, size in zip(shape, sizes)]
+    voxels = np.argwhere(np.ones(shape, bool) if mask is None else np.asarray(mask, bool))
+    prediction = series.copy()
+    edge = (1.0 + np.sqrt(n_volumes / (n - 1))) ** 2
+    variance = torch.from_numpy(np.asarray(noise_variance, dtype=np.float64)).to(device)
+    for begin in range(0, len(voxels), batch):
+        chunk = voxels[begin : begin + batch]
+        index = [torch.from_numpy(starts[a][chunk[:, a]]).to(device) for a in range(3)]
+        chunk = torch.from_numpy(chunk).to(device)
+        block = windows[0, :, index[0], index[1], index[2]].reshape(n_volumes, len(chunk), n).permute(1, 2, 0)
+        # the voxel itself is left out of its window's statistics: nothing of it shapes its prediction
+        offset = (chunk[:, 0] - index[0]) * sizes[1] * sizes[2] + (chunk[:, 1] - index[1]) * sizes[2] + (
+            chunk[:, 2] - index[2])
+        others = torch.ones(len(chunk), n, 1, dtype=block.dtype, device=device)
+        others[torch.arange(len(chunk), device=device), offset] = 0.0
+        mean = (block * others).sum(dim=1, keepdim=True) / (n - 1)
+        centred = (block - mean) * others
+        covariance = centred.transpose(1, 2) @ centred / (n - 1)
+        eigenvalues, vectors = torch.linalg.eigh(covariance)
+        threshold = edge * variance[chunk[:, 0], chunk[:, 1], chunk[:, 2]]
+        keep = (eigenvalues > threshold[:, None]).double()
+        projector = (vectors * keep[:, None, :]) @ vectors.transpose(1, 2)
+        centre = values[chunk[:, 0], chunk[:, 1], chunk[:, 2]] - mean[:, 0]
+        fitted = (projector @ centre[..., None])[..., 0]
+        leverage = torch.diagonal(projector, dim1=1, dim2=2)
+        loo = (fitted - leverage * centre) / (1.0 - leverage).clamp_min(1e-3)
+        where = tuple(chunk[:, a].cpu().numpy() for a in range(3))
+        prediction[where] = (loo + mean[:, 0]).float().cpu().numpy()
+    return prediction
+
+
 def conditions(bvals, bvecs) -> np.ndarray:
     """(V, 7) constants per target volume: b / b_max and g g^T's six entries (sign-invariant)."""
     bvals = np.asarray(bvals, dtype=float).ravel()
@@ -179,12 +265,16 @@ def _gaussian_kernel(width):
 
 
 class AngularCNN(nn.Module):
-    """A 3D CNN from the angular-prediction and condition channels of one target volume to that volume.
+    """A CNN from the angular-prediction and condition channels of one target volume to that volume.
 
-    The angular channels are given at several scales (as they are, and smoothed by fixed Gaussians
-    of :data:`SMOOTHING_WIDTHS` voxels, normalised at the border): the network learns where to
-    trust which scale (edges, tissue) instead of learning to smooth from scratch. Its head starts at
-    zero, so an untrained network returns the order-2 angular prediction.
+    The linear angular channels (which never see the target volume anywhere) go through 3x3x3
+    convolutions, as they are and smoothed by fixed Gaussians of :data:`SMOOTHING_WIDTHS` voxels
+    (normalised at the border): the network learns where to trust which scale instead of learning
+    to smooth from scratch. The local-subspace channel (which never sees the target volume at the
+    voxel it predicts, but does see it at the neighbours) joins at the voxel only, in a 1x1x1 head:
+    a spatial convolution over it would bring the voxel's own value back through its neighbours'
+    predictions. The head's last layer starts at zero, so an untrained network returns the
+    local-subspace prediction.
 
     Parameters
     ----------
@@ -198,15 +288,16 @@ class AngularCNN(nn.Module):
         super().__init__()
         for index, sigma in enumerate(SMOOTHING_WIDTHS):
             self.register_buffer(f"taps{index}", _gaussian_kernel(sigma), persistent=False)
-        channels = len(ANGULAR_CHANNELS) * (1 + len(SMOOTHING_WIDTHS)) + CONDITION_CHANNELS
+        channels = LINEAR_CHANNELS * (1 + len(SMOOTHING_WIDTHS)) + CONDITION_CHANNELS
         body = []
         for _ in range(layers):
             body += [nn.Conv3d(channels, width, 3, padding=1), nn.LeakyReLU(0.1, inplace=True)]
             channels = width
         self.body = nn.Sequential(*body)
-        self.head = nn.Conv3d(channels, 1, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = nn.Sequential(nn.Conv3d(channels + 1, width, 1), nn.LeakyReLU(0.1, inplace=True),
+                                  nn.Conv3d(width, 1, 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
 
     def _smooth(self, images, taps):
         """Separable Gaussian of (N, C, X, Y, Z) images, zero outside, divided by the weight inside."""
@@ -225,11 +316,12 @@ class AngularCNN(nn.Module):
         return values.reshape(n, c, *images.shape[2:]) / count.clamp_min(1e-6)
 
     def forward(self, angular, condition):
-        """``angular`` (N, 6, X, Y, Z), ``condition`` (N, 7) -> (N, 1, X, Y, Z)."""
-        scales = [angular] + [self._smooth(angular, getattr(self, f"taps{i}")) for i in range(len(SMOOTHING_WIDTHS))]
+        """``angular`` (N, 7, X, Y, Z), ``condition`` (N, 7) -> (N, 1, X, Y, Z)."""
+        linear, local = angular[:, :LINEAR_CHANNELS], angular[:, RESIDUAL_CHANNEL : RESIDUAL_CHANNEL + 1]
+        scales = [linear] + [self._smooth(linear, getattr(self, f"taps{i}")) for i in range(len(SMOOTHING_WIDTHS))]
         planes = condition[:, :, None, None, None].expand(-1, -1, *angular.shape[2:])
-        residual = self.head(self.body(torch.cat(scales + [planes], dim=1)))
-        return angular[:, RESIDUAL_CHANNEL : RESIDUAL_CHANNEL + 1] + residual
+        features = self.body(torch.cat(scales + [planes], dim=1))
+        return local + self.head(torch.cat([features, local], dim=1))
 
 
 @dataclass
@@ -268,9 +360,10 @@ def _crop_starts(shape, size, generator, count):
             for _ in range(count)]
 
 
-def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, width=24, layers=4, crop=16,
+def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subspace_extent=5, width=24, layers=4,
+           crop=16,
            epochs=40, max_seconds=600.0, steps_per_epoch=40, batch_size=4, learning_rate=2e-3,
-           validation_fraction=0.1, blend=True, noise_floor="none", n_coils=1, mask=None, seed=0, device="cpu",
+           validation_fraction=0.1, blend=True, noise_floor="koay", n_coils=1, mask=None, seed=0, device="cpu",
            state_dict=None, keep_network_output=False) -> P2SNetResult:
     """Denoise a DWI series with a J-invariant network that predicts each volume from the others.
 
@@ -281,6 +374,8 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, widt
     bvals : (V,), bvecs : (3, V)
     b0_threshold, shell_tolerance : float
         Shells as :func:`bids_denoise.methods.shells.cluster_shells`.
+    subspace_extent : int
+        Window side of the local-subspace prediction (odd).
     width, layers : int
         The CNN's hidden channels and 3x3x3 layers.
     crop : int
@@ -292,14 +387,13 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, widt
     blend : bool
         Blend each volume with the input by the self-supervised risk (default; False writes the
         network's output as is).
-    noise_floor : {"none", "koay"}
-        Remove the Rician/noncentral-chi noise floor at the end (``koay``), or not (default: on an
-        output that keeps much of the input's noise, removing the floor raised the FA and MD errors
-        on the phantom).
+    noise_floor : {"koay", "none"}
+        Remove the Rician/noncentral-chi noise floor at the end (default), or not.
     n_coils : int
         Receive channels, for the noise floor.
     mask : ndarray of bool (X, Y, Z), optional
-        Voxels over which the blend weights are estimated (default: an automatic b0 brain mask).
+        Voxels where the local subspace predicts and over which the blend weights are estimated
+        (default: an automatic b0 brain mask).
     seed : int
     device : str
         ``cpu``, ``cuda``, ``auto`` ...; mixed precision on CUDA.
@@ -327,15 +421,29 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, widt
     scale = IntensityScale.fit(data)
     series = scale.forward(data)
     n_volumes = series.shape[3]
-    weights = torch.from_numpy(angular_weights(bvals, bvecs, b0_threshold=b0_threshold,
-                                               shell_tolerance=shell_tolerance))
+    predictors = torch.from_numpy(angular_weights(bvals, bvecs, b0_threshold=b0_threshold,
+                                                  shell_tolerance=shell_tolerance))
     condition = torch.from_numpy(conditions(bvals, bvecs))
     voxels = torch.from_numpy(np.ascontiguousarray(series))
+    if mask is None:
+        from bids_denoise.methods.masking import b0_brain_mask
 
-    def angular(block, volumes):
-        """(x, y, z, V) block -> (len(volumes), 6, x, y, z) angular channels of the given targets."""
-        channels = torch.einsum("xyzv,vcn->ncxyz", block, weights[:, :, volumes])
-        return channels.contiguous()
+        mask = b0_brain_mask(series, np.asarray(bvals, float), b0_threshold=b0_threshold)
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        mask = np.ones(series.shape[:3], dtype=bool)
+    variance = series_noise_variance(series)
+    # outside the brain: the mean of the other volumes of the shell (J-invariant too)
+    local = np.einsum("xyzv,vn->xyzn", series, predictors[:, 0, :].numpy())
+    local[mask] = local_subspace_predictions(series, variance, extent=subspace_extent, mask=mask,
+                                             device=device)[mask]
+    local = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32))
+
+    def angular(box, volumes):
+        """Angular channels of the given target volumes in a box: (len(volumes), 7, x, y, z)."""
+        linear = torch.einsum("xyzv,vcn->ncxyz", voxels[box], predictors[:, :, volumes])
+        subspace = local[box][..., volumes].permute(3, 0, 1, 2)[:, None]
+        return torch.cat([linear, subspace], dim=1).contiguous()
 
     rng = np.random.default_rng(seed)
     n_held = int(round(validation_fraction * n_volumes)) if n_volumes >= 4 else 0
@@ -348,9 +456,8 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, widt
         inputs, targets = [], []
         for volume, start in zip(volumes, starts):
             box = tuple(slice(s, s + c) for s, c in zip(start, size))
-            block = voxels[box]
-            inputs.append(angular(block, [int(volume)])[0])
-            targets.append(block[..., int(volume)][None])
+            inputs.append(angular(box, [int(volume)])[0])
+            targets.append(voxels[box][..., int(volume)][None])
         volumes = torch.as_tensor(np.asarray(volumes, dtype=np.int64))
         return torch.stack(inputs), condition[volumes], torch.stack(targets)
 
@@ -373,30 +480,28 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, widt
     history = train_or_reuse(model, state_dict, sample_batch, loss_fn, validation, budget=budget, device=device,
                              generator=generator, label="p2snet")
     network = _predict(model, voxels, angular, condition, device)
-
-    if mask is None:
-        from bids_denoise.methods.masking import b0_brain_mask
-
-        mask = b0_brain_mask(series, np.asarray(bvals, float), b0_threshold=b0_threshold)
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        mask = np.ones(series.shape[:3], dtype=bool)
-    variance = series_noise_variance(series)
     blends = [blend_weight(network[..., v][mask], series[..., v][mask], variance[mask]) for v in range(n_volumes)]
     weights = np.array([found.weight if blend else 1.0 for found in blends], dtype=np.float32)
     guard = {"scale": 1.0}
     if blend:
         shells = cluster_shells(bvals, b0_threshold=b0_threshold, tolerance=shell_tolerance)
         contrast = angular_contrast(network, series, shells, variance, mask)
-        cap = contrast_cap(contrast, {int(label): float(np.mean(weights[shells == label]))
-                                      for label in np.unique(shells)})
-        guard = {"scale": cap, "angular_contrast": contrast}
+        gains = [(float(w), 1.0, b.loss / max(b.identity_risk, 1e-30)) for w, b in zip(weights, blends)]
+        snr = signal_to_noise(series, bvals, variance, mask, b0_threshold)
+        cap = contrast_cap(contrast, {int(label): [gains[v] for v in np.flatnonzero(shells == label)]
+                                      for label in np.unique(shells)}, snr)
+        guard = {"scale": cap, "angular_contrast": contrast, "snr": round(snr, 3)}
         weights = weights * np.float32(cap)
-    output = series + weights * (network - series)
-    if noise_floor == "koay":
-        output = _remove_floor(output, series, n_coils)
+    # the floor is removed from the network's estimate of the mean, which enters with its weight: a
+    # volume that keeps most of its input keeps most of its (noisy) values, whose floor cannot be
+    # inverted value by value
+    estimate = _remove_floor(network, series, n_coils) if noise_floor == "koay" else network
+    output = series + weights * (estimate - series)
+    denoised = scale.inverse(output)
+    kept = np.flatnonzero(weights == 0)  # volumes the network does not touch keep their values to the bit
+    denoised[..., kept] = data[..., kept]
     return P2SNetResult(
-        denoised=scale.inverse(output), network=scale.inverse(network) if keep_network_output else None,
+        denoised=denoised, network=scale.inverse(network) if keep_network_output else None,
         blend_weights=[round(float(w), 4) for w in weights], blends=[b.as_dict() for b in blends], guard=guard,
         history=history,
         state_dict={k: v.cpu() for k, v in model.state_dict().items()}, held_out_volumes=held_out,
@@ -410,7 +515,7 @@ def _predict(model, voxels, angular, condition, device) -> np.ndarray:
     use_amp = device.type == "cuda"
     with torch.no_grad():
         for volume in range(voxels.shape[3]):
-            inputs = angular(voxels, [volume]).to(device)
+            inputs = angular((slice(None),) * 3, [volume]).to(device)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 output = model(inputs, condition[volume : volume + 1].to(device))
             prediction[..., volume] = output[0, 0].float().cpu().numpy()
@@ -418,7 +523,7 @@ def _predict(model, voxels, angular, condition, device) -> np.ndarray:
 
 
 def _remove_floor(output, series, n_coils):
-    """The floor-free signal of ``output`` with MP-PCA's Gaussian noise map of ``series``."""
+    """The floor-free signal of ``output`` (a mean estimate) with MP-PCA's Gaussian noise map of ``series``."""
     from bids_denoise.methods.mppca import mppca
     from bids_denoise.methods.noise_floor import remove_noise_floor
 

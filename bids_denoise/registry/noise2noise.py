@@ -52,8 +52,8 @@ def describe(parameters) -> str:
                  f"{parameters['max_angle']:g} degrees in its shell), volumes with no repeat left unchanged")
     return ("Diffusion-weighted images were denoised with Noise2Noise [lehtinen2018]: a U-Net trained on the "
             f"run itself to map {pairs}, its output blended with the input by the weight that best predicts the "
-            "repeat, scaled down so that no shell lost more than 0.5% of its angular contrast (slices along axis "
-            f"{parameters['slice_axis']}, at most {parameters['epochs']} epochs).")
+            "repeat, scaled down until the angular contrast it lost was paid for by the noise it removed (slices "
+            f"along axis {parameters['slice_axis']}, at most {parameters['epochs']} epochs).")
 
 
 SPEC = register(MethodSpec(

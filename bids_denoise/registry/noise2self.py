@@ -42,7 +42,7 @@ def describe(parameters) -> str:
             f"({parameters['context']} context, masker width {parameters['mask_width']}); for each volume the "
             "input, the J-invariant output and the single-pass output, each blended with the input, were weighed "
             "by their self-supervised risk estimates and the least kept, and, for DWI, every weight was scaled "
-            "down so that no shell lost more than 0.5% of its angular contrast.")
+            "down until the angular contrast it lost was paid for by the noise it removed.")
 
 
 SPEC = register(MethodSpec(

@@ -29,7 +29,8 @@ XIANG2023 = Reference(
 
 def run(inputs, parameters) -> MethodResult:
     result = p2snet(
-        inputs.data, inputs.bvals, inputs.bvecs, width=parameters["width"], layers=parameters["layers"],
+        inputs.data, inputs.bvals, inputs.bvecs, subspace_extent=parameters["subspace_extent"],
+        width=parameters["width"], layers=parameters["layers"],
         crop=parameters["crop"], blend=parameters["blend"], noise_floor=parameters["noise_floor"],
         shell_tolerance=parameters["shell_tolerance"], seed=inputs.seed, device=inputs.device, **budget(parameters),
     )
@@ -44,14 +45,14 @@ def run(inputs, parameters) -> MethodResult:
 
 
 def describe(parameters) -> str:
-    floor = (" The noise floor of the magnitude was then removed [koay2006]."
+    floor = (" The noise floor of the magnitude was removed from the network's prediction [koay2006]."
              if parameters["noise_floor"] == "koay" else "")
     return ("Diffusion-weighted images were denoised with a J-invariant network trained on the run itself: each "
-            "volume predicted from the other volumes (spherical-harmonic predictions at its gradient direction and "
-            "their spatial neighbourhood), never from itself, as in Patch2Self [fadnavis2020] and the first stage "
+            "volume predicted from the other volumes (their local signal subspace and spherical-harmonic "
+            "predictions at its gradient direction, with their spatial neighbourhood), never from itself, as in Patch2Self [fadnavis2020] and the first stage "
             "of DDM2 [xiang2023]; each volume's output was blended with the input by the weight that minimises the "
-            "self-supervised estimate of its error, scaled down so that no shell lost more than 0.5% of its angular "
-            f"contrast (at most {parameters['epochs']} epochs, "
+            "self-supervised estimate of its error, scaled down until the angular contrast it lost was paid for by "
+            f"the noise it removed (at most {parameters['epochs']} epochs, "
             f"{parameters['max_seconds']:g} s).{floor}")
 
 
@@ -68,6 +69,8 @@ SPEC = register(MethodSpec(
     learned=True,
     mem_gb=4.0,
     params=budget_params(p2snet, unit="crops") + (
+        Param("subspace_extent", positive(int), default_of(p2snet, "subspace_extent"),
+              "window side (odd) of the local-subspace prediction"),
         Param("width", positive(int), default_of(p2snet, "width"), "hidden channels of the CNN"),
         Param("layers", positive(int), default_of(p2snet, "layers"), "3x3x3 convolution layers"),
         Param("crop", positive(int), default_of(p2snet, "crop"), "side of the training crops in voxels"),

@@ -118,5 +118,13 @@ def test_angular_contrast_and_the_cap():
     flat[..., dwi] = phantom.signal[..., dwi].mean(axis=-1, keepdims=True)
     flattened = calibrate.angular_contrast(flat, phantom.noisy, shells, variance, phantom.mask)
     assert kept[1] == pytest.approx(1.0, abs=0.1) and abs(flattened[1]) < 0.05
-    assert calibrate.contrast_cap(kept, {1: 1.0}) > calibrate.contrast_cap(flattened, {1: 1.0})
-    assert calibrate.contrast_cap(flattened, {1: 1.0}, tolerance=0.01) == pytest.approx(0.01, rel=0.1)
+    gains = {1: [(1.0, 1.0, 0.2)] * 4}  # weight 1, J-invariant, error 0.2 of the noise variance after blending
+    assert calibrate.contrast_cap(kept, gains, snr=10) > calibrate.contrast_cap(flattened, gains, snr=10)
+    # a flattened output: only the tolerated loss of 0.5% of the contrast
+    assert calibrate.contrast_cap(flattened, gains, snr=10) == pytest.approx(0.005 / (1 - flattened[1]), rel=1e-6)
+    # the noise removed pays for a loss of contrast, more at a lower SNR
+    slight = {1: 0.97}
+    assert calibrate.contrast_cap(slight, gains, snr=5) == 1.0
+    assert calibrate.contrast_cap(slight, gains, snr=80) < calibrate.contrast_cap(slight, gains, snr=40) == 1.0
+    assert calibrate.contrast_cap(slight, gains, snr=80) == pytest.approx(0.005 / 0.03)
+    assert calibrate.contrast_cap({1: 1.0}, gains, snr=1000) == 1.0

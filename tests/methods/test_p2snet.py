@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.p2snet import AngularCNN, angular_weights, conditions, even_sh_basis, p2snet
+from bids_denoise.methods.calibrate import series_noise_variance
+from bids_denoise.methods.p2snet import (AngularCNN, angular_weights, conditions, even_sh_basis,
+                                         local_subspace_predictions, p2snet)
 from bids_denoise.testing.harm import check_no_harm
 from bids_denoise.testing.phantom import make_phantom
 
@@ -39,24 +41,44 @@ def test_angular_predictions_reproduce_a_quadratic_profile_and_ignore_the_sign_o
     assert np.allclose(conditions(bvals, flipped), conditions(bvals, bvecs))
 
 
-def test_network_output_for_a_volume_never_depends_on_that_volume(phantom):
+def test_local_subspace_prediction_never_sees_the_voxel_it_predicts(phantom):
+    variance = series_noise_variance(phantom.noisy)
+    base = local_subspace_predictions(phantom.noisy, variance)
+    # inside, on a face and in a corner (windows shifted inside the image there)
+    for voxel in [(8, 8, 5), (0, 7, 4), (15, 15, 9)]:
+        for volume in (0, 7):
+            changed = phantom.noisy.copy()
+            changed[voxel + (volume,)] += 500.0
+            assert local_subspace_predictions(changed, variance)[voxel + (volume,)] == pytest.approx(
+                base[voxel + (volume,)], abs=1e-3)
+    # it denoises: closer to the signal than the noisy input in the brain
+    brain = phantom.mask
+    assert np.mean((base[brain] - phantom.signal[brain]) ** 2) < 0.5 * np.mean(
+        (phantom.noisy[brain] - phantom.signal[brain]) ** 2)
+
+
+def test_network_output_at_a_voxel_never_depends_on_that_voxel_of_the_volume(phantom):
     torch.manual_seed(0)
     model = AngularCNN(width=4, layers=2).eval()
-    torch.nn.init.normal_(model.head.weight)  # a head at zero would hide any dependence
+    torch.nn.init.normal_(model.head[-1].weight)  # a head at zero would hide any dependence
     weights = torch.from_numpy(angular_weights(phantom.bvals, phantom.bvecs))
     condition = torch.from_numpy(conditions(phantom.bvals, phantom.bvecs))
-    series = torch.from_numpy(phantom.noisy[:8, :8, :6] / 1000.0)
+    variance = series_noise_variance(phantom.noisy)
     volume = 5
 
     def predict(data):
-        angular = torch.einsum("xyzv,vcn->ncxyz", data, weights[:, :, [volume]])
-        return model(angular, condition[volume : volume + 1])
+        local = torch.from_numpy(local_subspace_predictions(data, variance))[..., [volume]].permute(3, 0, 1, 2)
+        linear = torch.einsum("xyzv,vcn->ncxyz", torch.from_numpy(data), weights[:, :, [volume]])
+        with torch.no_grad():
+            return model(torch.cat([linear, local[:, None]], dim=1), condition[volume : volume + 1])[0, 0]
 
-    changed = series.clone()
-    changed[..., volume] += torch.rand(changed.shape[:3]) * 10
-    assert torch.allclose(predict(series), predict(changed))
-    changed[..., volume + 1] += 1.0
-    assert not torch.allclose(predict(series), predict(changed))  # it does use the other volumes
+    base = predict(phantom.noisy)
+    for voxel in [(8, 8, 5), (0, 3, 9)]:
+        changed = phantom.noisy.copy()
+        changed[voxel + (volume,)] += 300.0
+        assert float(predict(changed)[voxel]) == pytest.approx(float(base[voxel]), abs=1e-3)
+        changed[voxel + (volume + 1,)] += 300.0
+        assert float(predict(changed)[voxel]) != pytest.approx(float(base[voxel]), abs=1e-3)  # the others count
 
 
 def small_run(phantom, **options):

@@ -11,17 +11,28 @@ echoes (14, 35, 56 ms; metrics averaged over echoes). Columns:
   in the active region, and its ratio to the noisy series' (noise-free series: the ceiling);
 * TPR: share of active voxels with |t| > 3.1; FPR: share of brain voxels farther than 2 voxels
   from the active region with |t| > 3.1;
-* leak: spatial autocorrelation at lag 1 of the error (output - truth), mean over the 3 axes, in
-  the brain (the noisy series' error, white noise, is about 0: a smoother spreads its error);
+* leak: how much of a voxel's noise reaches its neighbours: the regression coefficient of a face
+  neighbour's output error (output - truth) on the voxel's own noise (noisy - truth), over time,
+  divided by the voxel's own coefficient, averaged over the brain (0 for a voxel-wise method; the
+  ratio of the kernel's weights, 0.29, for the 1.5-voxel Gaussian);
+* err ACF: spatial autocorrelation at lag 1 of the error, mean over the 3 axes, in the brain (the
+  noise's is about 0; removing white noise alone raises it where the signal left is smooth);
 * physio: share of the physiological signal kept (least-squares coefficient of the output's
   fluctuations on the physiological signal's, 1 = kept whole);
 * tSNR: median temporal mean / temporal std in the brain;
-* seconds: one run in a fresh process with ``--threads`` BLAS threads.
+* seconds: one run in a fresh process with ``--threads`` BLAS threads (``dwidenoise`` with
+  ``-nthreads`` 1 whatever ``--threads``, its file I/O included).
+
+Rows: MRtrix3 ``dwidenoise`` (Debian's ``mrtrix3``; left out where it is not installed) on the
+magnitude series with its default window, as the fMRIPrep pull request runs it; our MP-PCA in its
+``dwidenoise`` mode (centre voxel, hard threshold, the same window: the parity line after each block
+compares the two) and with the app's defaults on the magnitude and on the complex series; NORDIC.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +72,24 @@ def lag_one_correlation(error, mask):
     return float(np.mean(values))
 
 
+def neighbour_leak(series, phantom, echo):
+    noise = (phantom.magnitude[echo] - phantom.clean[echo]).astype(np.float64)
+    error = (series - phantom.clean[echo]).astype(np.float64)
+    noise -= noise.mean(axis=-1, keepdims=True)
+    error -= error.mean(axis=-1, keepdims=True)
+    brain = phantom.mask
+    power = np.maximum((noise**2).sum(axis=-1), 1e-30)
+    own = ((error * noise).sum(axis=-1) / power)[brain].mean()
+    if abs(own) < 1e-12:
+        return 0.0
+    neighbours = []
+    for axis in range(3):
+        for shift in (1, -1):
+            both = brain & np.roll(brain, shift, axis=axis)
+            neighbours.append(((np.roll(error, shift, axis=axis) * noise).sum(axis=-1) / power)[both].mean())
+    return float(np.mean(neighbours) / own)
+
+
 def physiology_kept(series, phantom, echo):
     mask = phantom.mask
     physiology = phantom.physiology[echo][mask].astype(np.float64)
@@ -85,6 +114,7 @@ def metrics(outputs, phantom, far):
             np.median(t_active),
             np.mean(np.abs(t_active) > THRESHOLD),
             np.mean(np.abs(t_far) > THRESHOLD),
+            neighbour_leak(series, phantom, echo),
             lag_one_correlation(series - truth, brain) if np.any(series != truth) else 0.0,
             physiology_kept(series, phantom, echo),
             np.median(mean / np.maximum(std, 1e-30)),
@@ -97,6 +127,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shape", type=int, nargs=3, default=[24, 24, 12])
     parser.add_argument("--volumes", type=int, default=80)
+    parser.add_argument("--speed-shape", type=int, nargs=3, default=[64, 64, 32],
+                        help="a BOLD run of a usual size for the speed comparison with dwidenoise")
+    parser.add_argument("--speed-volumes", type=int, default=200, help="its volumes (0: no speed comparison)")
     args = parser.parse_args()
     shape = tuple(args.shape)
 
@@ -117,6 +150,49 @@ def main():
 
         return [run(m).denoised for m in p.magnitude]
 
+    def mppca_app(use_phase, joint=False, dwi=False):
+        """The app's defaults for BOLD (registry/mppca.py: dwidenoise's mode; complex runs with their phase,
+        echoes side by side), or with ``dwi`` its DWI configuration (overcomplete, demeaned, Frobenius
+        shrinkage, the Koay noise-floor correction for magnitude data)."""
+        def run(p):
+            from bids_denoise.methods.mppca import mppca as denoise
+
+            options = {}
+            if dwi:
+                options = {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius",
+                           "noise_floor": "none" if use_phase else "koay"}
+            phases = p.phase if use_phase else [None] * len(p.magnitude)
+            if joint:  # the echoes side by side: one decomposition (the app's default for a multi-echo run)
+                stacked = denoise(np.concatenate(p.magnitude, axis=3),
+                                  phase=None if not use_phase else np.concatenate(phases, axis=3), **options)
+                return np.split(stacked.denoised, len(p.magnitude), axis=3)
+            return [denoise(m, phase=phase, **options).denoised for m, phase in zip(p.magnitude, phases)]
+        return run
+
+    def dwidenoise(p):
+        """MRtrix3 dwidenoise on the magnitude series, one thread, its default window (as the fMRIPrep
+        pull request runs it), echo by echo."""
+        import shutil
+        import subprocess
+        import tempfile
+
+        import nibabel as nib
+
+        outputs = []
+        for magnitude in p.magnitude:
+            folder = Path(tempfile.mkdtemp(prefix="bold_dwidenoise_"))
+            try:
+                nib.save(nib.Nifti1Image(magnitude, p.affine), str(folder / "in.nii"))
+                subprocess.run(["dwidenoise", str(folder / "in.nii"), str(folder / "out.nii"), "-nthreads", "1",
+                                "-quiet", "-force"], check=True)
+                outputs.append(np.asarray(nib.load(str(folder / "out.nii")).get_fdata(dtype=np.float32)))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        return outputs
+
+    has_dwidenoise = shutil.which("dwidenoise") is not None
+    peer = [("MRtrix3 dwidenoise (magnitude)", dwidenoise)] if has_dwidenoise else []
+
     def nordic(use_phase, joint=True):
         def run(p):
             from bids_denoise.methods.nordic import nordic as denoise
@@ -127,14 +203,20 @@ def main():
             return denoise(p.magnitude, phase, joint=joint).denoised
         return run
 
-    single = [("noisy", noisy), ("noise-free (ceiling)", truth), ("Gaussian 1.5 vox FWHM", gaussian),
-              ("MP-PCA (magnitude, defaults)", mppca), ("NORDIC magnitude", nordic(False)),
-              ("NORDIC complex", nordic(True))]
-    multi = [("noisy", noisy), ("Gaussian 1.5 vox FWHM", gaussian), ("MP-PCA per echo", mppca),
+    single = [("noisy", noisy), ("noise-free (ceiling)", truth), ("Gaussian 1.5 vox FWHM", gaussian), *peer,
+              ("MP-PCA as dwidenoise = app default (magnitude)", mppca),
+              ("MP-PCA app default (complex)", mppca_app(True)),
+              ("MP-PCA DWI configuration (magnitude)", mppca_app(False, dwi=True)),
+              ("NORDIC magnitude", nordic(False)), ("NORDIC complex", nordic(True))]
+    multi = [("noisy", noisy), ("Gaussian 1.5 vox FWHM", gaussian), *peer, ("MP-PCA as dwidenoise per echo", mppca),
+             ("MP-PCA app default, magnitude, joint", mppca_app(False, joint=True)),
+             ("MP-PCA app default, complex, joint", mppca_app(True, joint=True)),
+             ("MP-PCA complex, per echo", mppca_app(True)),
              ("NORDIC magnitude joint", nordic(False)), ("NORDIC complex joint", nordic(True)),
              ("NORDIC complex per echo", nordic(True, joint=False))]
-    headers = ["SNR", "echoes", "method", "RMSE", "median t", "t gain", "TPR", "FPR", "leak", "physio", "tSNR", "seconds"]
-    rows = []
+    headers = ["SNR", "echoes", "method", "RMSE", "median t", "t gain", "TPR", "FPR", "leak", "err ACF", "physio",
+               "tSNR", "seconds"]
+    rows, parities = [], []
     print(f"BOLD phantom {shape + (args.volumes,)}, {args.threads} BLAS thread(s), |t| > {THRESHOLD}")
     for snr in (15.0, 40.0):
         for echoes, cases in ((1, single), (3, multi)):
@@ -144,14 +226,49 @@ def main():
             near = binary_dilation(phantom.active, iterations=2)
             far = phantom.mask & ~near
             baseline = None
+            parity = {}
             for name, function in cases:
                 seconds, _, outputs = measure(
                     function, lambda: make(shape, args.volumes, snr, echoes), args.threads)
-                rmse, t, tpr, fpr, leak, physio, tsnr = metrics(outputs, phantom, far)
+                if name.startswith(("MRtrix3 dwidenoise", "MP-PCA as dwidenoise")):
+                    parity[name.split()[0]] = outputs
+                rmse, t, tpr, fpr, leak, acf, physio, tsnr = metrics(outputs, phantom, far)
                 baseline = baseline or t
                 rows.append([f"{snr:.0f}", echoes, name, f"{rmse:.2f}", f"{t:.2f}", f"{t / baseline:.2f}", f"{tpr:.2f}",
-                             f"{fpr:.3f}", f"{leak:.2f}", f"{physio:.2f}", f"{tsnr:.1f}", f"{seconds:.2f}"])
+                             f"{fpr:.3f}", f"{leak:.2f}", f"{acf:.2f}", f"{physio:.2f}", f"{tsnr:.1f}",
+                             f"{seconds:.2f}"])
+            if len(parity) == 2:
+                ours, theirs = np.stack(parity["MP-PCA"]), np.stack(parity["MRtrix3"])
+                brain = np.broadcast_to(phantom.mask[None, ..., None], ours.shape)
+                difference = np.abs(ours - theirs)[brain] / np.abs(theirs[brain]).max()
+                parities.append(f"SNR {snr:.0f}, {echoes} echo(es): ours as dwidenoise against dwidenoise, largest "
+                                f"difference {difference.max():.2e} of the peak, voxels differing by more than 1e-3: "
+                                f"{np.mean(difference > 1e-3):.2%}")
     table(rows, headers)
+    for line in parities:
+        print(line)
+    if has_dwidenoise and args.speed_volumes:
+        speed(tuple(args.speed_shape), args.speed_volumes, dwidenoise, mppca)
+
+
+def speed(shape, volumes, dwidenoise, ours):
+    """Seconds and extra peak memory on one thread for one magnitude series of a usual size: MRtrix3
+    dwidenoise against our MP-PCA in its mode (the app's default for BOLD), and their difference."""
+    def series():
+        return make(shape, volumes, 40.0, 1)
+
+    print(f"\nspeed: one magnitude series {shape + (volumes,)}, one thread, default window")
+    rows, outputs = [], {}
+    for name, function in (("MRtrix3 dwidenoise", dwidenoise), ("MP-PCA (app default for BOLD)", ours)):
+        seconds, extra, result = measure(function, series, 1)
+        outputs[name] = result[0]
+        input_bytes = np.prod(shape) * volumes * 4
+        rows.append([name, f"{seconds:.1f}", f"{extra / input_bytes:.1f}x" if extra else "(own process)"])
+    reference = outputs["MRtrix3 dwidenoise"]
+    difference = np.abs(outputs["MP-PCA (app default for BOLD)"] - reference) / np.abs(reference).max()
+    table(rows, ["method", "seconds", "extra peak memory"])
+    print(f"speed-up {float(rows[0][1]) / max(float(rows[1][1]), 1e-9):.1f}x; largest difference "
+          f"{difference.max():.2e} of the peak; voxels differing by more than 1e-3: {np.mean(difference > 1e-3):.3%}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,10 @@ class Run:
     source: Source
     metadata: dict = field(default_factory=dict)
     modality: str = "dwi"
+    #: the ``part-phase`` image of a ``part-mag`` run (same entities), if the dataset has one
+    phase: Path | None = None
+    #: why this file cannot be denoised (e.g. a phase image without its magnitude), found at selection
+    problem: str | None = None
 
     @property
     def subject(self) -> str:
@@ -84,6 +89,87 @@ class Run:
     def label(self) -> str:
         """The source file name without extension, e.g. ``sub-01_run-1_dwi``."""
         return self.source.label
+
+
+@dataclass
+class Job:
+    """Runs read and denoised together: one run, the echoes of a multi-echo BOLD run, or the DWI
+    runs of a session (their volumes stacked; see :class:`bids_denoise.contract.MethodInputs`).
+
+    ``volumes`` holds each run's number of volumes (from its header).
+    """
+
+    runs: list
+    kind: str = "run"
+    volumes: tuple = ()
+
+    @property
+    def subject(self) -> str:
+        return self.runs[0].subject
+
+    @property
+    def modality(self) -> str:
+        return self.runs[0].modality
+
+    @property
+    def label(self) -> str:
+        """Names the job in node names, logs and failure lines: the run's label, the echoes' label
+        without ``echo-``, or ``sub-X[_ses-Y]_dwi-session``."""
+        first = self.runs[0]
+        if self.kind == "echoes":
+            return re.sub(r"_echo-[^_]+", "", first.label)
+        if self.kind == "session":
+            session = first.source.entities.get("session")
+            return f"sub-{first.subject}" + (f"_ses-{session}" if session else "") + "_dwi-session"
+        return first.label
+
+
+def group_jobs(runs, volumes, *, dwi_sessions=False) -> tuple[list, list]:
+    """Group checked runs into jobs: the echoes of a BOLD run together, and with ``dwi_sessions`` the
+    DWI runs of a session that share a grid; every other run alone.
+
+    ``volumes`` maps a run's path to its (shape, affine, volumes) from its header. Returns the jobs
+    and one error line per group that cannot be read together (echoes of different shapes or grids).
+    """
+    import numpy as np
+
+    def key_of(run):
+        entities = dict(run.source.entities)
+        if run.modality == "bold" and "echo" in entities:
+            entities.pop("echo")
+            return ("echoes", tuple(sorted(entities.items())))
+        if run.modality == "dwi" and dwi_sessions:
+            return ("session", run.subject, entities.get("session"))
+        return ("run", run.relpath)
+
+    groups = {}
+    for run in runs:
+        groups.setdefault(key_of(run), []).append(run)
+    jobs, errors = [], []
+    for key, members in groups.items():
+        kind = key[0]
+        if kind == "echoes":
+            members.sort(key=lambda run: int(run.source.entities["echo"]) if str(run.source.entities["echo"])
+                         .isdigit() else str(run.source.entities["echo"]))
+        grids = []  # (shape, affine, runs) of each grid the group's runs are on
+        for run in members:
+            shape, affine, _ = volumes[str(run.path)]
+            match = next((grid for grid in grids if grid[0] == shape[:3] and np.allclose(grid[1], affine, atol=1e-4)),
+                         None)
+            if match is None:
+                grids.append((shape[:3], affine, [run]))
+            else:
+                match[2].append(run)
+        if kind == "echoes" and len(grids) > 1:
+            first, odd = grids[0][2][0], grids[1][2][0]
+            errors.append(f"{odd.path}: this echo's grid ({'x'.join(map(str, grids[1][0]))}) differs from echo "
+                          f"{first.source.entities['echo']}'s ({'x'.join(map(str, grids[0][0]))}, or its affine "
+                          "does): the echoes of a run are denoised together")
+            continue
+        for _, _, same_grid in grids:
+            job_kind = kind if len(same_grid) > 1 else "run"
+            jobs.append(Job(same_grid, job_kind, tuple(volumes[str(run.path)][2] for run in same_grid)))
+    return jobs, errors
 
 
 def filter_keys() -> list[str]:
@@ -229,13 +315,12 @@ def select_runs(layout, participant_labels=None, session_labels=None, bids_filte
         datatype, suffixes, filter_keys = MODALITIES[modality]
         for suffix, filter_key in zip(suffixes, filter_keys):
             query = {"subject": wanted, "datatype": datatype, "suffix": suffix, "extension": [".nii", ".nii.gz"]}
-            if modality == "bold":  # a phase image is not a run of its own
-                from bids.layout import Query
-
-                query["part"] = ["mag", Query.NONE]
             if sessions:
                 query["session"] = sessions
             query.update((bids_filters or {}).get(filter_key, {}))
+            if modality in SERIES:  # a phase image is not a run of its own: it goes with its magnitude
+                runs += _series_runs(layout, query, modality, suffix)
+                continue
             for bids_file in layout.get(return_type="object", **query):
                 runs.append(_run_of(layout, bids_file, modality, suffix))
     if not runs:
@@ -245,6 +330,54 @@ def select_runs(layout, participant_labels=None, session_labels=None, bids_filte
             + (", ".join(Path(p).name for p in present if p.endswith((".nii", ".nii.gz"))) or "none")
         )
     return runs
+
+
+def _series_runs(layout, query, modality, suffix):
+    """The magnitude runs a query selects, each with its phase image; a phase image the query selects
+    that has no magnitude beside it is a run with a problem (reported, not denoised)."""
+    parts = query.pop("part", None)
+    wanted_parts = set(parts if isinstance(parts, list) else [parts]) if parts is not None else None
+    runs, phases = [], {}
+    for bids_file in layout.get(return_type="object", **query):
+        part = bids_file.entities.get("part")
+        if wanted_parts is not None and part not in wanted_parts and not (part is None and None in wanted_parts):
+            continue
+        if part == "phase":
+            phases[_partner_key(str(Path(bids_file.path).relative_to(layout.root)))] = bids_file
+        elif part in (None, "mag"):
+            runs.append(_run_of(layout, bids_file, modality, suffix))
+    magnitudes = {_partner_key(run.source.relpath) for run in runs if run.source.entities.get("part")}
+    for run in runs:
+        if run.source.entities.get("part") == "mag":
+            phase = phases.get(_partner_key(run.source.relpath))
+            if phase is None:  # the filters may have left it out: look for it in the dataset
+                found = layout.get(return_type="object", **dict(_entities_of(run.source), part="phase"),
+                                   extension=[".nii", ".nii.gz"])
+                phase = found[0] if found else None
+            run.phase = Path(phase.path) if phase is not None else None
+    for key, phase in phases.items():
+        if key in magnitudes:
+            continue
+        found = layout.get(return_type="filename", **dict(_entities_of(Source.from_relpath(
+            str(Path(phase.path).relative_to(layout.root)))), part="mag"), extension=[".nii", ".nii.gz"])
+        if found:  # its magnitude exists but the filters left it out: not selected either
+            continue
+        run = _run_of(layout, phase, modality, suffix)
+        run.problem = (f"{phase.path}: a phase image without its magnitude (no part-mag image with the same "
+                       "entities): a phase image is denoised with its magnitude, never alone")
+        runs.append(run)
+    return runs
+
+
+def _entities_of(source):
+    """A source's entities as a pybids query (every entity it has)."""
+    return {key: value for key, value in source.entities.items() if key not in ("extension",)}
+
+
+def _partner_key(relpath):
+    """A file's entities but its part: the same for a magnitude image and its phase."""
+    return tuple(sorted((k, str(v)) for k, v in Source.from_relpath(relpath).entities.items()
+                        if k not in ("part", "extension")))
 
 
 def _run_of(layout, bids_file, modality, suffix):

@@ -315,13 +315,13 @@ def run_participant(config, methods) -> int:
     validate_input(config)
     specs = [methods[name] for name in config.workflow.all_methods]
     runs = select_runs(config, specs)
-    runs, bad_runs = check_runs(config, runs)
+    jobs, bad_runs = check_runs(config, runs, specs)
     failures = []
-    if runs:
+    if jobs:
         prepare_work_dir(config)
         layout = prepare_output(config)
-        failures = run_graph(config, runs, specs, device, layout)
-    return summarize(config, runs, bad_runs, failures)
+        failures = run_graph(config, jobs, specs, device, layout)
+    return summarize(config, [run for job in jobs for run in job.runs], bad_runs, failures)
 
 
 def check_directories(config) -> None:
@@ -392,22 +392,38 @@ def select_runs(config, specs):
         raise AppError(EXIT_NOTHING_SELECTED, str(err)) from None
 
 
-def check_runs(config, runs):
-    """Check each run from its header and gradient files (its voxels are read once, in the graph)."""
+def check_runs(config, runs, specs):
+    """Check each run from its header, gradient and phase files (its voxels are read once, in the graph),
+    and group the good ones into jobs (a run's echoes; a session's DWI runs where a method asks for it).
+
+    Returns the jobs and one error line per run (or group) left out.
+    """
+    from bids_denoise.bids import group_jobs
     from bids_denoise.io import InputDataError, check_run
 
-    good, bad = [], []
+    good, bad, grids = [], [], {}
+
+    def refuse(message):
+        if config.nipype.stop_on_first_crash:
+            raise AppError(EXIT_DATAERR, message)
+        print(f"bids-denoise: error: {message}", file=sys.stderr)
+        bad.append(message)
+
     for run in runs:
         try:
-            check_run(run.path, run.bval, run.bvec, run.modality)
+            if run.problem:
+                raise InputDataError(run.problem)
+            grids[str(run.path)] = check_run(run.path, run.bval, run.bvec, run.modality, phase_file=run.phase)
         except InputDataError as err:
-            if config.nipype.stop_on_first_crash:
-                raise AppError(EXIT_DATAERR, str(err)) from None
-            print(f"bids-denoise: error: {err}", file=sys.stderr)
-            bad.append(str(err))
+            refuse(str(err))
         else:
             good.append(run)
-    return good, bad
+    dwi_sessions = any(spec.wants_session(config.workflow.parameters.get(spec.name, {}))
+                       for spec in specs if "dwi" in spec.modalities)
+    jobs, errors = group_jobs(good, grids, dwi_sessions=dwi_sessions)
+    for message in errors:
+        refuse(message)
+    return jobs, bad
 
 
 def prepare_work_dir(config) -> None:
@@ -458,7 +474,7 @@ def _io_errors():
         raise AppError(EXIT_IOERR, f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")) from None
 
 
-def run_graph(config, runs, specs, device, layout) -> list[dict]:
+def run_graph(config, jobs, specs, device, layout) -> list[dict]:
     """Build and run one workflow per participant; return the failure records of the nodes that failed."""
     from bids_denoise.bids import software_versions
     from bids_denoise.interfaces.failures import read_failures
@@ -466,17 +482,17 @@ def run_graph(config, runs, specs, device, layout) -> list[dict]:
     failure_dir = config.execution.work_dir / "failures" / f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
     versions = software_versions()
     by_subject = {}
-    for run in runs:
-        by_subject.setdefault(run.subject, []).append(run)
+    for job in jobs:
+        by_subject.setdefault(job.subject, []).append(job)
     failures = []
-    for subject, subject_runs in sorted(by_subject.items()):
+    for subject, subject_jobs in sorted(by_subject.items()):
         log_dir = layout.log_dir(subject)
         started = datetime.now().timestamp()
         with _io_errors():
             log_dir.mkdir(parents=True, exist_ok=True)
             stamp = f"{datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:6]}"
             config.save(log_dir / f"bids-denoise_{stamp}_config.json")
-        crashed = _run_participant_graph(config, subject, subject_runs, specs, device, str(failure_dir / subject),
+        crashed = _run_participant_graph(config, subject, subject_jobs, specs, device, str(failure_dir / subject),
                                          versions, log_dir, stamp)
         records = read_failures(failure_dir / subject)
         if crashed and not records:  # a node failed before our code ran: Nipype's crash file says why
@@ -491,7 +507,7 @@ def run_graph(config, runs, specs, device, layout) -> list[dict]:
     return failures
 
 
-def _run_participant_graph(config, subject, runs, specs, device, failure_dir, versions, log_dir, stamp) -> str:
+def _run_participant_graph(config, subject, jobs, specs, device, failure_dir, versions, log_dir, stamp) -> str:
     """Run one participant's workflow; return Nipype's error line if it failed, else ''."""
     from nipype import config as nipype_config
 
@@ -515,9 +531,9 @@ def _run_participant_graph(config, subject, runs, specs, device, failure_dir, ve
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     LOGGER.addHandler(handler)
     try:
-        workflow = init_participant_wf(subject, runs, specs, config, device=device, failure_dir=failure_dir,
+        workflow = init_participant_wf(subject, jobs, specs, config, device=device, failure_dir=failure_dir,
                                        versions=versions)
-        LOGGER.info("sub-%s: %d run(s), methods %s, plugin %s", subject, len(runs),
+        LOGGER.info("sub-%s: %d run(s), methods %s, plugin %s", subject, sum(len(job.runs) for job in jobs),
                     ", ".join(spec.name for spec in specs), config.nipype.plugin)
         try:
             workflow.run(plugin=config.nipype.plugin, plugin_args=config.nipype.plugin_args)

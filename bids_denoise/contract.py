@@ -129,6 +129,13 @@ class MethodInputs:
     ``data`` is a 4D series (X, Y, Z, V) or a 3D image; ``bvals``/``bvecs`` are
     given for a DWI series and None otherwise; ``zooms`` are the voxel sizes;
     ``work_dir`` is the node's folder (e.g. for trained weights).
+
+    A job of several runs read together (the echoes of a multi-echo BOLD run, or the DWI runs of a
+    session) comes stacked along the volume axis: ``members`` gives each run's number of volumes
+    and ``job`` what the runs are (``"echoes"`` or ``"session"``); a method gets such a job only
+    if it declares that kind in :attr:`MethodSpec.joint` (the app runs any other method run by
+    run). ``phase`` is the phase of a complex (``part-mag``/``part-phase``) run, stacked as
+    ``data`` and in its file's units, given only to methods that declare ``takes_phase``.
     """
 
     data: np.ndarray
@@ -138,6 +145,21 @@ class MethodInputs:
     bvals: np.ndarray | None = None
     bvecs: np.ndarray | None = None
     work_dir: Path | None = None
+    phase: np.ndarray | None = None
+    members: tuple = ()
+    job: str = "run"
+
+    @property
+    def member_volumes(self) -> tuple:
+        """The number of volumes of each run of the job (one run: the whole series)."""
+        if self.members:
+            return tuple(self.members)
+        return (self.data.shape[3],) if self.data.ndim == 4 else (1,)
+
+    def split(self, array) -> list:
+        """``array``'s volumes (last axis) cut at the runs' boundaries."""
+        bounds = np.cumsum(self.member_volumes)[:-1]
+        return np.split(array, bounds, axis=-1) if array.ndim == 4 else [array]
 
     @property
     def zooms(self) -> np.ndarray:
@@ -156,6 +178,8 @@ class OutputMap:
     description: str
     #: the run-level summary the QC table and group table show (median inside the brain), if any
     summary_key: str | None = None
+    #: for a job of several runs: ``array`` holds one 3D map per run, stacked along a fourth axis
+    per_run: bool = False
 
 
 @dataclass
@@ -181,6 +205,9 @@ class MethodResult:
         Tables the report shows (caption to rows), e.g. the pairs a network trained on.
     warnings : list of str
         What a user should know about this output (recorded in the sidecar and the log).
+    member_volumes : tuple of int or None
+        For a job of several runs: each run's number of output volumes where it is not its input's
+        (e.g. noise scans dropped); the image is cut there and each part written under its run's name.
     """
 
     image: np.ndarray
@@ -192,6 +219,7 @@ class MethodResult:
     sidecar: dict = field(default_factory=dict)
     tables: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    member_volumes: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +230,11 @@ class MethodSpec:
     parameter values and returns a :class:`MethodResult`. ``describe(parameters)``
     returns the citation sentence (citing ``[key]`` of its ``references``).
     ``role`` is ``"denoise"`` (offered by ``--methods``) or ``"superres"``
-    (offered by ``--super-resolution``).
+    (offered by ``--super-resolution``). ``joint`` names the jobs of several runs
+    the method denoises as one (``"echoes"``, ``"session"``: see :class:`MethodInputs`);
+    ``session(parameters)``, where given, says whether these parameters want the DWI
+    runs of a session read together; ``takes_phase`` that the method uses the phase
+    of complex runs.
     """
 
     name: str
@@ -219,6 +251,12 @@ class MethodSpec:
     #: trains a network: slow on a CPU (the demo and quick checks leave it out)
     learned: bool = False
     mem_gb: float = 1.0
+    joint: tuple = ()
+    session: Callable[[dict], bool] | None = None
+    takes_phase: bool = False
+
+    def wants_session(self, parameters: dict) -> bool:
+        return self.session is not None and bool(self.session(self.parse(parameters)))
 
     def defaults(self) -> dict:
         return {param.name: param.default for param in self.params}

@@ -135,10 +135,11 @@ def _require_gradients(dwi_file, bval_file, bvec_file):
         raise InputDataError(f"{dwi_file}: no .bvec file found for this DWI run")
 
 
-def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi") -> int:
+def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi", phase_file=None) -> tuple:
     """Check a run from its header and gradient files, without reading its voxels.
 
-    Returns its number of volumes (1 for a 3D image). Voxel-level problems
+    Returns its grid: (shape, affine, number of volumes: 1 for a 3D image). A phase image
+    (``part-phase``) must have its magnitude's shape and affine. Voxel-level problems
     (truncated data, NaN) are found by :func:`load_run`, which reads it once.
     """
     if modality == "dwi":
@@ -148,7 +149,16 @@ def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi") -> int:
     if modality == "dwi":
         read_bvals(bval_file, int(image.shape[3]))
         read_bvecs(bvec_file, int(image.shape[3]))
-    return int(image.shape[3]) if len(image.shape) == 4 else 1
+    if phase_file is not None:
+        phase = _open_nifti(phase_file)
+        if tuple(phase.shape) != tuple(image.shape):
+            raise InputDataError(f"{phase_file}: a phase image of shape {tuple(phase.shape)} for a magnitude of "
+                                 f"shape {tuple(image.shape)} ({Path(in_file).name})")
+        if not np.allclose(phase.affine, image.affine, atol=1e-4):
+            raise InputDataError(f"{phase_file}: the phase image's affine differs from its magnitude's "
+                                 f"({Path(in_file).name})")
+    volumes = int(image.shape[3]) if len(image.shape) == 4 else 1
+    return tuple(int(n) for n in image.shape), np.asarray(image.affine), volumes
 
 
 def load_run(in_file, bval_file=None, bvec_file=None, modality="dwi"):
@@ -168,6 +178,39 @@ def load_run(in_file, bval_file=None, bvec_file=None, modality="dwi"):
     image, data = load_nifti(in_file, ndim=4)
     n_volumes = data.shape[3]
     return image, data, read_bvals(bval_file, n_volumes), read_bvecs(bvec_file, n_volumes)
+
+
+def load_job(in_files, bval_files=None, bvec_files=None, phase_files=None, modality="dwi"):
+    """Load the runs of a job (one run, a run's echoes, a session's DWI runs) stacked along the volumes.
+
+    Returns
+    -------
+    data, bvals (or None), bvecs (or None), phase (or None: given only when every run has one)
+    """
+    count = len(in_files)
+    bval_files, bvec_files = bval_files or [None] * count, bvec_files or [None] * count
+    parts, bvals, bvecs, phases = [], [], [], []
+    for in_file, bval_file, bvec_file in zip(in_files, bval_files, bvec_files):
+        image, data, run_bvals, run_bvecs = load_run(in_file, bval_file, bvec_file, modality)
+        if parts and data.shape[:3] != parts[0].shape[:3]:
+            raise InputDataError(f"{in_file}: shape {data.shape[:3]} differs from the other runs' "
+                                 f"{parts[0].shape[:3]}: they are denoised together")
+        parts.append(data)
+        bvals.append(run_bvals)
+        bvecs.append(run_bvecs)
+    for phase_file, magnitude in zip(phase_files or [], parts):
+        _, phase = load_nifti(phase_file, ndim=magnitude.ndim)
+        if phase.shape != magnitude.shape:
+            raise InputDataError(f"{phase_file}: a phase image of shape {phase.shape} for a magnitude of shape "
+                                 f"{magnitude.shape}")
+        phases.append(phase)
+    stack = parts[0] if count == 1 else np.concatenate(parts, axis=3)
+    phase = None
+    if phases and len(phases) == count:
+        phase = phases[0] if count == 1 else np.concatenate(phases, axis=3)
+    if bvals[0] is None:
+        return stack, None, None, phase
+    return stack, np.concatenate(bvals), np.concatenate(bvecs, axis=1), phase
 
 
 def run_warnings(data, bvals=None, bvecs=None, *, b0_threshold=50.0) -> list[str]:

@@ -44,6 +44,10 @@ def test_a_bold_run_is_denoised_with_its_maps_metadata_and_report(bold_dataset, 
     sidecar = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())
     assert sidecar["RepetitionTime"] == 2.0 and sidecar["TaskName"] == "rest" and len(sidecar["SliceTiming"]) == 8
     assert sidecar["QC"]["TSNRMedianAfter"] > sidecar["QC"]["TSNRMedianBefore"]
+    configuration = sidecar["Provenance"]["Details"]["configuration"]  # BOLD's auto: dwidenoise's mode
+    assert (configuration["aggregate"], configuration["shrinkage"], configuration["demean"],
+            configuration["noise_floor"]) == ("centre", "hard", False, "none")
+    assert sidecar["Provenance"]["Parameters"]["aggregate"] == "auto"
     for name in ("noise", "rank"):
         assert nib.load(out / f"{stem}_desc-mppca_stat-{name}_boldmap.nii.gz").shape == source.shape[:3]
     figures = out / "sub-01" / "figures"
@@ -102,3 +106,96 @@ def test_nordic_with_noise_scans(bold_dataset, tmp_path, capsys):
     assert sidecar["Provenance"]["Details"]["threshold_source"] == "noise volumes"
     assert (out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").exists()
     assert "[moeller2021]" in (out / "logs" / "CITATION.md").read_text()
+
+
+@pytest.fixture
+def multiecho_dataset(dataset):
+    from bids_denoise.testing.bold_phantom import make_bold_phantom, write_bold_run
+
+    raw, _ = dataset
+    phantom = make_bold_phantom((16, 16, 8), 40, snr=15, n_echoes=3, complex_data=True, seed=2)
+    return raw, phantom, write_bold_run(raw, phantom, "01", "post")
+
+
+def test_echoes_of_a_complex_run_are_denoised_together_and_written_echo_by_echo(multiecho_dataset, tmp_path,
+                                                                                 capsys):
+    raw, phantom, relpaths = multiecho_dataset
+    before = tree_digest(raw)
+    assert run_app(raw, tmp_path, "--methods", "mppca", "nordic") == 0, capsys.readouterr().err
+    assert tree_digest(raw) == before
+    out = tmp_path / "out"
+    assert not list(out.rglob("*part-phase_desc-*"))  # a phase image is not a run of its own
+    for echo, relpath in enumerate(relpaths):
+        stem = relpath.replace("_bold.nii.gz", "")
+        noisy_error = rmse(phantom.magnitude[echo], phantom.clean[echo], phantom.mask)
+        for method in ("mppca", "nordic"):
+            image = nib.load(out / f"{stem}_desc-{method}_bold.nii.gz")
+            assert image.shape == phantom.magnitude[echo].shape
+            assert rmse(image.get_fdata(), phantom.clean[echo], phantom.mask) < 0.35 * noisy_error, (echo, method)
+            sidecar = json.loads((out / f"{stem}_desc-{method}_bold.json").read_text())
+            assert sidecar["EchoTime"] == pytest.approx(phantom.echo_times[echo])
+            job = sidecar["Provenance"]["Details"]["job"]
+            assert job["kind"] == "echoes" and job["together"] and job["volumes"] == [40, 40, 40]
+            assert set(sidecar["Provenance"]["InputDigests"]) >= {
+                name.replace("part-mag", part) for name in map(lambda r: r.split("/")[-1], relpaths)
+                for part in ("part-mag", "part-phase")}
+            assert (out / f"{stem}_desc-{method}_stat-noise_boldmap.nii.gz").exists()
+        nordic = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())["Provenance"]["Details"]
+        assert nordic["complex"] and nordic["joint"] and nordic["n_echoes"] == 3
+        mppca = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())["Provenance"]["Details"]
+        assert mppca["configuration"]["complex"] and mppca["configuration"]["noise_floor"] == "none"
+    if find_validator():
+        n_errors, errors = validate_dataset(out)
+        assert n_errors == 0, errors
+
+
+def test_echoes_one_by_one_and_the_magnitude_alone_on_request(multiecho_dataset, tmp_path, capsys):
+    raw, phantom, relpaths = multiecho_dataset
+    code = run_app(raw, tmp_path, "--methods", "nordic", "--nordic-echoes", "separate", "--nordic-phase", "ignore")
+    assert code == 0, capsys.readouterr().err
+    stem = relpaths[1].replace("_bold.nii.gz", "")
+    sidecar = json.loads((tmp_path / "out" / f"{stem}_desc-nordic_bold.json").read_text())
+    details = sidecar["Provenance"]["Details"]
+    assert not details["joint"] and not details["complex"]
+    assert any("phase image was not used" in warning for warning in sidecar["Warnings"])
+
+
+def test_bad_complex_and_multi_echo_input_is_refused_one_line_each(multiecho_dataset, tmp_path, capsys):
+    """A phase image without its magnitude, a phase of another shape, echoes on different grids: each
+    one line naming the file, exit 65, every other run done."""
+    raw, phantom, relpaths = multiecho_dataset
+    func = raw / relpaths[0].rsplit("/", 1)[0]
+    # another task: its magnitude is gone, its phase is left
+    for part in ("mag", "phase"):
+        for ext in (".nii.gz", ".json"):
+            source = func / f"sub-01_ses-post_task-rest_echo-1_part-{part}_bold{ext}"
+            (func / source.name.replace("task-rest_echo-1", "task-lonely")).write_bytes(source.read_bytes())
+    (func / "sub-01_ses-post_task-lonely_part-mag_bold.nii.gz").unlink()
+    # a third task whose phase is cropped
+    for part in ("mag", "phase"):
+        source = func / f"sub-01_ses-post_task-rest_echo-1_part-{part}_bold.nii.gz"
+        image = nib.load(source)
+        data = image.get_fdata()[:, :-1] if part == "phase" else image.get_fdata()
+        nib.save(nib.Nifti1Image(data.astype(np.float32), image.affine),
+                 func / source.name.replace("task-rest_echo-1", "task-cropped"))
+    code = run_app(raw, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 65, err
+    lines = [line for line in err.splitlines() if line.startswith("bids-denoise: error:")]
+    assert any("task-lonely_part-phase_bold.nii.gz: a phase image without its magnitude" in line for line in lines)
+    assert any("task-cropped_part-phase_bold.nii.gz: a phase image of shape" in line for line in lines)
+    out = tmp_path / "out"
+    for relpath in relpaths:  # the good run was done
+        assert (out / relpath.replace("_bold.nii.gz", "_desc-mppca_bold.nii.gz")).exists()
+    assert not list(out.rglob("*task-lonely*")) and not list(out.rglob("*task-cropped*"))
+
+    # echoes on different grids
+    second = raw / relpaths[1]
+    image = nib.load(second)
+    nib.save(nib.Nifti1Image(image.get_fdata()[:, :-2].astype(np.float32), image.affine), second)
+    phase = raw / relpaths[1].replace("part-mag", "part-phase")
+    nib.save(nib.Nifti1Image(nib.load(phase).get_fdata()[:, :-2].astype(np.float32), image.affine), phase)
+    code = run_app(raw, tmp_path, out="grids")
+    err = capsys.readouterr().err
+    assert code == 65 and f"{second}: this echo's grid (16x14x8) differs from echo 1's (16x16x8" in err
+    assert not list((tmp_path / "grids").rglob("*task-rest*desc-mppca_bold.nii.gz"))

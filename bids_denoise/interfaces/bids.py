@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nipype.interfaces.base import Directory, File, TraitedSpec, isdefined, traits
+from nipype.interfaces.base import Directory, File, InputMultiObject, TraitedSpec, isdefined, traits
 
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
 
@@ -19,21 +19,26 @@ LOGGER = logging.getLogger("bids_denoise")
 
 
 class LoadRunInputSpec(RecordedInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="4D DWI series, or a 3D anatomical image")
-    bval_file = File(exists=True, desc="FSL-style b-values (DWI)")
-    bvec_file = File(exists=True, desc="FSL-style b-vectors (DWI)")
+    in_files = InputMultiObject(File(exists=True), mandatory=True,
+                                desc="the job's runs: a 4D series (DWI, BOLD; several: echoes or a session's runs, "
+                                     "stacked), or a 3D anatomical image")
+    bval_files = InputMultiObject(File(exists=True), desc="FSL-style b-values (DWI), one per run")
+    bvec_files = InputMultiObject(File(exists=True), desc="FSL-style b-vectors (DWI), one per run")
+    phase_files = InputMultiObject(File(exists=True), desc="the runs' part-phase images (complex data), one per run")
     modality = traits.Enum("dwi", "anat", "bold", usedefault=True)
 
 
 class LoadRunOutputSpec(TraitedSpec):
-    data_file = File(exists=True, desc="the checked voxel data (.npy, float32 or float64)")
+    data_file = File(exists=True, desc="the checked voxel data (.npy, float32 or float64), the runs stacked")
     gradients_file = File(exists=True, desc="bvals and bvecs (.npz), DWI only")
+    phase_file = File(exists=True, desc="the phase (.npy), stacked as the data, for complex runs")
     digests = traits.Dict(desc="SHA-256 of the raw files, by file name")
     warnings = traits.List(traits.Str, desc="what is odd about the run (zero image, odd b-vectors ...)")
 
 
 class LoadRun(RecordedInterface):
-    """Read a run once and check it: a finite 4D series with matching bval/bvec, or a finite 3D image."""
+    """Read a job's runs once and check them: finite 4D series with matching bval/bvec (and phase), or a
+    finite 3D image."""
 
     input_spec = LoadRunInputSpec
     output_spec = LoadRunOutputSpec
@@ -41,20 +46,28 @@ class LoadRun(RecordedInterface):
     def _run(self, runtime):
         import numpy as np
 
-        from bids_denoise.io import load_run, run_warnings, sha256_of
+        from bids_denoise.io import load_job, run_warnings, sha256_of
 
-        gradients = [self.inputs.bval_file, self.inputs.bvec_file]
-        gradients = [path if isdefined(path) else None for path in gradients]
-        _, data, bvals, bvecs = load_run(self.inputs.in_file, *gradients, modality=self.inputs.modality)
+        def given(name):
+            value = getattr(self.inputs, name)
+            return list(value) if isdefined(value) else []
+
+        in_files, bval_files, bvec_files, phase_files = (given(name) for name in
+                                                         ("in_files", "bval_files", "bvec_files", "phase_files"))
+        data, bvals, bvecs, phase = load_job(in_files, bval_files or None, bvec_files or None, phase_files or None,
+                                             modality=self.inputs.modality)
         cwd = Path(runtime.cwd)
         np.save(cwd / "data.npy", data)
         self._results["data_file"] = str(cwd / "data.npy")
         if bvals is not None:
             np.savez(cwd / "gradients.npz", bvals=bvals, bvecs=bvecs)
             self._results["gradients_file"] = str(cwd / "gradients.npz")
+        if phase is not None:
+            np.save(cwd / "phase.npy", phase)
+            self._results["phase_file"] = str(cwd / "phase.npy")
         self._results["warnings"] = run_warnings(data, bvals, bvecs)
         self._results["digests"] = {Path(path).name: sha256_of(path)
-                                    for path in [self.inputs.in_file] + gradients if path}
+                                    for path in in_files + bval_files + bvec_files + phase_files}
         return runtime
 
 
@@ -67,6 +80,44 @@ def read_loaded_run(data_file, gradients_file):
         with np.load(gradients_file) as gradients:
             bvals, bvecs = gradients["bvals"], gradients["bvecs"]
     return data, bvals, bvecs
+
+
+class SelectMemberInputSpec(RecordedInputSpec):
+    data_file = File(exists=True, mandatory=True, desc="the job's stacked data (.npy) from LoadRun")
+    gradients_file = File(exists=True, desc="the job's stacked bvals and bvecs (.npz), DWI only")
+    derivatives = traits.List(traits.Dict, mandatory=True, desc="the method node's outputs, for every run")
+    members = traits.List(traits.Int, mandatory=True, desc="volumes of each run of the job")
+    index = traits.Int(mandatory=True, desc="which run")
+
+
+class SelectMemberOutputSpec(TraitedSpec):
+    data_file = File(exists=True, desc="this run's raw data (.npy)")
+    gradients_file = File(exists=True, desc="this run's bvals and bvecs (.npz), DWI only")
+    derivatives = traits.List(traits.Dict, desc="this run's image and maps")
+
+
+class SelectMember(RecordedInterface):
+    """One run of a job of several: its raw volumes and its outputs, for its report and its sinks."""
+
+    input_spec = SelectMemberInputSpec
+    output_spec = SelectMemberOutputSpec
+
+    def _run(self, runtime):
+        import numpy as np
+
+        index, members = self.inputs.index, list(self.inputs.members)
+        start = int(np.sum(members[:index]))
+        volumes = slice(start, start + members[index])
+        data, bvals, bvecs = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
+        cwd = Path(runtime.cwd)
+        np.save(cwd / "data.npy", data[..., volumes])
+        self._results["data_file"] = str(cwd / "data.npy")
+        if bvals is not None:
+            np.savez(cwd / "gradients.npz", bvals=bvals[volumes], bvecs=bvecs[:, volumes])
+            self._results["gradients_file"] = str(cwd / "gradients.npz")
+        self._results["derivatives"] = [item for item in self.inputs.derivatives
+                                        if item.get("member") in (None, index)]
+        return runtime
 
 
 class SinkInputSpec(RecordedInputSpec):

@@ -7,7 +7,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nipype.interfaces.base import File, TraitedSpec, traits
+import numpy as np
+from nipype.interfaces.base import File, InputMultiObject, TraitedSpec, isdefined, traits
 
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
 
@@ -17,7 +18,11 @@ class RunMethodInputSpec(RecordedInputSpec):
     parameters = traits.Dict(mandatory=True, desc="the method's parameter values (parsed)")
     data_file = File(exists=True, mandatory=True, desc="the checked voxel data (.npy) from LoadRun")
     gradients_file = File(exists=True, desc="bvals and bvecs (.npz), DWI only")
-    reference_file = File(exists=True, mandatory=True, desc="the raw image (header and grid of the outputs)")
+    phase_file = File(exists=True, desc="the phase (.npy) of complex runs, from LoadRun")
+    reference_files = InputMultiObject(File(exists=True), mandatory=True,
+                                       desc="the raw image of each run of the job (header and grid of its outputs)")
+    members = traits.List(traits.Int, desc="volumes of each run of a job of several runs")
+    job = traits.Enum("run", "echoes", "session", usedefault=True, desc="what the job's runs are")
     device = traits.Str("cpu", usedefault=True, desc="torch device: cpu, cuda, cuda:N")
     use_gpu = traits.Bool(False, usedefault=True, desc="tells Nipype this node holds a GPU")
     seed = traits.Int(0, usedefault=True, desc="seed for every random choice")
@@ -37,7 +42,6 @@ class RunMethod(RecordedInterface):
 
     def _run(self, runtime):
         import nibabel as nib
-        import numpy as np
         import torch
         from threadpoolctl import threadpool_limits
 
@@ -50,10 +54,21 @@ class RunMethod(RecordedInterface):
 
         spec = registry.load_all()[self.inputs.method]
         parameters = spec.parse(dict(self.inputs.parameters))
-        reference = nib.load(self.inputs.reference_file)
+        references = [nib.load(path) for path in self.inputs.reference_files]
         data, bvals, bvecs = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
-        inputs = MethodInputs(data=data, affine=reference.affine, device=resolve_device(self.inputs.device),
-                              seed=self.inputs.seed, bvals=bvals, bvecs=bvecs, work_dir=Path(runtime.cwd))
+        phase = np.load(self.inputs.phase_file) if isdefined(self.inputs.phase_file) else None
+        members = tuple(self.inputs.members) if len(self.inputs.members) > 1 else ()
+        job = MethodInputs(data=data, affine=references[0].affine, device=resolve_device(self.inputs.device),
+                           seed=self.inputs.seed, bvals=bvals, bvecs=bvecs, work_dir=Path(runtime.cwd),
+                           phase=phase if spec.takes_phase else None, members=members,
+                           job=self.inputs.job if members else "run")
+        notes = []
+        if phase is not None and not spec.takes_phase:
+            notes.append(f"the phase image was not used: {spec.title} denoises the magnitude")
+        if members and job.job not in spec.joint:  # the method takes one run at a time
+            jobs = [_member(job, index) for index in range(len(members))]
+        else:
+            jobs = [job]
         torch.manual_seed(self.inputs.seed)
         np.random.seed(self.inputs.seed % 2**32)
         started, clock = datetime.now(timezone.utc), time.perf_counter()
@@ -61,32 +76,47 @@ class RunMethod(RecordedInterface):
         torch.set_num_threads(self.inputs.omp_nthreads)
         try:
             with threadpool_limits(self.inputs.omp_nthreads):
-                result = spec.run(inputs, parameters)
+                results = [spec.run(inputs, parameters) for inputs in jobs]
         except UnsuitableDataError as err:  # name the file: the method cannot
-            raise UnsuitableDataError(f"{self.inputs.reference_file}: {err}") from None
+            raise UnsuitableDataError(f"{self.inputs.reference_files[0]}: {err}") from None
         finally:
             torch.set_num_threads(previous_threads)
         duration = time.perf_counter() - clock
 
         cwd = Path(runtime.cwd)
-        image_path = save_nifti(result.image, reference, cwd / "image.nii.gz", affine=result.affine)
-        derivatives = [{"path": str(image_path), "kind": "image", "name": "image", "entities": dict(result.entities),
-                        "description": result.description, "sidecar": dict(result.sidecar),
-                        "warnings": list(result.warnings)}]
-        for name, output_map in result.maps.items():
-            path = save_nifti(output_map.array, reference, cwd / f"map-{name}.nii.gz")
-            derivatives.append({"path": str(path), "kind": "map", "name": name, "entities": {"stat": name},
-                                "description": output_map.description, "summary_key": output_map.summary_key})
-        details = dict(result.details)
-        if result.tables:
-            details["tables"] = result.tables
+        derivatives = []
+        for index, (result, images) in enumerate(_images_by_run(results, job)):
+            for member, image in images:
+                path = save_nifti(image, references[member], cwd / f"image-{member}.nii.gz", affine=result.affine)
+                derivatives.append({"path": str(path), "kind": "image", "name": "image", "member": member,
+                                    "entities": dict(result.entities), "description": result.description,
+                                    "sidecar": dict(result.sidecar), "warnings": notes + list(result.warnings)})
+            shared = len(results) == 1  # one result for the whole job: its maps are every run's
+            for name, output_map in result.maps.items():
+                if output_map.per_run and shared:
+                    arrays = [(member, output_map.array[..., member]) for member in range(output_map.array.shape[3])]
+                else:
+                    arrays = [(None if shared else index, output_map.array)]
+                for member, array in arrays:
+                    number = index if member is None else member
+                    path = save_nifti(array, references[number], cwd / f"map-{name}-{number}.nii.gz")
+                    derivatives.append({"path": str(path), "kind": "map", "name": name, "entities": {"stat": name},
+                                        "member": member, "description": output_map.description,
+                                        "summary_key": output_map.summary_key})
+        details = dict(results[0].details) if len(results) == 1 else {"runs": [dict(r.details) for r in results]}
+        tables = {key: rows for result in results for key, rows in result.tables.items()}
+        if tables:
+            details["tables"] = tables
+        if members:
+            details["job"] = {"kind": job.job, "runs": [Path(path).name for path in self.inputs.reference_files],
+                              "volumes": list(members), "together": len(results) == 1}
         self._results["derivatives"] = derivatives
         self._results["provenance"] = {
             "Method": spec.name,
             "Parameters": _jsonable(parameters),
             "Details": details,
             "Seed": self.inputs.seed,
-            "Device": device_description(inputs.device),
+            "Device": device_description(job.device),
             "Threads": self.inputs.omp_nthreads,
             "StartTime": started.isoformat(),
             "EndTime": datetime.now(timezone.utc).isoformat(),
@@ -94,6 +124,32 @@ class RunMethod(RecordedInterface):
             "Host": os.uname().nodename,
         }
         return runtime
+
+
+def _member(job, index):
+    """One run of a job of several, as the inputs of a method that takes one run at a time."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    bounds = np.concatenate([[0], np.cumsum(job.member_volumes)])
+    volumes = slice(int(bounds[index]), int(bounds[index + 1]))
+    return replace(job, data=job.data[..., volumes], phase=None if job.phase is None else job.phase[..., volumes],
+                   bvals=None if job.bvals is None else job.bvals[volumes],
+                   bvecs=None if job.bvecs is None else job.bvecs[:, volumes], members=(), job="run")
+
+
+def _images_by_run(results, job):
+    """Each result with its images, by the run they belong to: one result per run, or one for the job
+    cut at its runs' boundaries (the result's ``member_volumes`` where its volumes are not the input's)."""
+    if len(results) > 1 or not job.members:
+        return [(result, [(index, result.image)]) for index, result in enumerate(results)]
+    result = results[0]
+    volumes = result.member_volumes or job.member_volumes
+    if sum(volumes) != result.image.shape[3]:
+        raise ValueError(f"the method returned {result.image.shape[3]} volumes for runs of {list(volumes)}")
+    parts = np.split(result.image, np.cumsum(volumes)[:-1], axis=3)
+    return [(result, list(enumerate(parts)))]
 
 
 def _jsonable(parameters: dict) -> dict:

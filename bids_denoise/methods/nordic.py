@@ -63,6 +63,8 @@ import torch
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.mppca import marchenko_pastur_cutoff
 from bids_denoise.methods.networks import power_of_two_exponent
+from bids_denoise.methods.phase import in_radians, slow_phase
+from bids_denoise.methods.phase import phase_units as phase_units_of
 
 #: Fewest volumes (per echo, noise volumes excluded) NORDIC takes: below this the patch's matrix
 #: has too few singular values to tell noise from signal.
@@ -74,10 +76,6 @@ MC_DRAWS = 10
 #: Patches per batch (each a voxels x volumes matrix).
 BATCH_PATCHES = 16
 
-#: A phase whose largest magnitude is at most pi times this is in radians.
-_RADIAN_TOLERANCE = 1.0 + 1e-4
-#: Siemens scanner units: -4096..4095 stand for -pi..pi.
-SCANNER_RANGE = 4096.0
 
 
 @dataclass
@@ -189,7 +187,7 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
 
     units = None
     if phases is not None:
-        units = _phase_units(phases, phase_units)
+        units = phase_units_of(phases, phase_units)
     shape = magnitudes[0].shape[:3]
     n_total = magnitudes[0].shape[3]
     n_keep = n_total - noise_volumes
@@ -215,11 +213,8 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
     for e, m in enumerate(magnitudes):
         values = np.ldexp(np.asarray(m, dtype=np.float64), -exponent)
         if is_complex:
-            angle = np.asarray(phases[e], dtype=np.float64)
-            if units == "scanner":
-                angle = angle * (np.pi / SCANNER_RANGE)
-            values = values * np.exp(1j * angle)
-            slow = _slow_phase(values, phase_filter_width)
+            values = values * np.exp(1j * in_radians(phases[e], units))
+            slow = slow_phase(values, phase_filter_width)
             values = values * np.exp(-1j * slow)
             background.append(slow[..., :n_keep])
         if noise_map is not None:
@@ -313,31 +308,6 @@ def _check_inputs(magnitudes, phases, noise_volumes):
         raise UnsuitableDataError(
             f"{first[3] - noise_volumes} volumes (after {noise_volumes} noise volumes) are too few for "
             f"NORDIC (at least {MIN_VOLUMES})")
-
-
-def _phase_units(phases, requested):
-    if requested in ("radians", "scanner"):
-        return requested
-    if requested != "auto":
-        raise ValueError(f"phase_units must be 'auto', 'radians' or 'scanner', not {requested!r}")
-    largest = max(float(np.max(np.abs(p))) if p.size else 0.0 for p in phases)
-    if largest <= np.pi * _RADIAN_TOLERANCE:
-        return "radians"
-    if largest <= SCANNER_RANGE * _RADIAN_TOLERANCE:
-        return "scanner"
-    raise UnsuitableDataError(
-        f"phase values up to {largest:g} are neither radians (pi) nor scanner units (4096)")
-
-
-def _slow_phase(values, width):
-    """Angle of each volume's complex image low-pass filtered in-plane (slice by slice) with the
-    k-space window ``cos(pi fx)**(2 w) * cos(pi fy)**(2 w)``."""
-    nx, ny = values.shape[:2]
-    window_x = np.cos(np.pi * np.fft.fftfreq(nx)) ** (2.0 * width)
-    window_y = np.cos(np.pi * np.fft.fftfreq(ny)) ** (2.0 * width)
-    window = (window_x[:, None] * window_y[None, :])[:, :, None, None]
-    smooth = np.fft.ifft2(np.fft.fft2(values, axes=(0, 1)) * window, axes=(0, 1))
-    return np.angle(smooth)
 
 
 def _patch_edges(patch, ratio, n_columns, shape):

@@ -56,9 +56,21 @@ MANJON2013 = Reference(
 )
 
 
+EICHNER2015 = Reference(
+    "eichner2015",
+    "Eichner C, Cauley SF, Cohen-Adad J, Moller HE, Turner R, Setsompop K, Wald LL. Real diffusion-weighted MRI "
+    "enabling true signal averaging and increasing diffusion contrast. NeuroImage 122:373-384, 2015.",
+    "@article{eichner2015,\n  author={Eichner, Cornelius and Cauley, Stephen F. and Cohen-Adad, Julien and "
+    "M{\\\"o}ller, Harald E. and Turner, Robert and Setsompop, Kawin and Wald, Lawrence L.},\n  title={Real "
+    "diffusion-weighted MRI enabling true signal averaging and increasing diffusion contrast},\n"
+    "  journal={NeuroImage},\n  volume={122},\n  pages={373--384},\n  year={2015}\n}",
+)
+
+
 def demean_mode(text):
-    """``true``/``false`` (remove each window's mean or not), or ``shell`` (per shell; DWI)."""
-    return "shell" if str(text).strip().lower() == "shell" else boolean(text)
+    """``true``/``false`` (remove each window's mean or not), ``shell`` (per shell; DWI), or ``auto``."""
+    value = str(text).strip().lower()
+    return value if value in ("shell", "auto") else boolean(text)
 
 
 def noise_map(text):
@@ -89,7 +101,23 @@ def _noise_sigma(parameters, shape):
     return sigma
 
 
+#: What ``auto`` means for each modality (measured: ``benchmarks/mppca_quality.py`` for DWI,
+#: ``benchmarks/bold.py`` for BOLD, where dwidenoise's mode keeps more physiology, fewer false
+#: positives and less neighbour leak than the DWI configuration).
+AUTO = {
+    "dwi": {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius", "noise_floor": "koay"},
+    "bold": {"aggregate": "centre", "demean": False, "shrinkage": "hard", "noise_floor": "none"},
+}
+
+
+def resolve(parameters, modality) -> dict:
+    """The parameters with each ``auto`` replaced by the modality's choice."""
+    return {key: AUTO[modality][key] if key in AUTO[modality] and value == "auto" else value
+            for key, value in parameters.items()}
+
+
 def run(inputs, parameters) -> MethodResult:
+    parameters = resolve(parameters, "dwi" if inputs.bvals is not None else "bold")
     mask = None
     if parameters["mask"] == "auto":
         from bids_denoise.methods.masking import b0_brain_mask
@@ -100,31 +128,76 @@ def run(inputs, parameters) -> MethodResult:
     demean = parameters["demean"]
     if demean == "shell" and inputs.bvals is None:
         demean = True  # no shells outside diffusion: the window mean
-    result = mppca(
-        inputs.data,
+    phase = inputs.phase if parameters["phase"] == "use" else None
+    options = dict(
         mask=mask,
         extent=parameters["extent"],
         estimator=parameters["estimator"],
         aggregate=parameters["aggregate"],
         stride=parameters["stride"],
         demean=demean,
-        bvals=inputs.bvals if demean == "shell" else None,
         shrinkage=parameters["shrinkage"],
         gaussian_width=parameters["gaussian_width"],
         noise_sigma=_noise_sigma(parameters, inputs.data.shape),
-        noise_floor=parameters["noise_floor"],
+        # complex data have no noise floor: their real part is denoised (see methods/phase.py)
+        noise_floor="none" if phase is not None else parameters["noise_floor"],
         n_coils=parameters["n_coils"],
+        phase_filter_width=parameters["phase_filter_width"],
         device=inputs.device,
     )
+
+    def denoise(data, bvals, phase, **extra):
+        return mppca(data, bvals=bvals if demean == "shell" else None, phase=phase, **dict(options, **extra))
+
+    details, warnings = {}, []
+    if inputs.job == "session" and options["noise_sigma"] is None:
+        # one noise estimate over every run of the session, then each run denoised with it
+        estimate = denoise(inputs.data, inputs.bvals, phase)
+        results = [denoise(data, bvals, run_phase, noise_sigma=estimate.noise_sigma)
+                   for data, bvals, run_phase in zip(inputs.split(inputs.data), _split(inputs, inputs.bvals),
+                                                     _split(inputs, phase))]
+        image = np.concatenate([result.denoised for result in results], axis=3)
+        noise, rank = estimate.noise_sigma, np.mean([result.rank for result in results], axis=0)
+        result = results[0]
+        details["noise_scope"] = "session: estimated over the stacked runs, each run denoised with it"
+    else:
+        if inputs.job == "session":
+            warnings.append("a noise level was given: the session's runs were each denoised with it")
+        result = denoise(inputs.data, inputs.bvals, phase)
+        image, noise, rank = result.denoised, result.noise_sigma, result.rank
+    removed = np.stack([_variance_removed(before, after) for before, after in
+                        zip(inputs.split(inputs.data), inputs.split(image))], axis=3)
+    if phase is None and inputs.phase is not None:
+        warnings.append("the phase image was not used (--mppca-phase ignore)")
     maps = {
-        "noise": OutputMap(result.noise_sigma, "MP-PCA noise level: standard deviation of the noise per voxel",
+        "noise": OutputMap(noise, "MP-PCA noise level: standard deviation of the noise per voxel",
                            summary_key="NoiseSigmaMedian"),
-        "rank": OutputMap(result.rank, "MP-PCA rank: number of signal components kept per voxel"),
+        "rank": OutputMap(rank, "MP-PCA rank: number of signal components kept per voxel"
+                          + (" (mean over the session's runs)" if inputs.job == "session" else "")),
+        "removed": OutputMap(removed, "Variance removed per voxel: the mean over the run's volumes of "
+                             "(input - output)^2, to compare with the square of the noise map (more: signal or "
+                             "noise floor removed too; less: noise left)", per_run=True),
     }
-    details = {"extent": list(result.extent), "masked": mask is not None, "solver": result.solver,
-               "configuration": result.parameters}
+    details.update({"extent": list(result.extent), "masked": mask is not None, "solver": result.solver,
+                    "configuration": result.parameters})
+    if inputs.job == "echoes":
+        details["echoes"] = "denoised together (one decomposition over the stacked echoes)"
     what = "DWI series" if inputs.bvals is not None else "Series"
-    return MethodResult(result.denoised, f"{what} denoised with MP-PCA", maps=maps, details=details)
+    how = " (complex: the phase-demodulated real part)" if phase is not None else ""
+    return MethodResult(image, f"{what} denoised with MP-PCA{how}", maps=maps, details=details, warnings=warnings)
+
+
+def _variance_removed(before, after):
+    """The mean over volumes of (before - after)^2, slice by slice (no full-size float64 temporary)."""
+    return np.stack([np.mean((before[:, :, z].astype(np.float64) - after[:, :, z]) ** 2, axis=-1)
+                     for z in range(before.shape[2])], axis=2).astype(np.float32)
+
+
+def _split(inputs, array):
+    """Per-run parts of a stacked array (volumes last), or Nones."""
+    if array is None:
+        return [None] * len(inputs.member_volumes)
+    return np.split(array, np.cumsum(inputs.member_volumes)[:-1], axis=-1)
 
 
 def describe(parameters) -> str:
@@ -134,28 +207,50 @@ def describe(parameters) -> str:
     else:
         noise = f"the {parameters['estimator']} noise estimator" + (
             " [corderogrande2019]" if parameters["estimator"] == "Exp2" else "")
+    configurations = {resolve(parameters, modality)[key] != parameters[key] for modality in AUTO for key in AUTO[modality]}
+    if True in configurations:  # an auto setting: say what each modality got
+        how = "; ".join(f"for {'DWI' if modality == 'dwi' else 'BOLD'} series, {_configuration(resolve(parameters, modality))}"
+                        for modality in AUTO)
+    else:
+        how = _configuration(parameters)
+    extra = ""
+    if parameters["phase"] == "use":
+        extra += (" Complex runs (a part-mag image with its part-phase image), where present, were denoised as complex "
+                  "data after each volume's slowly varying phase was removed [eichner2015], which leaves no noise "
+                  "floor.")
+    if parameters["noise_scope"] == "session":
+        extra += " The noise level was estimated once over all DWI runs of a session and each run denoised with it."
+    return (f"The image series were denoised with Marchenko-Pastur PCA [veraart2016] in a sliding window of extent "
+            f"{extent}, with {noise}; {how}; the noise level was mapped per voxel.{extra}")
+
+
+def _configuration(parameters) -> str:
     keep = ("the signal components' singular values were shrunk optimally for the Frobenius loss [gavish2017]"
             if parameters["shrinkage"] == "frobenius" else "the signal components were kept as they were")
     aggregate = {"centre": "only the window's centre voxel was rebuilt",
                  "overcomplete": "every window's voxels were rebuilt and averaged [manjon2013]",
                  "gaussian": "every window's voxels were rebuilt and averaged with Gaussian weights [manjon2013]"}
-    floor = (" The Rician noise floor was then removed from the magnitude with the noise map [koay2006]."
+    floor = (", and the Rician noise floor was removed from the magnitude with the noise map [koay2006]"
              if parameters["noise_floor"] == "koay" else "")
-    return (f"The image series were denoised with Marchenko-Pastur PCA [veraart2016] in a sliding window of extent "
-            f"{extent}, with {noise}; {keep}, and {aggregate[parameters['aggregate']]}; the noise level was "
-            f"mapped per voxel.{floor}")
+    demean = "each window's mean removed first, " if parameters["demean"] is True else (
+        "each shell's mean removed first, " if parameters["demean"] == "shell" else "")
+    return f"{demean}{keep}, {aggregate[parameters['aggregate']]}{floor}"
 
 
 SPEC = register(MethodSpec(
     name="mppca",
     title="MP-PCA",
-    summary="Marchenko-Pastur PCA in a sliding window, with optimal shrinkage, overcomplete averaging and "
-            "noise-floor removal by default (dwidenoise's and DIPY's modes as options), noise and rank maps",
+    summary="Marchenko-Pastur PCA in a sliding window; for DWI by default with optimal shrinkage, overcomplete "
+            "averaging and noise-floor removal, for BOLD as dwidenoise (each mode an option); complex runs, one "
+            "noise estimate per session on request; noise, rank and variance-removed maps",
     run=run,
     describe=describe,
-    references=(VERAART2016, CORDEROGRANDE2019, GAVISH2017, KOAY2006, MANJON2013),
+    references=(VERAART2016, CORDEROGRANDE2019, GAVISH2017, KOAY2006, MANJON2013, EICHNER2015),
     modalities=("dwi", "bold"),
     default=True,
+    joint=("echoes", "session"),
+    session=lambda parameters: parameters["noise_scope"] == "session",
+    takes_phase=True,
     # the cost is one small eigenproblem per window: the compiled CPU solver does about 15,000
     # windows a second on one core here, while torch's batched CUDA eigh did about 1,000 68x68
     # matrices a second on an H100 (reported in the MP-PCA issue): MP-PCA runs on CPU threads
@@ -167,19 +262,21 @@ SPEC = register(MethodSpec(
         Param("estimator", str, "Exp2", "noise estimator", choices=("Exp2", "Exp1")),
         Param("mask", str, "none", "denoise inside an automatic b0 brain mask only (zero outside)",
               choices=("none", "auto")),
-        Param("aggregate", str, "overcomplete",
-              "rebuild the window centre (dwidenoise) or average all windows (DIPY; default), uniformly or with "
-              "Gaussian weights", choices=("centre", "overcomplete", "gaussian")),
+        Param("aggregate", str, "auto",
+              "rebuild the window centre (dwidenoise) or average all windows (DIPY), uniformly or with Gaussian "
+              "weights; auto (default): overcomplete for DWI, centre for BOLD",
+              choices=("auto", "centre", "overcomplete", "gaussian")),
         Param("stride", integers(minimum=1), 1, "window step for overcomplete/gaussian: one or 'x,y,z'"),
-        Param("demean", demean_mode, True,
-              "remove each window's mean before the PCA (true, default, as DIPY), not (false, as dwidenoise), or "
-              "each shell's (shell)"),
-        Param("shrinkage", str, "frobenius",
+        Param("demean", demean_mode, "auto",
+              "remove each window's mean before the PCA (true, as DIPY), not (false, as dwidenoise), or each "
+              "shell's (shell); auto (default): true for DWI, false for BOLD"),
+        Param("shrinkage", str, "auto",
               "keep the signal components as they are (hard, as dwidenoise and DIPY) or shrink them optimally "
-              "(frobenius, Gavish-Donoho; default)", choices=("hard", "frobenius")),
-        Param("noise_floor", str, "koay",
-              "remove the Rician/noncentral-chi noise floor with the noise map (koay, default) or not (none)",
-              choices=("none", "koay")),
+              "(frobenius, Gavish-Donoho); auto (default): frobenius for DWI, hard for BOLD",
+              choices=("auto", "hard", "frobenius")),
+        Param("noise_floor", str, "auto",
+              "remove the Rician/noncentral-chi noise floor with the noise map (koay) or not (none); auto "
+              "(default): koay for DWI, none for BOLD", choices=("auto", "none", "koay")),
         Param("n_coils", positive(int), default_of(mppca, "n_coils"),
               "receive channels of a sum-of-squares magnitude (noncentral chi with 2N degrees of freedom)"),
         Param("gaussian_width", positive(float), float(default_of(mppca, "gaussian_width")),
@@ -187,5 +284,13 @@ SPEC = register(MethodSpec(
         Param("noise_map", noise_map, None,
               "a known noise level (one number, or a 3D NIfTI sigma map) that sets the threshold instead of "
               "estimating it"),
+        Param("noise_scope", str, "run",
+              "estimate the noise level per run (run, default) or once over all DWI runs of a session with the "
+              "same grid and denoise each run with it (session)", choices=("run", "session")),
+        Param("phase", str, "use",
+              "complex runs (part-mag with a part-phase image): denoise the phase-demodulated real part (use, "
+              "default) or the magnitude alone (ignore)", choices=("use", "ignore")),
+        Param("phase_filter_width", positive(float), float(default_of(mppca, "phase_filter_width")),
+              "smoothness of the slowly varying phase removed from complex runs (k-space window power)"),
     ),
 ))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bids_denoise.contract import MethodResult, MethodSpec, OutputMap, Param, Reference, default_of, positive
 from bids_denoise.methods.nordic import nordic
 from bids_denoise.registry import register
@@ -27,8 +29,15 @@ VIZIOLI2021 = Reference(
 
 
 def run(inputs, parameters) -> MethodResult:
-    result = nordic(inputs.data, patch_ratio=parameters["patch_ratio"], noise_volumes=parameters["noise_volumes"],
+    magnitudes = inputs.split(inputs.data)
+    phase = inputs.phase if parameters["phase"] == "use" else None
+    phases = None if phase is None else inputs.split(phase)
+    several = len(magnitudes) > 1
+    result = nordic(magnitudes if several else magnitudes[0], (phases if several else phases[0]) if phases else None,
+                    patch_ratio=parameters["patch_ratio"], noise_volumes=parameters["noise_volumes"],
+                    phase_filter_width=parameters["phase_filter_width"], joint=parameters["echoes"] == "joint",
                     seed=inputs.seed)
+    parts = result.denoised if several else [result.denoised]
     details = dict(result.details)
     maps = {
         "noise": OutputMap(result.noise_sigma, "NORDIC noise level: standard deviation of the thermal noise per "
@@ -40,17 +49,26 @@ def run(inputs, parameters) -> MethodResult:
         sidecar["NoiseScansRemoved"] = parameters["noise_volumes"]
         warnings.append(f"the last {parameters['noise_volumes']} volumes were noise scans: they set the threshold "
                         "and are not in this series")
-    return MethodResult(result.denoised, "BOLD series denoised with NORDIC (magnitude, locally low-rank, hard "
-                        "threshold at the thermal noise level)", maps=maps, details=details, sidecar=sidecar,
-                        warnings=warnings)
+    if inputs.phase is not None and phase is None:
+        warnings.append("the phase image was not used (--nordic-phase ignore)")
+    what = "complex, phase-demodulated" if phase is not None else "magnitude"
+    echoes = f", {len(parts)} echoes {'together' if details.get('joint') else 'one by one'}" if several else ""
+    return MethodResult(np.concatenate(parts, axis=3), f"BOLD series denoised with NORDIC ({what}{echoes}, locally "
+                        "low-rank, hard threshold at the thermal noise level)", maps=maps, details=details,
+                        sidecar=sidecar, warnings=warnings, member_volumes=tuple(p.shape[3] for p in parts))
 
 
 def describe(parameters) -> str:
     noise = (f"the last {parameters['noise_volumes']} volumes (noise scans)" if parameters["noise_volumes"]
              else "the Marchenko-Pastur distribution of the data")
+    complex_runs = (" Complex runs (part-mag with part-phase) were denoised as complex data after each volume's "
+                    "slowly varying phase was removed." if parameters["phase"] == "use" else "")
+    complex_runs += (" The echoes of multi-echo runs were denoised "
+                     f"{'together (one decomposition)' if parameters['echoes'] == 'joint' else 'one by one'}.")
     return ("BOLD series were denoised with NORDIC [moeller2021] [vizioli2021]: locally low-rank patches "
             f"(about {parameters['patch_ratio']:g} voxels per volume) whose singular values below the thermal "
-            f"noise level, estimated from {noise}, were set to zero; overlapping patches were averaged.")
+            f"noise level, estimated from {noise}, were set to zero; overlapping patches were averaged."
+            + complex_runs)
 
 
 SPEC = register(MethodSpec(
@@ -63,10 +81,18 @@ SPEC = register(MethodSpec(
     references=(MOELLER2021, VIZIOLI2021),
     modalities=("bold",),
     mem_gb=2.0,
+    joint=("echoes",),
+    takes_phase=True,
     params=(
         Param("patch_ratio", positive(float), default_of(nordic, "patch_ratio"),
               "voxels per volume in a patch (NORDIC's 11:1)"),
         Param("noise_volumes", int, default_of(nordic, "noise_volumes"),
               "the last N volumes are noise scans: they set the threshold and are dropped from the output"),
+        Param("phase", str, "use", "complex runs (part-mag with a part-phase image): denoise them as complex data "
+              "(use, default) or the magnitude alone (ignore)", choices=("use", "ignore")),
+        Param("phase_filter_width", positive(float), float(default_of(nordic, "phase_filter_width")),
+              "smoothness of the slowly varying phase removed from complex runs (k-space window power)"),
+        Param("echoes", str, "joint", "multi-echo runs: one decomposition for all echoes (joint, default) or "
+              "each echo alone (separate)", choices=("joint", "separate")),
     ),
 ))

@@ -226,3 +226,43 @@ def make_bold_phantom(shape=(24, 24, 12), n_volumes=80, tr=2.0, *, snr=15.0, n_e
         tr=float(tr),
         affine=affine,
     )
+
+
+def write_bold_run(root, phantom: BoldPhantom, subject="01", session=None, task="rest") -> list[str]:
+    """Write a BOLD phantom into a BIDS dataset: one image per echo (``echo-<n>`` where there are
+    several), ``part-mag`` and ``part-phase`` images where it is complex, each with its sidecar
+    (RepetitionTime, TaskName, EchoTime, SliceTiming). Returns the magnitude images' paths relative to
+    ``root``, in echo order."""
+    import json
+    from pathlib import Path
+
+    import nibabel as nib
+
+    root = Path(root)
+    folder = f"sub-{subject}" + (f"/ses-{session}" if session else "") + "/func"
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    stem = f"sub-{subject}" + (f"_ses-{session}" if session else "") + f"_task-{task}"
+    n_slices = phantom.clean[0].shape[2]
+    written = []
+    for echo, magnitude in enumerate(phantom.magnitude):
+        name = stem + (f"_echo-{echo + 1}" if len(phantom.magnitude) > 1 else "")
+        images = {"": magnitude}
+        if phantom.phase is not None:
+            images = {"_part-mag": magnitude, "_part-phase": phantom.phase[echo]}
+        for part, array in images.items():
+            path = root / folder / f"{name}{part}_bold.nii.gz"
+            image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), phantom.affine)
+            image.set_qform(phantom.affine, code=1)
+            image.set_sform(phantom.affine, code=1)
+            image.header.set_xyzt_units("mm", "sec")
+            image.header.set_zooms(tuple(image.header.get_zooms()[:3]) + (phantom.tr,))
+            nib.save(image, str(path))
+            metadata = {"RepetitionTime": phantom.tr, "TaskName": task,
+                        "EchoTime": float(phantom.echo_times[echo]),
+                        "SliceTiming": [i * phantom.tr / n_slices for i in range(n_slices)]}
+            if part == "_part-phase":
+                metadata["Units"] = "rad"
+            path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(metadata, indent=2))
+            if part != "_part-phase":
+                written.append(str(path.relative_to(root)))
+    return written

@@ -25,6 +25,7 @@ class Phantom:
     bvecs: np.ndarray  # (3, V)
     affine: np.ndarray
     mask: np.ndarray  # the brain
+    phase: np.ndarray | None = None  # (X, Y, Z, V) noisy phase in radians, for a complex phantom
 
 
 def head_coordinates(shape):
@@ -44,7 +45,7 @@ def gradient_directions(count: int, rng) -> np.ndarray:
 
 
 def make_phantom(shape=(24, 24, 14), *, n_b0=3, shells=((1000.0, 24),), noise_sigma=0.05,
-                 voxel_size=2.0, seed=0, gradient_seed=None) -> Phantom:
+                 voxel_size=2.0, seed=0, gradient_seed=None, complex_phase=False) -> Phantom:
     """Simulate a DWI series.
 
     Parameters
@@ -59,6 +60,10 @@ def make_phantom(shape=(24, 24, 14), *, n_b0=3, shells=((1000.0, 24),), noise_si
         Seed of the noise (and of the gradient table unless ``gradient_seed``).
     gradient_seed : int, optional
         Seed of the gradient table, so runs can share one bval/bvec.
+    complex_phase : bool
+        Give the signal a smooth phase that changes from volume to volume (a static field, plus each
+        volume's own linear and quadratic terms, as motion during diffusion encoding makes) and return
+        the noisy phase too (``Phantom.phase``, radians); the noise draws are the same as without it.
     """
     rng = np.random.default_rng(seed)
     gradient_rng = np.random.default_rng(seed if gradient_seed is None else gradient_seed)
@@ -92,10 +97,22 @@ def make_phantom(shape=(24, 24, 14), *, n_b0=3, shells=((1000.0, 24),), noise_si
     smooth = 1.0 + 0.1 * np.cos(3 * grid[..., 0]) * np.cos(2 * grid[..., 1])  # coil shading
     signal = (s0 * smooth)[..., None] * attenuation
     sigma = noise_sigma * 1000.0
-    noisy = np.sqrt((signal + rng.normal(0, sigma, signal.shape)) ** 2 + rng.normal(0, sigma, signal.shape) ** 2)
+    real, imaginary = signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape)
+    phase = None
+    if complex_phase:
+        phase_rng = np.random.default_rng([seed, 1])
+        field = 1.2 * grid[..., 0] * grid[..., 1] + 0.8 * grid[..., 2] ** 2  # static: B0 and coil phase
+        terms = phase_rng.normal(0, 1.0, (len(bvals), 4))  # per volume: offset, tilts, curvature
+        angle = (field[..., None] + terms[:, 0] * np.pi + np.einsum("xyzc,vc->xyzv", grid[..., :2], terms[:, 1:3])
+                 + terms[:, 3] * (grid[..., 0:1] ** 2 + grid[..., 1:2] ** 2) * 0.5)
+        rotation = np.exp(1j * angle)
+        values = signal * rotation + (real - signal) + 1j * imaginary
+        noisy, phase = np.abs(values), np.angle(values).astype(np.float32)
+    else:
+        noisy = np.sqrt(real**2 + imaginary**2)
     affine = np.diag([voxel_size] * 3 + [1.0])
     affine[:3, 3] = -voxel_size * (np.array(shape) - 1) / 2
-    return Phantom(signal.astype(np.float32), noisy.astype(np.float32), bvals, bvecs, affine, brain)
+    return Phantom(signal.astype(np.float32), noisy.astype(np.float32), bvals, bvecs, affine, brain, phase)
 
 
 def make_anatomical(shape=(24, 24, 16), *, noise_sigma=0.05, seed=0, voxel_size=1.5):

@@ -35,16 +35,16 @@ def _in(folder: Path, name: str) -> Path:
 
 def test_one_load_feeds_any_method_and_the_sinks(tmp_path, run_files, phantom):
     image, bval, bvec = run_files
-    load = LoadRun(in_file=str(image), bval_file=str(bval), bvec_file=str(bvec)).run(cwd=str(_in(tmp_path, "load")))
+    load = LoadRun(in_files=str(image), bval_files=str(bval), bvec_files=str(bvec)).run(cwd=str(_in(tmp_path, "load")))
     data = np.load(load.outputs.data_file)
     assert data.dtype == np.float32 and np.array_equal(data, nib.load(image).get_fdata(dtype=np.float32))
     assert set(load.outputs.digests) == {image.name, bval.name, bvec.name}
 
     method = RunMethod(method="mppca", parameters={"extent": 3}, data_file=load.outputs.data_file,
-                       gradients_file=load.outputs.gradients_file, reference_file=str(image), seed=5)
+                       gradients_file=load.outputs.gradients_file, reference_files=str(image), seed=5)
     result = method.run(cwd=str(_in(tmp_path, "method"))).outputs
     kinds = {(item["kind"], item["name"]) for item in result.derivatives}
-    assert kinds == {("image", "image"), ("map", "noise"), ("map", "rank")}
+    assert kinds == {("image", "image"), ("map", "noise"), ("map", "rank"), ("map", "removed")}
     assert result.provenance["Parameters"]["extent"] == 3 and result.provenance["Parameters"]["estimator"] == "Exp2"
     assert result.provenance["Seed"] == 5
     denoised = nib.load(result.derivatives[0]["path"])
@@ -85,9 +85,9 @@ def test_a_figure_that_fails_is_a_warning_not_a_lost_run(tmp_path, run_files, mo
     from bids_denoise.reports import figures
 
     image, bval, bvec = run_files
-    load = LoadRun(in_file=str(image), bval_file=str(bval), bvec_file=str(bvec)).run(cwd=str(_in(tmp_path, "l")))
+    load = LoadRun(in_files=str(image), bval_files=str(bval), bvec_files=str(bvec)).run(cwd=str(_in(tmp_path, "l")))
     method = RunMethod(method="patch2self", parameters={}, data_file=load.outputs.data_file,
-                       gradients_file=load.outputs.gradients_file, reference_file=str(image))
+                       gradients_file=load.outputs.gradients_file, reference_files=str(image))
     result = method.run(cwd=str(_in(tmp_path, "m"))).outputs
 
     def broken(*args, **kwargs):
@@ -108,7 +108,7 @@ def test_a_bad_run_fails_at_load_and_leaves_a_record(tmp_path, run_files):
     data[1, 1, 1, 1] = np.nan
     nib.save(nib.Nifti1Image(data.astype(np.float32), source.affine), image)
     failures = tmp_path / "failures"
-    node = LoadRun(in_file=str(image), bval_file=str(bval), bvec_file=str(bvec), failure_dir=str(failures),
+    node = LoadRun(in_files=str(image), bval_files=str(bval), bvec_files=str(bvec), failure_dir=str(failures),
                    run_label="sub-01_dwi", stage="load")
     with pytest.raises(InputDataError, match="NaN or infinite"):
         node.run(cwd=str(_in(tmp_path, "l")))

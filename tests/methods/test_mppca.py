@@ -306,7 +306,7 @@ def test_explicit_defaults_are_the_defaults(phantom):
     assert plain.parameters == {
         "estimator": "Exp2", "aggregate": "centre", "stride": None, "demean": False, "shrinkage": "hard",
         "gaussian_width": None, "rank_weighting": None, "noise_source": "estimated", "noise_floor": "none",
-        "n_coils": None, "shells": None, "precision": "float64", "solver": plain.solver,
+        "n_coils": None, "shells": None, "precision": "float64", "solver": plain.solver, "complex": False,
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bids_denoise.bids import Run
+from bids_denoise.bids import Job, Run
 from bids_denoise.config import Execution, Nipype, RunConfig, Workflow
 from bids_denoise.outputs import Source
 from bids_denoise.registry import load_all
@@ -34,7 +34,7 @@ def test_each_run_gets_one_load_and_its_modalitys_methods(tmp_path):
     methods = ["patch2self", "median"]
     config = _config(tmp_path, methods, omp_nthreads=2)
     runs = [_run(tmp_path, "sub-01/dwi/sub-01_dwi.nii.gz", "dwi"), _run(tmp_path, "sub-01/anat/sub-01_T1w.nii.gz", "anat")]
-    workflow = init_participant_wf("01", runs, [specs[m] for m in methods], config, device="cpu",
+    workflow = init_participant_wf("01", [Job([run]) for run in runs], [specs[m] for m in methods], config, device="cpu",
                                    failure_dir=str(tmp_path / "f"), versions={})
     names = sorted(workflow.list_node_names())
     dwi_nodes = [n.split(".", 1)[1] for n in names if n.startswith("sub_01_dwi_wf")]
@@ -47,7 +47,7 @@ def test_each_run_gets_one_load_and_its_modalitys_methods(tmp_path):
     assert node.inputs.parameters == specs["patch2self"].defaults()
     assert node.inputs.seed == 4 and node.inputs.omp_nthreads == 2 and node.n_procs == 2
     load = workflow.get_node("sub_01_dwi_wf.load_run")
-    assert load.inputs.bval_file.endswith("sub-01_dwi.bval")
+    assert load.inputs.bval_files[0].endswith("sub-01_dwi.bval")
 
 
 def test_gpu_nodes_ask_a_batch_plugin_for_a_gpu(tmp_path):
@@ -55,9 +55,28 @@ def test_gpu_nodes_ask_a_batch_plugin_for_a_gpu(tmp_path):
     config = _config(tmp_path, ["patch2self", "mppca"], plugin="SLURM",
                      gpu_plugin_args={"sbatch_args": "--gres=gpu:1"})
     run = _run(tmp_path, "sub-01/dwi/sub-01_dwi.nii.gz", "dwi")
-    workflow = init_participant_wf("01", [run], [specs["patch2self"], specs["mppca"]], config, device="cuda",
+    workflow = init_participant_wf("01", [Job([run])], [specs["patch2self"], specs["mppca"]], config, device="cuda",
                                    failure_dir="", versions={})
     gpu = workflow.get_node("sub_01_dwi_wf.patch2self_denoise")
     cpu = workflow.get_node("sub_01_dwi_wf.mppca_denoise")
     assert gpu.plugin_args == {"sbatch_args": "--gres=gpu:1", "overwrite": True} and gpu.inputs.use_gpu
     assert not cpu.plugin_args and cpu.inputs.device == "cpu"
+
+
+def test_a_job_of_echoes_is_read_once_and_written_run_by_run(tmp_path):
+    """Three echoes: one load and one method node for the job, then each echo its own outputs."""
+    specs = load_all()
+    config = _config(tmp_path, ["nordic"])
+    runs = [_run(tmp_path, f"sub-01/func/sub-01_task-rest_echo-{e}_bold.nii.gz", "bold") for e in (1, 2, 3)]
+    job = Job(runs, "echoes", (30, 30, 30))
+    assert job.label == "sub-01_task-rest_bold"
+    workflow = init_participant_wf("01", [job], [specs["nordic"]], config, device="cpu",
+                                   failure_dir=str(tmp_path / "f"), versions={})
+    nodes = sorted(n.split(".", 1)[1] for n in workflow.list_node_names())
+    per_run = [f"nordic_{k}{i}" for i in range(3) for k in ("run", "report_run", "sink_run", "report_sink_run")]
+    assert nodes == sorted(["load_run", "nordic_denoise"] + per_run)
+    denoise = workflow.get_node("sub_01_task_rest_bold_wf.nordic_denoise")
+    assert denoise.inputs.members == [30, 30, 30] and denoise.inputs.job == "echoes"
+    assert [Path(p).name for p in denoise.inputs.reference_files] == [r.path.name for r in runs]
+    sinks = [workflow.get_node(f"sub_01_task_rest_bold_wf.nordic_sink_run{i}") for i in range(3)]
+    assert [sink.inputs.source_relpath for sink in sinks] == [run.relpath for run in runs]

@@ -231,7 +231,8 @@ class MethodSpec:
     returns the citation sentence (citing ``[key]`` of its ``references``).
     ``role`` is ``"denoise"`` (offered by ``--methods``) or ``"superres"``
     (offered by ``--super-resolution``). ``joint`` names the jobs of several runs
-    the method denoises as one (``"echoes"``, ``"session"``: see :class:`MethodInputs`);
+    the method denoises as one (``"echoes"``, ``"session"``: see :class:`MethodInputs`; or a function of the
+    parameters that returns them);
     ``session(parameters)``, where given, says whether these parameters want the DWI
     runs of a session read together; ``takes_phase`` that the method uses the phase
     of complex runs.
@@ -251,9 +252,13 @@ class MethodSpec:
     #: trains a network: slow on a CPU (the demo and quick checks leave it out)
     learned: bool = False
     mem_gb: float = 1.0
-    joint: tuple = ()
+    joint: tuple | Callable[[dict], tuple] = ()
     session: Callable[[dict], bool] | None = None
     takes_phase: bool = False
+
+    def joint_kinds(self, parameters: dict) -> tuple:
+        """The jobs of several runs these parameters denoise as one."""
+        return tuple(self.joint(parameters) if callable(self.joint) else self.joint)
 
     def wants_session(self, parameters: dict) -> bool:
         return self.session is not None and bool(self.session(self.parse(parameters)))

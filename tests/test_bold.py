@@ -135,15 +135,18 @@ def test_echoes_of_a_complex_run_are_denoised_together_and_written_echo_by_echo(
             sidecar = json.loads((out / f"{stem}_desc-{method}_bold.json").read_text())
             assert sidecar["EchoTime"] == pytest.approx(phantom.echo_times[echo])
             job = sidecar["Provenance"]["Details"]["job"]
-            assert job["kind"] == "echoes" and job["together"] and job["volumes"] == [40, 40, 40]
+            # NORDIC takes the echoes together, MP-PCA one by one (its default: measured better on BOLD)
+            assert job["kind"] == "echoes" and job["together"] == (method == "nordic")
+            assert job["volumes"] == [40, 40, 40]
             assert set(sidecar["Provenance"]["InputDigests"]) >= {
                 name.replace("part-mag", part) for name in map(lambda r: r.split("/")[-1], relpaths)
                 for part in ("part-mag", "part-phase")}
             assert (out / f"{stem}_desc-{method}_stat-noise_boldmap.nii.gz").exists()
         nordic = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())["Provenance"]["Details"]
         assert nordic["complex"] and nordic["joint"] and nordic["n_echoes"] == 3
-        mppca = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())["Provenance"]["Details"]
-        assert mppca["configuration"]["complex"] and mppca["configuration"]["noise_floor"] == "none"
+        mppca = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())
+        assert [run["configuration"]["complex"] for run in mppca["Provenance"]["Details"]["runs"]] == [False] * 3
+        assert any("phase image was not used" in warning for warning in mppca["Warnings"])
     if find_validator():
         n_errors, errors = validate_dataset(out)
         assert n_errors == 0, errors
@@ -151,13 +154,17 @@ def test_echoes_of_a_complex_run_are_denoised_together_and_written_echo_by_echo(
 
 def test_echoes_one_by_one_and_the_magnitude_alone_on_request(multiecho_dataset, tmp_path, capsys):
     raw, phantom, relpaths = multiecho_dataset
-    code = run_app(raw, tmp_path, "--methods", "nordic", "--nordic-echoes", "separate", "--nordic-phase", "ignore")
+    code = run_app(raw, tmp_path, "--methods", "nordic", "mppca", "--nordic-echoes", "separate", "--nordic-phase",
+                   "ignore", "--mppca-echoes", "joint", "--mppca-phase", "use")
     assert code == 0, capsys.readouterr().err
     stem = relpaths[1].replace("_bold.nii.gz", "")
     sidecar = json.loads((tmp_path / "out" / f"{stem}_desc-nordic_bold.json").read_text())
     details = sidecar["Provenance"]["Details"]
     assert not details["joint"] and not details["complex"]
     assert any("phase image was not used" in warning for warning in sidecar["Warnings"])
+    mppca = json.loads((tmp_path / "out" / f"{stem}_desc-mppca_bold.json").read_text())["Provenance"]["Details"]
+    assert mppca["job"]["together"] and mppca["configuration"]["complex"]
+    assert mppca["configuration"]["noise_floor"] == "none"
 
 
 def test_bad_complex_and_multi_echo_input_is_refused_one_line_each(multiecho_dataset, tmp_path, capsys):

@@ -65,7 +65,7 @@ class RunMethod(RecordedInterface):
         notes = []
         if phase is not None and not spec.takes_phase:
             notes.append(f"the phase image was not used: {spec.title} denoises the magnitude")
-        if members and job.job not in spec.joint:  # the method takes one run at a time
+        if members and job.job not in spec.joint_kinds(parameters):  # the method takes one run at a time
             jobs = [_member(job, index) for index in range(len(members))]
         else:
             jobs = [job]

@@ -91,8 +91,6 @@ import numpy as np
 
 from bids_denoise.methods.errors import UnsuitableDataError
 
-#: Phi^-1(3/4): the median absolute value of a standard normal variable.
-MAD_TO_SIGMA = 0.6744897501960817
 #: The filter forms, by the name recorded in the details.
 FORMS = ("median", "donut-median")
 #: Radius of the neighbourhood in which the local blend weight is estimated (3x3x3).
@@ -251,41 +249,11 @@ def _filter(image, radius, form):
 
 
 def _noise_variance(volumes):
-    """Noise variance from the finest Haar detail coefficients (Donoho & Johnstone 1994).
+    """Noise variance of the volumes (same noise level) from their finest Haar detail coefficients:
+    :func:`bids_denoise.methods.calibrate.image_noise_variance` (Donoho & Johnstone 1994)."""
+    from bids_denoise.methods.calibrate import image_noise_variance
 
-    Parameters
-    ----------
-    volumes : list of ndarray
-        Images with the same noise level (e.g. volumes of a run).
-
-    Returns
-    -------
-    float
-        ``(median |c| / 0.6745)^2`` over the coefficients ``c`` of every volume:
-        for each disjoint 2x2x2 block, the orthonormal Haar high-pass along every
-        axis of two or more samples (a unit-norm mixed difference: variance
-        ``sigma^2`` for white noise, zero for anything constant along an axis).
-        Blocks holding an exact zero are skipped (a zero-filled background
-        and the blocks that straddle its edge); no coefficient gives 0.
-    """
-    coefficients = []
-    for image in volumes:
-        detail = np.asarray(image, dtype=np.float64)
-        complete = detail != 0
-        for axis in range(detail.ndim):
-            if detail.shape[axis] < 2:
-                continue
-            even = 2 * (detail.shape[axis] // 2)
-            first = [slice(None)] * detail.ndim
-            second = [slice(None)] * detail.ndim
-            first[axis], second[axis] = slice(0, even, 2), slice(1, even, 2)
-            detail = (detail[tuple(second)] - detail[tuple(first)]) / np.sqrt(2.0)
-            complete = complete[tuple(first)] & complete[tuple(second)]
-        coefficients.append(detail[complete])
-    coefficients = np.concatenate([c.ravel() for c in coefficients]) if coefficients else np.zeros(0)
-    if coefficients.size == 0:
-        return 0.0
-    return float((np.median(np.abs(coefficients)) / MAD_TO_SIGMA) ** 2)
+    return image_noise_variance(list(volumes))
 
 
 def _selected(image, filtered, *, donut):

@@ -105,8 +105,9 @@ def _noise_sigma(parameters, shape):
 #: ``benchmarks/bold.py`` for BOLD, where dwidenoise's mode keeps more physiology, fewer false
 #: positives and less neighbour leak than the DWI configuration).
 AUTO = {
-    "dwi": {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius", "noise_floor": "koay"},
-    "bold": {"aggregate": "centre", "demean": False, "shrinkage": "hard", "noise_floor": "none"},
+    "dwi": {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius", "noise_floor": "koay",
+            "phase": "use"},
+    "bold": {"aggregate": "centre", "demean": False, "shrinkage": "hard", "noise_floor": "none", "phase": "ignore"},
 }
 
 
@@ -117,6 +118,7 @@ def resolve(parameters, modality) -> dict:
 
 
 def run(inputs, parameters) -> MethodResult:
+    given = parameters
     parameters = resolve(parameters, "dwi" if inputs.bvals is not None else "bold")
     mask = None
     if parameters["mask"] == "auto":
@@ -168,7 +170,8 @@ def run(inputs, parameters) -> MethodResult:
     removed = np.stack([_variance_removed(before, after) for before, after in
                         zip(inputs.split(inputs.data), inputs.split(image))], axis=3)
     if phase is None and inputs.phase is not None:
-        warnings.append("the phase image was not used (--mppca-phase ignore)")
+        warnings.append("the phase image was not used: MP-PCA denoised the magnitude (--mppca-phase "
+                        + ("ignore)" if given["phase"] == "ignore" else "auto, for BOLD; use: the complex series)"))
     maps = {
         "noise": OutputMap(noise, "MP-PCA noise level: standard deviation of the noise per voxel",
                            summary_key="NoiseSigmaMedian"),
@@ -214,10 +217,12 @@ def describe(parameters) -> str:
     else:
         how = _configuration(parameters)
     extra = ""
-    if parameters["phase"] == "use":
+    if parameters["phase"] in ("use", "auto"):
         extra += (" Complex runs (a part-mag image with its part-phase image), where present, were denoised as complex "
                   "data after each volume's slowly varying phase was removed [eichner2015], which leaves no noise "
-                  "floor.")
+                  "floor" + (" (DWI only; BOLD magnitude alone)." if parameters["phase"] == "auto" else "."))
+    if parameters["echoes"] == "joint":
+        extra += " The echoes of multi-echo BOLD runs were denoised together, with one decomposition."
     if parameters["noise_scope"] == "session":
         extra += " The noise level was estimated once over all DWI runs of a session and each run denoised with it."
     return (f"The image series were denoised with Marchenko-Pastur PCA [veraart2016] in a sliding window of extent "
@@ -248,7 +253,7 @@ SPEC = register(MethodSpec(
     references=(VERAART2016, CORDEROGRANDE2019, GAVISH2017, KOAY2006, MANJON2013, EICHNER2015),
     modalities=("dwi", "bold"),
     default=True,
-    joint=("echoes", "session"),
+    joint=lambda parameters: ("session",) + (("echoes",) if parameters["echoes"] == "joint" else ()),
     session=lambda parameters: parameters["noise_scope"] == "session",
     takes_phase=True,
     # the cost is one small eigenproblem per window: the compiled CPU solver does about 15,000
@@ -287,9 +292,13 @@ SPEC = register(MethodSpec(
         Param("noise_scope", str, "run",
               "estimate the noise level per run (run, default) or once over all DWI runs of a session with the "
               "same grid and denoise each run with it (session)", choices=("run", "session")),
-        Param("phase", str, "use",
-              "complex runs (part-mag with a part-phase image): denoise the phase-demodulated real part (use, "
-              "default) or the magnitude alone (ignore)", choices=("use", "ignore")),
+        Param("phase", str, "auto",
+              "complex runs (part-mag with a part-phase image): denoise the phase-demodulated complex series (use) "
+              "or the magnitude alone (ignore); auto (default): use for DWI, ignore for BOLD",
+              choices=("auto", "use", "ignore")),
+        Param("echoes", str, "separate",
+              "multi-echo BOLD runs: each echo alone (separate, default: measured better on the BOLD phantom) or "
+              "one decomposition for all echoes (joint)", choices=("separate", "joint")),
         Param("phase_filter_width", positive(float), float(default_of(mppca, "phase_filter_width")),
               "smoothness of the slowly varying phase removed from complex runs (k-space window power)"),
     ),

@@ -7,15 +7,8 @@ from bids_denoise.methods.p2snet import p2snet
 from bids_denoise.registry import register
 from bids_denoise.registry._training import budget, budget_params, save_weights
 from bids_denoise.registry.mppca import KOAY2006
+from bids_denoise.registry.patch2self import FADNAVIS2020
 
-FADNAVIS2020 = Reference(
-    "fadnavis2020",
-    "Fadnavis S, Batson J, Garyfallidis E. Patch2Self: Denoising Diffusion MRI with Self-Supervised Learning. "
-    "NeurIPS 2020.",
-    "@inproceedings{fadnavis2020,\n  author={Fadnavis, Shreyas and Batson, Joshua and Garyfallidis, Eleftherios},\n"
-    "  title={Patch2Self: Denoising Diffusion MRI with Self-Supervised Learning},\n  booktitle={NeurIPS},\n"
-    "  year={2020}\n}",
-)
 XIANG2023 = Reference(
     "xiang2023",
     "Xiang T, Yurt M, Syed AB, Setsompop K, Chaudhari A. DDM2: Self-Supervised Diffusion MRI Denoising with "
@@ -24,7 +17,6 @@ XIANG2023 = Reference(
     "Chaudhari, Akshay},\n  title={{DDM2}: Self-Supervised Diffusion {MRI} Denoising with Generative Diffusion "
     "Models},\n  booktitle={ICLR},\n  year={2023}\n}",
 )
-
 
 
 def run(inputs, parameters) -> MethodResult:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bids_denoise.contract import MethodResult, MethodSpec, Param, Reference, auto_or, default_of, positive
 from bids_denoise.methods.median import median_denoise
 from bids_denoise.registry import register
+from bids_denoise.registry.mppca import VERAART2016
 from bids_denoise.registry.noise2self import BATSON2019
 
 STEIN1981 = Reference(
@@ -18,24 +19,38 @@ STEIN1981 = Reference(
 
 
 def run(inputs, parameters) -> MethodResult:
-    result = median_denoise(inputs.data, radius=parameters["radius"], min_gain=parameters["min_gain"])
+    result = median_denoise(inputs.data, radius=parameters["radius"], min_gain=parameters["min_gain"],
+                            guide=parameters["guide"], guide_threshold=parameters["guide_threshold"])
     what = "DWI series" if inputs.bvals is not None else "Image"
     details = result.details
+    guided = details.get("guide") == "profile"
     if details["filter"] == "identity":
         description = f"{what} passed through unchanged: the self-supervised calibration found no filter that helps"
     else:
+        how = "blended with the input per volume" if guided else "locally blended with the input"
         description = (f"{what} denoised with a self-calibrated {details['filter']} filter "
-                       f"(radius {details['radius']}, locally blended with the input)")
-    warnings = [] if details["filter"] != "identity" else [
-        "the calibration chose no filtering (the output equals the input)"]
+                       f"(radius {details['radius']}, {how})")
+    warnings = []
+    if details["filter"] == "identity":
+        warnings.append("the calibration chose no filtering (the output equals the input)")
+        if not details["calibration"].get("noise_independent", True):
+            warnings.append("neighbouring voxels share their noise (interpolated, resampled or smoothed data?): "
+                            "the median's risk estimate does not hold there")
     return MethodResult(result.denoised, description, details=details, warnings=warnings)
 
 
 def describe(parameters) -> str:
-    return ("Images were filtered with a median filter whose radius, form (with or without the centre voxel) and "
-            "local blend with the input were chosen without ground truth, from the self-supervised Noise2Self "
-            "loss [batson2019] and Stein's unbiased risk estimate [stein1981]; no filtering was kept where no "
-            "candidate lowered the estimated risk.")
+    guided = ("Series of at least 8 volumes were filtered with a median over the neighbours whose signal in the "
+              "other volumes matched the voxel's (the voxel itself left out), blended with the input per volume; "
+              "its radius and weights were chosen from the self-supervised Noise2Self loss [batson2019] with the "
+              "noise level of Marchenko-Pastur PCA [veraart2016], and no filtering was kept where neighbouring "
+              "voxels shared their noise. Other "
+              if parameters["guide"] != "none" else "")
+    return (guided + ("images" if guided else "Images")
+            + " were filtered with a median filter whose radius, form (with or without the centre voxel) and local "
+            "blend with the input were chosen without ground truth, from the self-supervised Noise2Self loss "
+            "[batson2019] and Stein's unbiased risk estimate [stein1981]; no filtering was kept where no candidate "
+            "lowered the estimated risk.")
 
 
 SPEC = register(MethodSpec(
@@ -45,13 +60,19 @@ SPEC = register(MethodSpec(
             "no filtering when it does not help)",
     run=run,
     describe=describe,
-    references=(BATSON2019, STEIN1981),
+    references=(BATSON2019, STEIN1981, VERAART2016),
     modalities=("dwi", "anat"),
-    mem_gb=1.0,
+    mem_gb=2.0,
     params=(
         Param("radius", auto_or(positive(int)), default_of(median_denoise, "radius"),
               "filter radius in voxels, or auto (calibrated)"),
         Param("min_gain", float, default_of(median_denoise, "min_gain"),
               "least estimated risk reduction (a fraction of the noise variance) for filtering to be kept"),
+        Param("guide", str, default_of(median_denoise, "guide"),
+              "series: take only the neighbours whose signal in the other volumes matches the voxel's (profile), "
+              "every neighbour volume by volume (none), or profile for series of 8 or more volumes (auto)",
+              choices=("auto", "profile", "none")),
+        Param("guide_threshold", positive(float), float(default_of(median_denoise, "guide_threshold")),
+              "a neighbour is kept when its profile distance is below this many standard deviations"),
     ),
 ))

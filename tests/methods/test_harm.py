@@ -22,17 +22,7 @@ from bids_denoise.testing.phantom import make_phantom
 
 SHELLS = ((1000.0, 12), (2000.0, 12))
 
-MEDIAN_HARMS_FA = pytest.mark.xfail(
-    strict=True,
-    reason="the calibrated median raises the FA error in white matter above the noisy input's (tissue "
-           "borders; measured 0.066 vs 0.058 at SNR 10, 0.037 vs 0.029 at SNR 20): the 'Do no harm' issue",
-)
-METHODS = ["mppca", "patch2self", pytest.param("median", marks=MEDIAN_HARMS_FA)]
-MEDIAN_LOWERS_PREDICTION = pytest.mark.xfail(
-    strict=True,
-    reason="the calibrated median lowers the cross-validated R² on the real series (measured median R² 0.892 "
-           "vs 0.902 raw on this crop): the 'Do no harm' issue",
-)
+METHODS = ["mppca", "patch2self", "median"]
 
 
 def run_at_app_defaults(name, data, bvals, bvecs):
@@ -136,7 +126,7 @@ def test_cross_validation_punishes_a_denoiser_that_distorts(real_series):
     assert len(flattened.folds) == 5 and all(bvals[i] < 1300 for fold in flattened.folds for i in fold)
 
 
-@pytest.mark.parametrize("name", ["mppca", "patch2self", pytest.param("median", marks=MEDIAN_LOWERS_PREDICTION)])
+@pytest.mark.parametrize("name", METHODS)
 def test_cross_validated_prediction_is_not_lowered(real_series, name, caplog):
     data, bvals, bvecs, mask = real_series
     caplog.set_level(logging.ERROR)

@@ -62,7 +62,7 @@ SPEC = register(MethodSpec(
     describe=describe,
     references=(BATSON2019, STEIN1981, VERAART2016),
     modalities=("dwi", "anat"),
-    mem_gb=2.0,
+    mem_gb=3.0,
     params=(
         Param("radius", auto_or(positive(int)), default_of(median_denoise, "radius"),
               "filter radius in voxels, or auto (calibrated)"),

@@ -206,3 +206,29 @@ def test_bad_complex_and_multi_echo_input_is_refused_one_line_each(multiecho_dat
     err = capsys.readouterr().err
     assert code == 65 and f"{second}: this echo's grid (16x14x8) differs from echo 1's (16x16x8" in err
     assert not list((tmp_path / "grids").rglob("*task-rest*desc-mppca_bold.nii.gz"))
+
+
+def test_nordic_with_a_noise_map(bold_dataset, tmp_path, capsys):
+    """``--nordic-noise-map``: a g-factor / noise map divides the data before and multiplies after; the
+    noise map written is the one given; a map of the wrong shape is refused naming the file."""
+    raw, relpath, _, _ = bold_dataset
+    source = nib.load(raw / relpath)
+    sigma = np.linspace(4.0, 8.0, source.shape[0])[:, None, None] * np.ones(source.shape[:3], dtype=np.float32)
+    good, bad = tmp_path / "sigma.nii.gz", tmp_path / "sigma_bad.nii.gz"
+    nib.save(nib.Nifti1Image(sigma.astype(np.float32), source.affine), good)
+    nib.save(nib.Nifti1Image(sigma[:-1].astype(np.float32), source.affine), bad)
+    stem = relpath.replace("_bold.nii.gz", "")
+    for value, expected in ((good, 0), (bad, 65)):
+        out = tmp_path / f"out_{value.name}"
+        code = main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), "--participant-label", "01",
+                     "--session-label", "post", "--skip-bids-validation", "--methods", "nordic",
+                     "--nordic-noise-map", str(value)])
+        err = capsys.readouterr().err
+        assert code == expected, err
+        if expected:
+            assert "sigma_bad.nii.gz: a noise map of shape" in err
+            continue
+        details = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())["Provenance"]["Details"]
+        assert details["noise_map"]
+        written = nib.load(out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").get_fdata()
+        np.testing.assert_allclose(written, sigma, rtol=1e-5)

@@ -7,6 +7,7 @@ import numpy as np
 from bids_denoise.contract import MethodResult, MethodSpec, OutputMap, Param, Reference, default_of, positive
 from bids_denoise.methods.nordic import nordic
 from bids_denoise.registry import register
+from bids_denoise.registry.mppca import _noise_sigma, noise_map
 
 MOELLER2021 = Reference(
     "moeller2021",
@@ -29,6 +30,9 @@ VIZIOLI2021 = Reference(
 
 
 def run(inputs, parameters) -> MethodResult:
+    if isinstance(parameters["noise_map"], float) and parameters["noise_volumes"]:
+        raise ValueError("--nordic-noise-map as one value and --nordic-noise-volumes both set the noise level: "
+                         "give one of them")
     magnitudes = inputs.split(inputs.data)
     phase = inputs.phase if parameters["phase"] == "use" else None
     phases = None if phase is None else inputs.split(phase)
@@ -36,7 +40,7 @@ def run(inputs, parameters) -> MethodResult:
     result = nordic(magnitudes if several else magnitudes[0], (phases if several else phases[0]) if phases else None,
                     patch_ratio=parameters["patch_ratio"], noise_volumes=parameters["noise_volumes"],
                     phase_filter_width=parameters["phase_filter_width"], joint=parameters["echoes"] == "joint",
-                    seed=inputs.seed)
+                    noise_sigma=_noise_sigma(parameters, inputs.data.shape), seed=inputs.seed)
     parts = result.denoised if several else [result.denoised]
     details = dict(result.details)
     maps = {
@@ -61,6 +65,10 @@ def run(inputs, parameters) -> MethodResult:
 def describe(parameters) -> str:
     noise = (f"the last {parameters['noise_volumes']} volumes (noise scans)" if parameters["noise_volumes"]
              else "the Marchenko-Pastur distribution of the data")
+    if parameters["noise_map"] is not None:
+        noise = ("a given noise level" if isinstance(parameters["noise_map"], float) else
+                 "a given noise map, by which the data were divided before and multiplied after (g-factor "
+                 "normalisation)" + (" and " + noise if parameters["noise_volumes"] else ""))
     complex_runs = (" Complex runs (part-mag with part-phase) were denoised as complex data after each volume's "
                     "slowly varying phase was removed." if parameters["phase"] == "use" else "")
     complex_runs += (" The echoes of multi-echo runs were denoised "
@@ -88,6 +96,9 @@ SPEC = register(MethodSpec(
               "voxels per volume in a patch (NORDIC's 11:1)"),
         Param("noise_volumes", int, default_of(nordic, "noise_volumes"),
               "the last N volumes are noise scans: they set the threshold and are dropped from the output"),
+        Param("noise_map", noise_map, None,
+              "a known noise level (one number) or a 3D NIfTI noise / g-factor map (the data are divided by it "
+              "before denoising and multiplied after)"),
         Param("phase", str, "use", "complex runs (part-mag with a part-phase image): denoise them as complex data "
               "(use, default) or the magnitude alone (ignore)", choices=("use", "ignore")),
         Param("phase_filter_width", positive(float), float(default_of(nordic, "phase_filter_width")),

@@ -236,6 +236,10 @@ def build_config(args, methods, command_line: str):
         name: {param.name: _plain(getattr(args, methods[name].option_dest(param))) for param in methods[name].params}
         for name in workflow.all_methods
     }
+    for name in workflow.all_methods:
+        problem = methods[name].check(workflow.parameters[name]) if methods[name].check else None
+        if problem:
+            raise AppError(EXIT_USAGE, problem)
     if execution.output_layout == "bids":
         _one_denoiser_per_modality(workflow, methods)
     return RunConfig(execution, _nipype_settings(args, Nipype), workflow)

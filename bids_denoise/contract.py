@@ -235,7 +235,8 @@ class MethodSpec:
     parameters that returns them);
     ``session(parameters)``, where given, says whether these parameters want the DWI
     runs of a session read together; ``takes_phase`` that the method uses the phase
-    of complex runs.
+    of complex runs; ``check(parameters)``, where given, returns the usage error of parameter values
+    that cannot go together (the CLI exits 64 with it), or None.
     """
 
     name: str
@@ -255,6 +256,8 @@ class MethodSpec:
     joint: tuple | Callable[[dict], tuple] = ()
     session: Callable[[dict], bool] | None = None
     takes_phase: bool = False
+    #: ``check(parameters)``: a one-line usage error for values that cannot go together, or None
+    check: Callable[[dict], str | None] | None = None
 
     def joint_kinds(self, parameters: dict) -> tuple:
         """The jobs of several runs these parameters denoise as one."""

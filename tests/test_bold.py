@@ -232,3 +232,13 @@ def test_nordic_with_a_noise_map(bold_dataset, tmp_path, capsys):
         assert details["noise_map"]
         written = nib.load(out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").get_fdata()
         np.testing.assert_allclose(written, sigma, rtol=1e-5)
+
+
+def test_two_noise_levels_for_nordic_are_a_usage_error(bold_dataset, tmp_path, capsys):
+    raw, _, _, _ = bold_dataset
+    code = main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation", "--methods", "nordic",
+                 "--nordic-noise-map", "5", "--nordic-noise-volumes", "4"])
+    assert code == 64
+    err = capsys.readouterr().err
+    assert "--nordic-noise-map as one value and --nordic-noise-volumes" in err
+    assert not (tmp_path / "out").exists()

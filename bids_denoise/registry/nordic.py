@@ -29,10 +29,13 @@ VIZIOLI2021 = Reference(
 )
 
 
-def run(inputs, parameters) -> MethodResult:
+def check(parameters) -> str | None:
     if isinstance(parameters["noise_map"], float) and parameters["noise_volumes"]:
-        raise ValueError("--nordic-noise-map as one value and --nordic-noise-volumes both set the noise level: "
-                         "give one of them")
+        return "--nordic-noise-map as one value and --nordic-noise-volumes both set the noise level: give one"
+    return None
+
+
+def run(inputs, parameters) -> MethodResult:
     magnitudes = inputs.split(inputs.data)
     phase = inputs.phase if parameters["phase"] == "use" else None
     phases = None if phase is None else inputs.split(phase)
@@ -85,6 +88,7 @@ SPEC = register(MethodSpec(
     summary="locally low-rank denoising of BOLD with a hard threshold at the thermal noise level (magnitude; "
             "experimental: see the README's BOLD measurements)",
     run=run,
+    check=check,
     describe=describe,
     references=(MOELLER2021, VIZIOLI2021),
     modalities=("bold",),

@@ -437,13 +437,13 @@ def _blend(image, filtered, variance, *, donut=False) -> _Blend:
 # --- the profile-guided median of a series ----------------------------------------------------
 
 
-def _series_noise_variance(series):
+def _series_noise_variance(series, picks):
     """Noise variance of a (scaled) series: the median over voxels of MP-PCA's noise map [5]_.
 
     The Haar estimate of :func:`_noise_variance` reads fine anatomy as noise on small or finely
     detailed images (1.6 times MP-PCA's sigma on MRtrix3's test series); MP-PCA separates noise
     from signal across the volumes. Falls back to the Haar estimate where MP-PCA cannot run (too
-    few voxels or volumes for its window).
+    few voxels or volumes for its window), on the calibration volumes ``picks``.
     """
     from bids_denoise.methods.mppca import mppca
 
@@ -452,7 +452,6 @@ def _series_noise_variance(series):
     except (UnsuitableDataError, ValueError):
         sigma = None
     if sigma is None or not np.any(sigma > 0):
-        picks = np.unique(np.linspace(0, series.shape[3] - 1, min(8, series.shape[3])).round().astype(int))
         return _noise_variance([series[..., v] for v in picks]), "haar"
     return float(np.median(sigma[sigma > 0]) ** 2), "mppca"
 
@@ -479,7 +478,7 @@ class _Guide:
     """
 
     def __init__(self, series, variance, radius, threshold):
-        self.series, self.variance, self.offsets = series, variance, _offsets(radius)
+        self.series, self.radius, self.offsets = series, radius, _offsets(radius)
         n_volumes = series.shape[3]
         self.total = np.stack([np.sum((_shifted(series, o) - series) ** 2, axis=3) for o in self.offsets])
         self.limit = (1.0 + threshold * np.sqrt(2.0 / (n_volumes - 1))) * 2.0 * variance * (n_volumes - 1)
@@ -520,16 +519,15 @@ def _guided_blend(image, filtered, none, variance):
 
 def _guided_denoise(series, thetas, picks, min_gain, threshold, exponent):
     """The profile-guided donut median of a series, blended per volume; see :func:`median_denoise`."""
-    variance, estimator = _series_noise_variance(series)
+    variance, estimator = _series_noise_variance(series, picks)
     thetas = [r for r in thetas if r <= GUIDED_MAX_RADIUS] or [min(thetas)]
-    risks, ratios, guides = [], [], {}
+    risks, ratios, guide = [], [], None
     for r in thetas:
-        guides[r] = _Guide(series, variance, r, threshold)
-        fits = [_guided_blend(series[..., v], *guides[r].median(v), variance) for v in picks]
+        guide = None  # one radius's neighbour distances in memory at a time
+        guide = _Guide(series, variance, r, threshold)
+        fits = [_guided_blend(series[..., v], *guide.median(v), variance) for v in picks]
         risks.append(float(np.mean([risk for _, risk, _ in fits])))
         ratios.append(float(np.median([ratio for _, _, ratio in fits])))
-        if r != thetas[-1]:
-            guides.pop(r)  # keep memory to one guide at a time
     best = int(np.argmin(risks))
     gain = 1.0 - risks[best] / variance if variance > 0 else 0.0
     consistent = ratios[best] >= MIN_ENERGY_RATIO
@@ -538,8 +536,9 @@ def _guided_denoise(series, thetas, picks, min_gain, threshold, exponent):
     denoised = series.astype(np.float32, copy=True)
     volume_weights = [0.0] * series.shape[3]
     if chosen != "identity":
-        guide = guides.get(radius) or _Guide(series, variance, radius, threshold)
-        guides.clear()
+        if guide.radius != radius:
+            guide = None
+            guide = _Guide(series, variance, radius, threshold)
         for v in range(series.shape[3]):
             filtered, none = guide.median(v)
             weight, _, ratio = _guided_blend(series[..., v], filtered, none, variance)

@@ -87,7 +87,8 @@ def noise_map(text):
     return value
 
 
-def _noise_sigma(parameters, shape):
+def given_noise_sigma(parameters, shape):
+    """The noise level ``noise_map`` gives: None, one value, or a sigma map checked against the series."""
     given = parameters["noise_map"]
     if given is None or isinstance(given, float):
         return given
@@ -140,7 +141,7 @@ def run(inputs, parameters) -> MethodResult:
         demean=demean,
         shrinkage=parameters["shrinkage"],
         gaussian_width=parameters["gaussian_width"],
-        noise_sigma=_noise_sigma(parameters, inputs.data.shape),
+        noise_sigma=given_noise_sigma(parameters, inputs.data.shape),
         # complex data have no noise floor: their real part is denoised (see methods/phase.py)
         noise_floor="none" if phase is not None else parameters["noise_floor"],
         n_coils=parameters["n_coils"],

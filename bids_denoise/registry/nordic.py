@@ -7,7 +7,7 @@ import numpy as np
 from bids_denoise.contract import MethodResult, MethodSpec, OutputMap, Param, Reference, default_of, positive
 from bids_denoise.methods.nordic import nordic
 from bids_denoise.registry import register
-from bids_denoise.registry.mppca import _noise_sigma, noise_map
+from bids_denoise.registry.mppca import given_noise_sigma, noise_map
 
 MOELLER2021 = Reference(
     "moeller2021",
@@ -43,7 +43,7 @@ def run(inputs, parameters) -> MethodResult:
     result = nordic(magnitudes if several else magnitudes[0], (phases if several else phases[0]) if phases else None,
                     patch_ratio=parameters["patch_ratio"], noise_volumes=parameters["noise_volumes"],
                     phase_filter_width=parameters["phase_filter_width"], joint=parameters["echoes"] == "joint",
-                    noise_sigma=_noise_sigma(parameters, inputs.data.shape), seed=inputs.seed)
+                    noise_sigma=given_noise_sigma(parameters, inputs.data.shape), seed=inputs.seed)
     parts = result.denoised if several else [result.denoised]
     details = dict(result.details)
     maps = {

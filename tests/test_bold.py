@@ -44,9 +44,9 @@ def test_a_bold_run_is_denoised_with_its_maps_metadata_and_report(bold_dataset, 
     sidecar = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())
     assert sidecar["RepetitionTime"] == 2.0 and sidecar["TaskName"] == "rest" and len(sidecar["SliceTiming"]) == 8
     assert sidecar["QC"]["TSNRMedianAfter"] > sidecar["QC"]["TSNRMedianBefore"]
-    configuration = sidecar["Provenance"]["Details"]["configuration"]  # BOLD's auto: dwidenoise's mode
+    configuration = sidecar["Provenance"]["Details"]["configuration"]  # BOLD's auto: dwidenoise's mode, demeaned
     assert (configuration["aggregate"], configuration["shrinkage"], configuration["demean"],
-            configuration["noise_floor"]) == ("centre", "hard", False, "none")
+            configuration["noise_floor"]) == ("centre", "hard", "time", "none")
     assert sidecar["Provenance"]["Parameters"]["aggregate"] == "auto"
     for name in ("noise", "rank"):
         assert nib.load(out / f"{stem}_desc-mppca_stat-{name}_boldmap.nii.gz").shape == source.shape[:3]

@@ -68,9 +68,10 @@ EICHNER2015 = Reference(
 
 
 def demean_mode(text):
-    """``true``/``false`` (remove each window's mean or not), ``shell`` (per shell; DWI), or ``auto``."""
+    """``true``/``false`` (remove each window's mean or not), ``shell`` (per shell; DWI), ``time`` (each
+    voxel's temporal mean; BOLD), or ``auto``."""
     value = str(text).strip().lower()
-    return value if value in ("shell", "auto") else boolean(text)
+    return value if value in ("shell", "time", "auto") else boolean(text)
 
 
 def noise_map(text):
@@ -103,12 +104,13 @@ def given_noise_sigma(parameters, shape):
 
 
 #: What ``auto`` means for each modality (measured: ``benchmarks/mppca_quality.py`` for DWI,
-#: ``benchmarks/bold.py`` for BOLD, where dwidenoise's mode keeps more physiology, fewer false
-#: positives and less neighbour leak than the DWI configuration).
+#: ``benchmarks/bold.py`` for BOLD, where the centre voxel with each voxel's temporal mean removed and the
+#: window's average course kept leaks less noise into neighbours and keeps more physiology than
+#: dwidenoise's mode, with fewer false positives than the DWI configuration).
 AUTO = {
     "dwi": {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius", "noise_floor": "koay",
             "phase": "use"},
-    "bold": {"aggregate": "centre", "demean": False, "shrinkage": "hard", "noise_floor": "none", "phase": "ignore"},
+    "bold": {"aggregate": "centre", "demean": "time", "shrinkage": "hard", "noise_floor": "none", "phase": "ignore"},
 }
 
 
@@ -238,8 +240,9 @@ def _configuration(parameters) -> str:
                  "gaussian": "every window's voxels were rebuilt and averaged with Gaussian weights [manjon2013]"}
     floor = (", and the Rician noise floor was removed from the magnitude with the noise map [koay2006]"
              if parameters["noise_floor"] == "koay" else "")
-    demean = "each window's mean removed first, " if parameters["demean"] is True else (
-        "each shell's mean removed first, " if parameters["demean"] == "shell" else "")
+    demean = {True: "each window's mean removed first, ", "shell": "each shell's mean removed first, ",
+              "time": "each voxel's temporal mean removed first and the window's average fluctuation kept as a "
+                      "component, "}.get(parameters["demean"], "")
     return f"{demean}{keep}, {aggregate[parameters['aggregate']]}{floor}"
 
 
@@ -247,7 +250,8 @@ SPEC = register(MethodSpec(
     name="mppca",
     title="MP-PCA",
     summary="Marchenko-Pastur PCA in a sliding window; for DWI by default with optimal shrinkage, overcomplete "
-            "averaging and noise-floor removal, for BOLD as dwidenoise (each mode an option); complex runs, one "
+            "averaging and noise-floor removal, for BOLD as dwidenoise with each voxel's temporal mean removed (each "
+            "mode an option); complex runs, one "
             "noise estimate per session on request; noise, rank and variance-removed maps",
     run=run,
     describe=describe,
@@ -274,8 +278,9 @@ SPEC = register(MethodSpec(
               choices=("auto", "centre", "overcomplete", "gaussian")),
         Param("stride", integers(minimum=1), 1, "window step for overcomplete/gaussian: one or 'x,y,z'"),
         Param("demean", demean_mode, "auto",
-              "remove each window's mean before the PCA (true, as DIPY), not (false, as dwidenoise), or each "
-              "shell's (shell); auto (default): true for DWI, false for BOLD"),
+              "remove each window's mean before the PCA (true, as DIPY), not (false, as dwidenoise), each "
+              "shell's (shell), or each voxel's temporal mean with the window's average fluctuation kept (time: "
+              "less noise spread into neighbours); auto (default): true for DWI, time for BOLD"),
         Param("shrinkage", str, "auto",
               "keep the signal components as they are (hard, as dwidenoise and DIPY) or shrink them optimally "
               "(frobenius, Gavish-Donoho); auto (default): frobenius for DWI, hard for BOLD",

@@ -228,6 +228,58 @@ def make_bold_phantom(shape=(24, 24, 12), n_volumes=80, tr=2.0, *, snr=15.0, n_e
     )
 
 
+# ---- measures on a phantom's output (tests and benchmarks/bold.py)
+
+
+def task_t(series, phantom: BoldPhantom, voxels=None) -> np.ndarray:
+    """OLS t-values of the task regressor (with an intercept; physiology not modelled) in ``voxels``
+    (a boolean map; default the active region)."""
+    voxels = phantom.active if voxels is None else voxels
+    design = np.stack([phantom.regressor, np.ones_like(phantom.regressor)], axis=1)
+    values = series[voxels].T.astype(np.float64)
+    beta, *_ = np.linalg.lstsq(design, values, rcond=None)
+    residual = values - design @ beta
+    variance = np.maximum((residual**2).sum(axis=0) / (len(phantom.regressor) - 2), 1e-30)
+    return beta[0] / np.sqrt(variance * np.linalg.inv(design.T @ design)[0, 0])
+
+
+def physiology_kept(series, phantom: BoldPhantom, echo=0) -> float:
+    """Share of the physiological signal kept: the least-squares coefficient of the output's
+    fluctuations (each voxel's mean removed), less the rest of the noise-free signal, on the
+    physiological signal's, over the brain. 1: kept whole; 0: removed (thermal noise left untouched
+    is uncorrelated with it)."""
+    mask = phantom.mask
+    physiology = phantom.physiology[echo][mask].astype(np.float64)
+    rest = phantom.clean[echo][mask] - physiology
+    output = series[mask].astype(np.float64) - rest
+    p = physiology - physiology.mean(axis=1, keepdims=True)
+    o = output - output.mean(axis=1, keepdims=True)
+    return float((o * p).sum() / (p**2).sum())
+
+
+def neighbour_leak(series, phantom: BoldPhantom, echo=0, distance=1) -> float:
+    """How much of a voxel's noise reaches its neighbours: the regression coefficient, over time, of
+    the output error (output - truth) of the voxels ``distance`` away along each axis on the voxel's
+    own noise (noisy - truth), divided by the voxel's own coefficient, averaged over the brain. 0 for
+    a voxel-wise method; the ratio of the kernel's weights (0.29 at ``distance`` 1) for a Gaussian of
+    1.5 voxels FWHM."""
+    noise = (phantom.magnitude[echo] - phantom.clean[echo]).astype(np.float64)
+    error = (series - phantom.clean[echo]).astype(np.float64)
+    noise -= noise.mean(axis=-1, keepdims=True)
+    error -= error.mean(axis=-1, keepdims=True)
+    brain = phantom.mask
+    power = np.maximum((noise**2).sum(axis=-1), 1e-30)
+    own = ((error * noise).sum(axis=-1) / power)[brain].mean()
+    if abs(own) < 1e-12:
+        return 0.0
+    neighbours = []
+    for axis in range(3):
+        for shift in (distance, -distance):
+            both = brain & np.roll(brain, shift, axis=axis)
+            neighbours.append(((np.roll(error, shift, axis=axis) * noise).sum(axis=-1) / power)[both].mean())
+    return float(np.mean(neighbours) / own)
+
+
 def write_bold_run(root, phantom: BoldPhantom, subject="01", session=None, task="rest") -> list[str]:
     """Write a BOLD phantom into a BIDS dataset: one image per echo (``echo-<n>`` where there are
     several), ``part-mag`` and ``part-phase`` images where it is complex, each with its sidecar

@@ -7,40 +7,12 @@ import pytest
 
 from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods.nordic import nordic
-from bids_denoise.testing.bold_phantom import make_bold_phantom
+from bids_denoise.testing.bold_phantom import make_bold_phantom, physiology_kept, task_t
 
 
 def brain_rmse(series, phantom, echo=0):
     mask = phantom.mask
     return float(np.sqrt(np.mean((series[mask] - phantom.clean[echo][mask]) ** 2)))
-
-
-def task_t(series, phantom):
-    """OLS t-values of the task regressor (with an intercept; physiology not modelled) in the active
-    region."""
-    design = np.stack([phantom.regressor, np.ones_like(phantom.regressor)], axis=1)
-    values = series[phantom.active].T.astype(np.float64)
-    beta, *_ = np.linalg.lstsq(design, values, rcond=None)
-    residual = values - design @ beta
-    variance = (residual**2).sum(axis=0) / (len(phantom.regressor) - design.shape[1])
-    return beta[0] / np.sqrt(variance * np.linalg.inv(design.T @ design)[0, 0])
-
-
-def physiology_kept(series, phantom, echo=0):
-    """Share of the physiological signal kept: the least-squares coefficient of the output's
-    fluctuations (each voxel's mean removed) on the physiological signal's, after taking out the
-    rest of the noise-free signal, over the brain. 1: kept whole; 0: removed; the thermal noise of
-    an untouched series is uncorrelated with it (coefficient 1 on average)."""
-    mask = phantom.mask
-    physiology = phantom.physiology[echo][mask].astype(np.float64)
-    rest = phantom.clean[echo][mask] - physiology
-    output = series[mask].astype(np.float64)
-
-    def centred(x):
-        return x - x.mean(axis=1, keepdims=True)
-
-    p = centred(physiology)
-    return float((centred(output - rest) * p).sum() / (p**2).sum())
 
 
 @pytest.fixture(scope="module", params=[15.0, 40.0], ids=["snr15", "snr40"])

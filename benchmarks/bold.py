@@ -97,6 +97,7 @@ def main():
     parser.add_argument("--speed-shape", type=int, nargs=3, default=[64, 64, 32],
                         help="a BOLD run of a usual size for the speed comparison with dwidenoise")
     parser.add_argument("--speed-volumes", type=int, default=200, help="its volumes (0: no speed comparison)")
+    parser.add_argument("--speed-only", action="store_true", help="the speed comparison alone")
     args = parser.parse_args()
     shape = tuple(args.shape)
 
@@ -117,49 +118,34 @@ def main():
 
         return [run(m).denoised for m in p.magnitude]
 
-    def mppca_app(use_phase, joint=False, dwi=False):
+    def mppca_app(phase="ignore", joint=False, dwi=False):
         """The app's defaults for BOLD (registry/mppca.py: centre voxel, hard threshold, each voxel's
-        temporal mean removed and the window's average course kept; echo by echo, the phase ignored: here
-        also with the phase or the echoes side by side), or with ``dwi`` its DWI configuration
-        (overcomplete, demeaned, Frobenius shrinkage, the Koay noise-floor correction for magnitude data)."""
+        temporal mean removed and the window's average course kept, echo by echo; for a complex run the
+        magnitude at the noise level of the phase's imaginary channel, ``phase="noise"``), with the
+        magnitude alone (``"ignore"``), the complex series (``"use"``) or the echoes side by side, or with
+        ``dwi`` its DWI configuration (overcomplete, demeaned, Frobenius shrinkage, the Koay noise-floor
+        correction for magnitude data)."""
         def run(p):
             from bids_denoise.methods.mppca import mppca as denoise
+            from bids_denoise.methods.phase import noise_level
 
             options = {"demean": "time"}
             if dwi:
                 options = {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius",
-                           "noise_floor": "none" if use_phase else "koay"}
-            phases = p.phase if use_phase else [None] * len(p.magnitude)
-            if joint:  # the echoes side by side: one decomposition (the app's default for a multi-echo run)
-                stacked = denoise(np.concatenate(p.magnitude, axis=3),
-                                  phase=None if not use_phase else np.concatenate(phases, axis=3), **options)
-                return np.split(stacked.denoised, len(p.magnitude), axis=3)
-            return [denoise(m, phase=phase, **options).denoised for m, phase in zip(p.magnitude, phases)]
+                           "noise_floor": "none" if phase == "use" else "koay"}
+            magnitudes, phases = p.magnitude, p.phase
+            if joint:  # the echoes side by side: one decomposition
+                magnitudes, phases = [np.concatenate(magnitudes, axis=3)], [np.concatenate(phases, axis=3)]
+            outputs = []
+            for magnitude, series_phase in zip(magnitudes, phases):
+                extra = {}
+                if phase == "use":
+                    extra["phase"] = series_phase
+                elif phase == "noise":
+                    extra["noise_sigma"] = noise_level(magnitude, series_phase)
+                outputs.append(denoise(magnitude, **options, **extra).denoised)
+            return np.split(outputs[0], len(p.magnitude), axis=3) if joint else outputs
         return run
-
-    def dwidenoise(p):
-        """MRtrix3 dwidenoise on the magnitude series, one thread, its default window (as the fMRIPrep
-        pull request runs it), echo by echo."""
-        import shutil
-        import subprocess
-        import tempfile
-
-        import nibabel as nib
-
-        outputs = []
-        for magnitude in p.magnitude:
-            folder = Path(tempfile.mkdtemp(prefix="bold_dwidenoise_"))
-            try:
-                nib.save(nib.Nifti1Image(magnitude, p.affine), str(folder / "in.nii"))
-                subprocess.run(["dwidenoise", str(folder / "in.nii"), str(folder / "out.nii"), "-nthreads", "1",
-                                "-quiet", "-force"], check=True)
-                outputs.append(np.asarray(nib.load(str(folder / "out.nii")).get_fdata(dtype=np.float32)))
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-        return outputs
-
-    has_dwidenoise = shutil.which("dwidenoise") is not None
-    peer = [("MRtrix3 dwidenoise (magnitude)", dwidenoise)] if has_dwidenoise else []
 
     def nordic(use_phase, joint=True):
         def run(p):
@@ -173,22 +159,24 @@ def main():
 
     single = [("noisy", noisy), ("noise-free (ceiling)", truth), ("Gaussian 1.5 vox FWHM", gaussian), *peer,
               ("MP-PCA as dwidenoise (magnitude)", mppca),
-              ("MP-PCA app default (magnitude)", mppca_app(False)),
-              ("MP-PCA app default with the phase", mppca_app(True)),
-              ("MP-PCA DWI configuration (magnitude)", mppca_app(False, dwi=True)),
+              ("MP-PCA app default (magnitude)", mppca_app()),
+              ("MP-PCA app default (complex: noise level from phase)", mppca_app("noise")),
+              ("MP-PCA complex series (--mppca-phase use)", mppca_app("use")),
+              ("MP-PCA DWI configuration (magnitude)", mppca_app(dwi=True)),
               ("NORDIC magnitude", nordic(False)), ("NORDIC complex", nordic(True))]
     multi = [("noisy", noisy), ("Gaussian 1.5 vox FWHM", gaussian), *peer, ("MP-PCA as dwidenoise per echo", mppca),
-             ("MP-PCA app default (magnitude, per echo)", mppca_app(False)),
-             ("MP-PCA default, magnitude, joint", mppca_app(False, joint=True)),
-             ("MP-PCA default, with the phase, joint", mppca_app(True, joint=True)),
-             ("MP-PCA default, with the phase, per echo", mppca_app(True)),
+             ("MP-PCA app default (magnitude, per echo)", mppca_app()),
+             ("MP-PCA app default (complex, per echo)", mppca_app("noise")),
+             ("MP-PCA default, magnitude, joint", mppca_app(joint=True)),
+             ("MP-PCA complex series, joint", mppca_app("use", joint=True)),
+             ("MP-PCA complex series, per echo", mppca_app("use")),
              ("NORDIC magnitude joint", nordic(False)), ("NORDIC complex joint", nordic(True)),
              ("NORDIC complex per echo", nordic(True, joint=False))]
     headers = ["SNR", "echoes", "method", "RMSE", "median t", "t gain", "TPR", "FPR", "leak", "leak 2", "err ACF", "physio",
                "tSNR", "seconds"]
     rows, parities = [], []
     print(f"BOLD phantom {shape + (args.volumes,)}, {args.threads} BLAS thread(s), |t| > {THRESHOLD}")
-    for snr in (15.0, 40.0):
+    for snr in () if args.speed_only else (15.0, 40.0):
         for echoes, cases in ((1, single), (3, multi)):
             phantom = make(shape, args.volumes, snr, echoes)
             from scipy.ndimage import binary_dilation
@@ -214,11 +202,12 @@ def main():
                 parities.append(f"SNR {snr:.0f}, {echoes} echo(es): ours as dwidenoise against dwidenoise, largest "
                                 f"difference {difference.max():.2e} of the peak, voxels differing by more than 1e-3: "
                                 f"{np.mean(difference > 1e-3):.2%}")
-    table(rows, headers)
+    if rows:
+        table(rows, headers)
     for line in parities:
         print(line)
     if has_dwidenoise and args.speed_volumes:
-        speed(tuple(args.speed_shape), args.speed_volumes, dwidenoise, mppca, mppca_app(False))
+        speed(tuple(args.speed_shape), args.speed_volumes, dwidenoise, mppca, mppca_app())
 
 
 def speed(shape, volumes, dwidenoise, as_dwidenoise, default):

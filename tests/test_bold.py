@@ -145,8 +145,12 @@ def test_echoes_of_a_complex_run_are_denoised_together_and_written_echo_by_echo(
         nordic = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())["Provenance"]["Details"]
         assert nordic["complex"] and nordic["joint"] and nordic["n_echoes"] == 3
         mppca = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())
-        assert [run["configuration"]["complex"] for run in mppca["Provenance"]["Details"]["runs"]] == [False] * 3
-        assert any("phase image was not used" in warning for warning in mppca["Warnings"])
+        runs = mppca["Provenance"]["Details"]["runs"]
+        # BOLD's auto: the magnitude denoised at the noise level the phase's imaginary channel measures
+        assert [run["configuration"]["complex"] for run in runs] == [False] * 3
+        assert [run["configuration"]["noise_source"] for run in runs] == ["given"] * 3
+        assert all("imaginary" in run["noise_source"] for run in runs), runs[0]
+        assert not any("phase image was not used" in warning for warning in mppca.get("Warnings", []))
     if find_validator():
         n_errors, errors = validate_dataset(out)
         assert n_errors == 0, errors

@@ -6,6 +6,9 @@ in the real channel and the imaginary channel holds noise. Its real part has Gau
 receiver's standard deviation and no Rician noise floor, so denoising it (and reporting its
 magnitude) removes the floor at its source (Eichner et al. 2015; Moeller et al. 2021).
 
+The imaginary channel also measures the receiver's noise level directly (:func:`noise_level`), with
+no signal to tell it from, which the spread of magnitudes can only estimate.
+
 The slow phase is the angle of a low-pass filtered copy of each volume's complex image, slice by
 slice: the in-plane k-space window ``cos(pi f)**(2 w)`` along each axis (NORDIC's Tukey/Hann window
 raised to the power ``w``; ``w = 10`` is a Gaussian of about 2.2 voxels' standard deviation in image
@@ -97,3 +100,29 @@ def demodulate(magnitude, phase, *, width=10.0, units="auto"):
     values = np.asarray(magnitude, dtype=np.float64) * np.exp(1j * in_radians(phase, units))
     slow = slow_phase(values, width)
     return values * np.exp(-1j * slow), slow, units
+
+
+def noise_level(magnitude, phase, *, width=10.0, units="auto") -> np.ndarray:
+    """The thermal noise standard deviation per voxel, from the imaginary part of the demodulated series.
+
+    With the slowly varying phase removed (:func:`demodulate`), the imaginary channel holds the noise
+    of one receiver channel and what the slow phase missed, which changes slowly over time: the
+    root mean square of its successive differences over ``sqrt(2)`` is the Gaussian sigma, with
+    slow drifts cancelled.
+
+    Parameters
+    ----------
+    magnitude, phase : ndarray (X, Y, Z, T), T >= 2
+    width, units :
+        As :func:`demodulate`.
+
+    Returns
+    -------
+    ndarray (X, Y, Z), float64
+    """
+    values, _, _ = demodulate(magnitude, phase, width=width, units=units)
+    if values.shape[3] < 2:
+        raise UnsuitableDataError("a noise level from the phase needs at least 2 volumes")
+    imaginary = values.imag
+    del values
+    return np.sqrt(np.mean(np.diff(imaginary, axis=3) ** 2, axis=3) / 2.0)

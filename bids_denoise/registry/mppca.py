@@ -110,7 +110,7 @@ def given_noise_sigma(parameters, shape):
 AUTO = {
     "dwi": {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius", "noise_floor": "koay",
             "phase": "use"},
-    "bold": {"aggregate": "centre", "demean": "time", "shrinkage": "hard", "noise_floor": "none", "phase": "ignore"},
+    "bold": {"aggregate": "centre", "demean": "time", "shrinkage": "hard", "noise_floor": "none", "phase": "noise"},
 }
 
 
@@ -134,6 +134,16 @@ def run(inputs, parameters) -> MethodResult:
     if demean == "shell" and inputs.bvals is None:
         demean = True  # no shells outside diffusion: the window mean
     phase = inputs.phase if parameters["phase"] == "use" else None
+    noise_sigma = given_noise_sigma(parameters, inputs.data.shape)
+    details, warnings = {}, []
+    if parameters["phase"] == "noise" and inputs.phase is not None:
+        if noise_sigma is None:  # the receiver's noise level, measured in the imaginary channel
+            from bids_denoise.methods.phase import noise_level
+
+            noise_sigma = noise_level(inputs.data, inputs.phase, width=parameters["phase_filter_width"])
+            details["noise_source"] = "the imaginary part of the phase-demodulated series"
+        else:
+            warnings.append("a noise level was given: the phase image was not used")
     options = dict(
         mask=mask,
         extent=parameters["extent"],
@@ -143,7 +153,7 @@ def run(inputs, parameters) -> MethodResult:
         demean=demean,
         shrinkage=parameters["shrinkage"],
         gaussian_width=parameters["gaussian_width"],
-        noise_sigma=given_noise_sigma(parameters, inputs.data.shape),
+        noise_sigma=noise_sigma,
         # complex data have no noise floor: their real part is denoised (see methods/phase.py)
         noise_floor="none" if phase is not None else parameters["noise_floor"],
         n_coils=parameters["n_coils"],
@@ -154,7 +164,6 @@ def run(inputs, parameters) -> MethodResult:
     def denoise(data, bvals, phase, **extra):
         return mppca(data, bvals=bvals if demean == "shell" else None, phase=phase, **dict(options, **extra))
 
-    details, warnings = {}, []
     if inputs.job == "session" and options["noise_sigma"] is None:
         # one noise estimate over every run of the session, then each run denoised with it
         estimate = denoise(inputs.data, inputs.bvals, phase)
@@ -167,14 +176,14 @@ def run(inputs, parameters) -> MethodResult:
         details["noise_scope"] = "session: estimated over the stacked runs, each run denoised with it"
     else:
         if inputs.job == "session":
-            warnings.append("a noise level was given: the session's runs were each denoised with it")
+            warnings.append("a noise level was given or measured in the phase: the session's runs were each denoised "
+                            "with it")
         result = denoise(inputs.data, inputs.bvals, phase)
         image, noise, rank = result.denoised, result.noise_sigma, result.rank
     removed = np.stack([_variance_removed(before, after) for before, after in
                         zip(inputs.split(inputs.data), inputs.split(image))], axis=3)
-    if phase is None and inputs.phase is not None:
-        warnings.append("the phase image was not used: MP-PCA denoised the magnitude (--mppca-phase "
-                        + ("ignore)" if given["phase"] == "ignore" else "auto, for BOLD; use: the complex series)"))
+    if parameters["phase"] == "ignore" and inputs.phase is not None:
+        warnings.append("the phase image was not used: MP-PCA denoised the magnitude (--mppca-phase ignore)")
     maps = {
         "noise": OutputMap(noise, "MP-PCA noise level: standard deviation of the noise per voxel",
                            summary_key="NoiseSigmaMedian"),
@@ -189,7 +198,8 @@ def run(inputs, parameters) -> MethodResult:
     if inputs.job == "echoes":
         details["echoes"] = "denoised together (one decomposition over the stacked echoes)"
     what = "DWI series" if inputs.bvals is not None else "Series"
-    how = " (complex: the phase-demodulated real part)" if phase is not None else ""
+    how = " (complex: the phase-demodulated real part)" if phase is not None else (
+        " (the magnitude, at the noise level of the phase-demodulated imaginary part)" if "noise_source" in details else "")
     return MethodResult(image, f"{what} denoised with MP-PCA{how}", maps=maps, details=details, warnings=warnings)
 
 
@@ -223,7 +233,11 @@ def describe(parameters) -> str:
     if parameters["phase"] in ("use", "auto"):
         extra += (" Complex runs (a part-mag image with its part-phase image), where present, were denoised as complex "
                   "data after each volume's slowly varying phase was removed [eichner2015], which leaves no noise "
-                  "floor" + (" (DWI only; BOLD magnitude alone)." if parameters["phase"] == "auto" else "."))
+                  "floor" + (" (DWI only)." if parameters["phase"] == "auto" else "."))
+    if parameters["phase"] in ("noise", "auto"):
+        extra += (" For complex" + (" BOLD" if parameters["phase"] == "auto" else "") + " runs, the magnitude was "
+                  "denoised with the noise level measured in the imaginary part of the phase-demodulated series "
+                  "(successive differences over time) in place of the estimate.")
     if parameters["echoes"] == "joint":
         extra += " The echoes of multi-echo BOLD runs were denoised together, with one decomposition."
     if parameters["noise_scope"] == "session":
@@ -299,9 +313,10 @@ SPEC = register(MethodSpec(
               "estimate the noise level per run (run, default) or once over all DWI runs of a session with the "
               "same grid and denoise each run with it (session)", choices=("run", "session")),
         Param("phase", str, "auto",
-              "complex runs (part-mag with a part-phase image): denoise the phase-demodulated complex series (use) "
-              "or the magnitude alone (ignore); auto (default): use for DWI, ignore for BOLD",
-              choices=("auto", "use", "ignore")),
+              "complex runs (part-mag with a part-phase image): denoise the phase-demodulated complex series (use), "
+              "the magnitude with the noise level the phase's imaginary channel measures (noise) "
+              "or the magnitude alone (ignore); auto (default): use for DWI, noise for BOLD",
+              choices=("auto", "use", "noise", "ignore")),
         Param("echoes", str, "separate",
               "multi-echo BOLD runs: each echo alone (separate, default: measured better on the BOLD phantom) or "
               "one decomposition for all echoes (joint)", choices=("separate", "joint")),

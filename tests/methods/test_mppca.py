@@ -550,7 +550,7 @@ def test_temporal_demeaning_spreads_less_noise_and_keeps_more_physiology_than_dw
     def false_positives(series):
         return np.mean(np.abs(task_t(series, phantom, far)) > 3.1)
 
-    assert false_positives(timed.denoised) <= false_positives(noisy) + 0.002
+    assert false_positives(timed.denoised) <= false_positives(as_dwidenoise.denoised) + 0.005
     brain = phantom.mask
     error = np.sqrt(np.mean((timed.denoised[brain] - phantom.clean[0][brain]) ** 2))
     assert error < 0.4 * np.sqrt(np.mean((noisy[brain] - phantom.clean[0][brain]) ** 2))
@@ -579,3 +579,24 @@ def test_temporal_demeaning_of_a_complex_series_separates_real_and_imaginary_mea
     brain = phantom.mask
     noisy = np.sqrt(np.mean((phantom.magnitude[0][brain] - phantom.clean[0][brain]) ** 2))
     assert np.sqrt(np.mean((result.denoised[brain] - phantom.clean[0][brain]) ** 2)) < 0.4 * noisy
+
+
+def test_a_complex_bold_run_gains_from_the_noise_level_of_its_phase():
+    """BOLD's default for complex runs: the magnitude denoised at the noise level the phase's imaginary
+    channel measures. At tSNR 15 it raises the task t-values and lowers the error against the
+    magnitude alone (whose Marchenko-Pastur estimate is low by several percent), keeping the physiology."""
+    from bids_denoise.methods.phase import noise_level
+    from bids_denoise.testing.bold_phantom import make_bold_phantom, physiology_kept, task_t
+
+    phantom = make_bold_phantom(snr=15.0, seed=8)
+    magnitude = mppca(phantom.magnitude[0], demean="time")
+    measured = mppca(phantom.magnitude[0], demean="time",
+                     noise_sigma=noise_level(phantom.magnitude[0], phantom.phase[0]))
+    brain = phantom.mask
+
+    def error(result):
+        return np.sqrt(np.mean((result.denoised[brain] - phantom.clean[0][brain]) ** 2))
+
+    assert error(measured) < 0.9 * error(magnitude)
+    assert np.median(task_t(measured.denoised, phantom)) > 1.05 * np.median(task_t(magnitude.denoised, phantom))
+    assert physiology_kept(measured.denoised, phantom) > physiology_kept(magnitude.denoised, phantom) - 0.03

@@ -76,3 +76,20 @@ def test_complex_mppca_is_the_same_in_scanner_units_and_deterministic(complex_ph
     assert scanner.parameters["phase_units"] == "scanner"
     assert np.allclose(first.denoised, scanner.denoised, rtol=1e-4, atol=1e-2)
     assert np.array_equal(first.denoised, mppca(phantom.noisy, phase=phantom.phase).denoised)
+
+
+def test_the_noise_level_measured_in_the_imaginary_channel():
+    """On a BOLD phantom whose phase background drifts over the run, the imaginary channel of the
+    demodulated series gives the receiver's sigma to a few percent; a phase in scanner units the same."""
+    from bids_denoise.methods.phase import noise_level
+    from bids_denoise.testing.bold_phantom import make_bold_phantom
+
+    for snr in (15.0, 40.0):
+        phantom = make_bold_phantom(snr=snr, seed=7)
+        sigma = noise_level(phantom.magnitude[0], phantom.phase[0])
+        assert sigma.shape == phantom.mask.shape
+        assert np.median(sigma[phantom.mask]) == pytest.approx(phantom.noise_sigma, rel=0.06)
+        scanner = noise_level(phantom.magnitude[0], phantom.phase[0] / np.pi * SCANNER_RANGE)
+        assert np.allclose(scanner, sigma, rtol=1e-3)
+    with pytest.raises(UnsuitableDataError, match="2 volumes"):
+        noise_level(phantom.magnitude[0][..., :1], phantom.phase[0][..., :1])

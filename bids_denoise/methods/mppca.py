@@ -372,7 +372,7 @@ def mppca(
         shell_basis = _ShellBasis.from_bvals(bvals, data.shape[3])
     elif demean == "time":  # one group (a magnitude series) or one per part (real, imaginary)
         groups = np.zeros(data.shape[3], dtype=int) if _time_groups is None else np.asarray(_time_groups)
-        shell_basis = _ShellBasis(groups)
+        shell_basis = _ShellBasis(groups, mode="time")
     extent = _check_extent(extent, data.shape[3], shape)
     _check_window_holds_estimate(extent, data.shape, given)
     if shell_basis is not None:
@@ -400,14 +400,14 @@ def mppca(
     noise_variance = None if sigma_map is None else sigma_map.astype(np.float64) ** 2
     spatial = _gaussian_weights(extent, gaussian_width) if aggregate == "gaussian" else None
 
-    def denoise(series, demean_windows, course_weights=None):
+    def denoise(series, demean_windows, course_weights=None, out_volumes=None):
         windows = _WindowSolver(
             np.ascontiguousarray(series), extent, estimator == "Exp1", device, dtype, out_dtype,
             demean_windows, use_kernel, shrinkage=shrinkage, noise_variance=noise_variance,
             course_weights=course_weights,
         )
         if aggregate == "centre":
-            return windows.centre_voxels(mask)
+            return windows.centre_voxels(mask, out_volumes)
         return windows.overcomplete(mask, stride, spatial=spatial, rank_weighting=rank_weighting)
 
     if shell_basis is None:
@@ -416,8 +416,17 @@ def mppca(
         # the measured temporal means (their noise, sigma / sqrt(V), stays in its voxel); the window
         # weights of the average course are the voxels' overall means
         means = shell_basis.shell_means(data)
-        denoised, sigma, rank = denoise(shell_basis.residual(data), False, course_weights=means.mean(axis=3))
-        denoised = shell_basis.restore(denoised, means, out_dtype)
+        residual = shell_basis.residual(data)
+        n_volumes = data.shape[3]
+        data = None  # not needed again: a converted copy goes now
+        if aggregate == "centre":  # the series rebuilt in the output's own memory
+            denoised, sigma, rank = denoise(residual, False, course_weights=means.mean(axis=3), out_volumes=n_volumes)
+            del residual
+            shell_basis.restore_in_place(denoised, means)
+        else:
+            denoised, sigma, rank = denoise(residual, False, course_weights=means.mean(axis=3))
+            del residual
+            denoised = shell_basis.restore(denoised, means, out_dtype)
         if mask is not None:
             denoised[~mask] = 0
     else:
@@ -574,8 +583,9 @@ class _ShellBasis:
     ``x``'s, and the means are added back after.
     """
 
-    def __init__(self, labels):
+    def __init__(self, labels, mode="shell"):
         self.labels = labels
+        self.mode = mode  # "shell" (b-value shells) or "time" (one group, or real and imaginary parts)
         columns = []
         for label in np.unique(labels):
             members = np.flatnonzero(labels == label)
@@ -601,7 +611,8 @@ class _ShellBasis:
     def check_enough_volumes(self):
         if self.basis.shape[1] < MIN_EIGENVALUES:
             raise UnsuitableDataError(
-                f"MP-PCA with demean: {self.labels.size} volumes in {self.n_shells} group(s) leave "
+                f"MP-PCA with demean={self.mode!r}: {self.labels.size} volumes in {self.n_shells} "
+                f"{'shells' if self.mode == 'shell' else 'group(s)'} leave "
                 f"{self.basis.shape[1]} dimensions once their means are removed, fewer than "
                 f"{MIN_EIGENVALUES}"
             )
@@ -621,6 +632,14 @@ class _ShellBasis:
         for part in _slabs(data.shape, data.nbytes):
             out[part] = data[part].astype(np.float64) @ weights
         return out
+
+    def restore_in_place(self, series, shell_means):
+        """As :meth:`restore` where ``series`` (X, Y, Z, V) holds the residual in its first ``V - S``
+        volumes: the full series is written over it, slab by slab."""
+        shells = np.searchsorted(np.unique(self.labels), self.labels)
+        kept = self.basis.shape[1]
+        for part in _slabs(series.shape, series.nbytes):
+            series[part] = shell_means[part][..., shells] + series[part][..., :kept].astype(np.float64) @ self.basis.T
 
     def restore(self, residual, shell_means, out_dtype):
         """``shell_means`` (X, Y, Z, S) spread over their volumes plus the residual mapped back: (X, Y, Z, V)."""
@@ -954,18 +973,20 @@ class _WindowSolver:
         weights = torch.from_numpy(
             self.course_windows[corners[:, 0], corners[:, 1], corners[:, 2]].reshape(len(corners), -1)
         ).to(self.device, torch.float64)
-        values = matrix.to(torch.float64)
-        course = (weights.unsqueeze(1) @ values)[:, 0, :]  # (B, V)
+        # the weighted sum over the window's voxels in the matrix's own precision (float32 where the
+        # compiled solver rebuilds in float32: no float64 copy of the window data); the rest in float64
+        course = (weights.to(matrix.dtype).unsqueeze(1) @ matrix)[:, 0, :].to(torch.float64)  # (B, V)
         if self.n_volumes <= self.n_voxels:  # signal: temporal vectors as columns (B, V, k)
             basis = signal.to(torch.float64)
         else:  # spatial vectors: their temporal counterparts, orthogonal already, normalised
-            basis = values.transpose(1, 2) @ signal.to(torch.float64)
+            basis = (matrix.transpose(1, 2) @ signal).to(torch.float64)
             basis = basis / basis.norm(dim=1, keepdim=True).clamp_min(1e-300)
         course = course - (basis @ (basis.transpose(1, 2) @ course.unsqueeze(2)))[..., 0]
         norm = course.norm(dim=1, keepdim=True)
-        scale = values.abs().amax(dim=(1, 2)).unsqueeze(1) * weights.abs().sum(dim=1, keepdim=True)
+        scale = matrix.abs().amax(dim=(1, 2)).to(torch.float64).unsqueeze(1) * weights.abs().sum(dim=1, keepdim=True)
         # nothing left above rounding (a window of constant series): no course
-        left = (norm > 1e-9 * scale.clamp_min(1e-300)) & (n_noise > 0).unsqueeze(1)
+        tolerance = 1e-9 if matrix.dtype == torch.float64 else 1e-5  # above the rounding of the weighted sum
+        left = (norm > tolerance * scale.clamp_min(1e-300)) & (n_noise > 0).unsqueeze(1)
         course = torch.where(left, course / norm.clamp_min(1e-300), torch.zeros_like(course))
         return course.to(matrix.dtype)
 
@@ -1062,14 +1083,16 @@ class _WindowSolver:
         upper = np.array(self.shape) - np.array(self.extent)
         return np.clip(coordinates - half, 0, upper)
 
-    def centre_voxels(self, mask):
+    def centre_voxels(self, mask, out_volumes=None):
         """dwidenoise's mode: each voxel rebuilt from its own (border-shifted) window.
 
         Voxels near the border share one window (it is shifted, not padded): each
         distinct window is decomposed once.
         """
         shape, n_volumes = self.shape, self.n_volumes
-        denoised = np.zeros(shape + (n_volumes,), dtype=self.out_dtype)
+        # out_volumes: room for the series the caller will rebuild in place (demean="time": one volume
+        # more than the demeaned series); the denoised volumes are the first n_volumes
+        denoised = np.zeros(shape + (out_volumes or n_volumes,), dtype=self.out_dtype)
         sigma = np.zeros(shape, dtype=np.float32)
         rank = np.zeros(shape, dtype=np.int16)
         targets = np.flatnonzero(mask.ravel()) if mask is not None else np.arange(np.prod(shape))
@@ -1114,7 +1137,7 @@ class _WindowSolver:
                 rebuilt = rebuilt + mean[which, 0, :]
             # each target voxel belongs to one batch: the writes never overlap
             index = np.unravel_index(targets[batch_targets], shape)
-            denoised[index] = rebuilt.cpu().numpy()
+            denoised[index + (slice(0, n_volumes),)] = rebuilt.cpu().numpy()
             sigma[index] = torch.sqrt(sigma2)[which].cpu().numpy()
             rank[index] = n_signal[which].cpu().numpy()
 

@@ -147,6 +147,30 @@ def main():
             return np.split(outputs[0], len(p.magnitude), axis=3) if joint else outputs
         return run
 
+    def dwidenoise(p):
+        """MRtrix3 dwidenoise on the magnitude series, one thread, its default window (as the fMRIPrep
+        pull request runs it), echo by echo."""
+        import shutil
+        import subprocess
+        import tempfile
+
+        import nibabel as nib
+
+        outputs = []
+        for magnitude in p.magnitude:
+            folder = Path(tempfile.mkdtemp(prefix="bold_dwidenoise_"))
+            try:
+                nib.save(nib.Nifti1Image(magnitude, p.affine), str(folder / "in.nii"))
+                subprocess.run(["dwidenoise", str(folder / "in.nii"), str(folder / "out.nii"), "-nthreads", "1",
+                                "-quiet", "-force"], check=True)
+                outputs.append(np.asarray(nib.load(str(folder / "out.nii")).get_fdata(dtype=np.float32)))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        return outputs
+
+    has_dwidenoise = shutil.which("dwidenoise") is not None
+    peer = [("MRtrix3 dwidenoise (magnitude)", dwidenoise)] if has_dwidenoise else []
+
     def nordic(use_phase, joint=True):
         def run(p):
             from bids_denoise.methods.nordic import nordic as denoise

@@ -79,6 +79,10 @@ from bids_denoise.methods.noise_floor import remove_noise_floor, variance_factor
 
 #: Bytes of window data handled per batch (per worker thread).
 BATCH_BYTES = 16 * 2**20
+#: The fewest windows per batch (a multiple of the compiled solver's 8 lanes): larger batches share more
+#: z-planes' Gram matrices, smaller ones hold less memory (64x64x32, 200 volumes, one thread: 64 took
+#: 99 s and 2.4x the series in extra peak memory, 32 took 109 s and 2.1x, 16 took 137 s and 1.8x).
+BATCH_MIN = 32
 
 #: Fewest eigenvalues a window matrix must have (min(voxels, volumes)) for a Marchenko-Pastur
 #: estimate: see :func:`_check_window_holds_estimate`.
@@ -899,7 +903,7 @@ class _WindowSolver:
         # batches of about BATCH_BYTES, smaller for small inputs so that the buffers of all worker
         # threads stay a fraction of the input (peak memory about the input plus the output)
         budget = min(BATCH_BYTES, data.nbytes // 4)  # independent of the thread count: same sums
-        self.batch = max(64, budget // bytes_per_window)  # fewer, larger batches scale better on threads
+        self.batch = max(BATCH_MIN, budget // bytes_per_window)  # fewer, larger batches scale better on threads
         if device.type == "cuda":
             self.batch *= 16
 

@@ -423,13 +423,13 @@ def mppca(
         residual = shell_basis.residual(data)
         n_volumes = data.shape[3]
         data = None  # not needed again: a converted copy goes now
-        if aggregate == "centre":  # the series rebuilt in the output's own memory
-            denoised, sigma, rank = denoise(residual, False, course_weights=means.mean(axis=3), out_volumes=n_volumes)
-            del residual
+        in_place = aggregate == "centre"  # the series rebuilt in the output's own memory
+        denoised, sigma, rank = denoise(residual, False, course_weights=means.mean(axis=3),
+                                        out_volumes=n_volumes if in_place else None)
+        del residual
+        if in_place:
             shell_basis.restore_in_place(denoised, means)
         else:
-            denoised, sigma, rank = denoise(residual, False, course_weights=means.mean(axis=3))
-            del residual
             denoised = shell_basis.restore(denoised, means, out_dtype)
         if mask is not None:
             denoised[~mask] = 0
@@ -640,18 +640,21 @@ class _ShellBasis:
     def restore_in_place(self, series, shell_means):
         """As :meth:`restore` where ``series`` (X, Y, Z, V) holds the residual in its first ``V - S``
         volumes: the full series is written over it, slab by slab."""
-        shells = np.searchsorted(np.unique(self.labels), self.labels)
         kept = self.basis.shape[1]
         for part in _slabs(series.shape, series.nbytes):
-            series[part] = shell_means[part][..., shells] + series[part][..., :kept].astype(np.float64) @ self.basis.T
+            series[part] = self._restored(series[part][..., :kept], shell_means[part])
 
     def restore(self, residual, shell_means, out_dtype):
         """``shell_means`` (X, Y, Z, S) spread over their volumes plus the residual mapped back: (X, Y, Z, V)."""
-        shells = np.searchsorted(np.unique(self.labels), self.labels)
         out = np.empty(residual.shape[:3] + (self.labels.size,), dtype=out_dtype)
         for part in _slabs(out.shape, out.nbytes):
-            out[part] = shell_means[part][..., shells] + residual[part].astype(np.float64) @ self.basis.T
+            out[part] = self._restored(residual[part], shell_means[part])
         return out
+
+    def _restored(self, residual, shell_means):
+        """One slab's series, float64: its shell means over their volumes plus its residual mapped back."""
+        shells = np.searchsorted(np.unique(self.labels), self.labels)
+        return shell_means[..., shells] + residual.astype(np.float64) @ self.basis.T
 
 
 def _check_series(data) -> np.ndarray:
@@ -1121,8 +1124,8 @@ class _WindowSolver:
             centre = torch.from_numpy(centres[batch_targets]).to(self.device)
             vectors_t = vectors[which]  # (T, r, k), noise columns zero
             gain_t = None if gain is None else gain[which].to(matrix.dtype)  # (T, k)
+            column = matrix[which, centre, :]  # (T, V): the centre voxels' own series
             if n_volumes <= self.n_voxels:
-                column = matrix[which, centre, :]  # (T, V)
                 coefficients = (vectors_t.transpose(1, 2) @ column.unsqueeze(2))[..., 0]
                 if gain_t is not None:
                     coefficients = coefficients * gain_t
@@ -1135,8 +1138,7 @@ class _WindowSolver:
                 rebuilt = (matrix[which].transpose(1, 2) @ weights)[..., 0]
             if course is not None:  # the centre voxel's own amplitude on the window's average course
                 course_t = course[which]
-                own = matrix[which, centre, :]
-                rebuilt = rebuilt + (own * course_t).sum(dim=1, keepdim=True) * course_t
+                rebuilt = rebuilt + (column * course_t).sum(dim=1, keepdim=True) * course_t
             if mean is not None:
                 rebuilt = rebuilt + mean[which, 0, :]
             # each target voxel belongs to one batch: the writes never overlap

@@ -120,9 +120,9 @@ def noise_level(magnitude, phase, *, width=10.0, units="auto") -> np.ndarray:
     -------
     ndarray (X, Y, Z), float64
     """
+    if np.ndim(magnitude) != 4 or np.shape(magnitude)[3] < 2:
+        raise UnsuitableDataError("a noise level from the phase needs a series of at least 2 volumes")
     values, _, _ = demodulate(magnitude, phase, width=width, units=units)
-    if values.shape[3] < 2:
-        raise UnsuitableDataError("a noise level from the phase needs at least 2 volumes")
     imaginary = values.imag
     del values
     return np.sqrt(np.mean(np.diff(imaginary, axis=3) ** 2, axis=3) / 2.0)

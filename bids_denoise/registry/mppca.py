@@ -121,7 +121,6 @@ def resolve(parameters, modality) -> dict:
 
 
 def run(inputs, parameters) -> MethodResult:
-    given = parameters
     parameters = resolve(parameters, "dwi" if inputs.bvals is not None else "bold")
     mask = None
     if parameters["mask"] == "auto":

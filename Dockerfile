@@ -43,7 +43,7 @@ COPY bids_denoise /src/bids_denoise
 RUN --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     pip install --find-links /tmp/wheels "/src[validator]" && rm -rf /src /tmp/wheels \
-    && python3 -c "from bids_denoise.methods.mppca import kernel_available; assert kernel_available(), 'MP-PCA solver not built'"
+    && python3 -c "from bids_denoise.methods.core.localpca import kernel_available; assert kernel_available(), 'MP-PCA solver not built'"
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0

@@ -7,9 +7,9 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 DEMO   ?= demo
 
-.PHONY: test test-fast demo benchmark clean
+.PHONY: test test-fast demo benchmark docs clean
 
-$(VENV)/.installed: pyproject.toml setup.py bids_denoise/methods/_mppca_kernel.c
+$(VENV)/.installed: pyproject.toml setup.py bids_denoise/methods/core/_localpca_kernel.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml setup.py bids_denoise/methods/_mppca_kernel.c
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not container and not slurm and not image"
+	$(PY) -m pytest -q -m "not container and not slurm and not image and not clients"
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not container and not slurm and not image" tests/methods
+	$(PY) -m pytest -q -m "not container and not slurm and not image and not clients" tests/methods
 
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)
@@ -31,6 +31,10 @@ benchmark: $(VENV)/.installed
 	$(PY) benchmarks/mppca.py
 	$(PY) benchmarks/mppca_quality.py
 	$(PY) benchmarks/bold.py
+
+# docs/options.md is generated from the parser (tests/test_docs.py fails when it is stale)
+docs: $(VENV)/.installed
+	$(PY) -m bids_denoise.usage docs/options.md
 
 clean:
 	rm -rf $(VENV) $(DEMO) work .pytest_cache

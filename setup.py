@@ -13,8 +13,8 @@ flags = [] if sys.platform == "win32" else ["-O3", "-fno-wrapv", "-fno-fast-math
 setup(
     ext_modules=[
         Extension(
-            "bids_denoise.methods._mppca_kernel",
-            sources=["bids_denoise/methods/_mppca_kernel.c"],
+            "bids_denoise.methods.core._localpca_kernel",
+            sources=["bids_denoise/methods/core/_localpca_kernel.c"],
             extra_compile_args=flags,
             optional=True,
         )

@@ -15,8 +15,8 @@ def _child(queue, function, args, threads, warmup):
 
 
 def _measure_here(queue, function, args, threads, warmup=None):
-    from threadpoolctl import threadpool_limits
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
     with threadpool_limits(threads):

@@ -126,8 +126,8 @@ def main():
         ``dwi`` its DWI configuration (overcomplete, demeaned, Frobenius shrinkage, the Koay noise-floor
         correction for magnitude data)."""
         def run(p):
+            from bids_denoise.methods.core.phase import noise_level
             from bids_denoise.methods.mppca import mppca as denoise
-            from bids_denoise.methods.phase import noise_level
 
             options = {"demean": "time"}
             if dwi:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from bids_denoise.methods.shells import cluster_shells
+from bids_denoise.methods.core.shells import cluster_shells
 
 
 def tensor_fit(series, bvals, bvecs, mask):

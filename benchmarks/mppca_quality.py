@@ -141,7 +141,7 @@ class Scorer:
     """Everything the columns need from one phantom, computed once."""
 
     def __init__(self, phantom, sigma):
-        from bids_denoise.methods.shells import cluster_shells
+        from bids_denoise.methods.core.shells import cluster_shells
 
         self.phantom, self.sigma = phantom, sigma
         self.brain = phantom.mask

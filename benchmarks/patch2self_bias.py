@@ -27,10 +27,10 @@ def variants(bvals, n_fit_voxels, noise_sigma, seed):
     from bids_denoise.methods.mppca import mppca
     from bids_denoise.methods.patch2self import DIPY_OPTIONS, LOW_BIAS_OPTIONS, patch2self
 
-    def ours(**options):
-        return lambda data: patch2self(data, bvals, **options)
+    def ours(options, **changes):
+        return lambda data: patch2self(data, bvals, options, **changes)
 
-    dipy_mode = dict(DIPY_OPTIONS)
+    dipy_mode = DIPY_OPTIONS
     rows = {
         "noisy input": lambda data: data,
         "MP-PCA (app default)": lambda data: mppca(data, aggregate="overcomplete", demean=True, shrinkage="frobenius",
@@ -49,22 +49,22 @@ def variants(bvals, n_fit_voxels, noise_sigma, seed):
     except ImportError:
         pass
     rows.update({
-        "ours, DIPY options (b0_dwi)": ours(**dipy_mode),
-        "  grouping shell": ours(**{**dipy_mode, "grouping": "shell"}),
-        "  ridge, alpha = N sigma^2": ours(**dipy_mode, model="ridge", alpha=n_fit_voxels * noise_sigma**2),
-        "  patch radius 1": ours(**dipy_mode, patch_radius=1),
-        "  fit mask auto": ours(**{**dipy_mode, "mask": "auto"}),
-        "  grouping all": ours(**{**dipy_mode, "grouping": "all"}),
-        "  tiles (auto)": ours(**{**dipy_mode, "tile": "auto"}),
-        "  blend volume": ours(**{**dipy_mode, "blend": "volume"}),
-        "  noise floor koay": ours(**{**dipy_mode, "noise_floor": "koay"}),
-        "mask + all": ours(**{**dipy_mode, "mask": "auto", "grouping": "all"}),
-        "mask + all + tiles": ours(**{**dipy_mode, "mask": "auto", "grouping": "all", "tile": "auto"}),
-        "mask + all + blend + koay (no tiles)": ours(**{**LOW_BIAS_OPTIONS, "tile": None}),
-        "mask + all + tiles + blend": ours(**{**LOW_BIAS_OPTIONS, "noise_floor": "none"}),
-        "mask + b0_dwi + tiles + blend + koay": ours(**{**LOW_BIAS_OPTIONS, "grouping": "b0_dwi"}),
-        "mask + all + tiles + blend + koay (app)": ours(**LOW_BIAS_OPTIONS),
-        "no tiles, patch radius 1": ours(**{**LOW_BIAS_OPTIONS, "tile": None}, patch_radius=1),
+        "ours, DIPY options (b0_dwi)": ours(dipy_mode),
+        "  grouping shell": ours(dipy_mode, grouping="shell"),
+        "  ridge, alpha = N sigma^2": ours(dipy_mode, model="ridge", alpha=n_fit_voxels * noise_sigma**2),
+        "  patch radius 1": ours(dipy_mode, patch_radius=1),
+        "  fit mask auto": ours(dipy_mode, fit_mask="auto"),
+        "  grouping all": ours(dipy_mode, grouping="all"),
+        "  tiles (auto)": ours(dipy_mode, tile="auto"),
+        "  blend volume": ours(dipy_mode, blend="volume"),
+        "  noise floor koay": ours(dipy_mode, noise_floor="koay"),
+        "mask + all": ours(dipy_mode, fit_mask="auto", grouping="all"),
+        "mask + all + tiles": ours(dipy_mode, fit_mask="auto", grouping="all", tile="auto"),
+        "mask + all + blend + koay (no tiles)": ours(LOW_BIAS_OPTIONS, tile=None),
+        "mask + all + tiles + blend": ours(LOW_BIAS_OPTIONS, noise_floor="none"),
+        "mask + b0_dwi + tiles + blend + koay": ours(LOW_BIAS_OPTIONS, grouping="b0_dwi"),
+        "mask + all + tiles + blend + koay (app)": ours(LOW_BIAS_OPTIONS),
+        "no tiles, patch radius 1": ours(LOW_BIAS_OPTIONS, tile=None, patch_radius=1),
     })
     return rows
 

@@ -65,8 +65,8 @@ def app_method(spec, phantom, args, **overrides):
 
 def compare(phantom, args):
     """One table: every method on one phantom, with the harm check."""
+    from bids_denoise.methods.core.networks import psnr, ssim
     from bids_denoise.methods.mppca import mppca
-    from bids_denoise.methods.networks import psnr, ssim
     from bids_denoise.methods.patch2self import DIPY_OPTIONS, patch2self
     from bids_denoise.registry import by_role
     from bids_denoise.testing import harm
@@ -78,7 +78,7 @@ def compare(phantom, args):
     methods = {"noisy input": lambda d: d}
     methods.update({f"{spec.title} (app default)": app_method(spec, phantom, args) for spec in specs.values()})
     methods.update({
-        "Patch2Self (DIPY options)": lambda d: patch2self(d, bvals, **DIPY_OPTIONS),
+        "Patch2Self (DIPY options)": lambda d: patch2self(d, bvals, DIPY_OPTIONS),
         "MP-PCA (dwidenoise)": lambda d: mppca(d).denoised,
         "MP-PCA (overcomplete, demean)": lambda d: mppca(d, aggregate="overcomplete", demean=True).denoised,
     })

@@ -46,7 +46,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bids_denoise.methods.networks import psnr, ssim
+    from bids_denoise.methods.core.networks import psnr, ssim
     from bids_denoise.methods.superres import degrade, super_resolve
 
     original, affine = textured_head()

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bids_denoise import __version__
 from bids_denoise.outputs import Source
 
-CODE_URL = "https://github.com/bids-denoise/bids-denoise"
-BIDS_VERSION = "1.10.0"
 
 class BIDSInputError(ValueError):
     """The input is not a usable BIDS dataset (exit code 16 or 66)."""
@@ -115,12 +110,14 @@ class Job:
     def label(self) -> str:
         """Names the job in node names, logs and failure lines: the run's label, the echoes' label
         without ``echo-``, or ``sub-X[_ses-Y]_dwi-session``."""
+        from bids_denoise.outputs import build
+
         first = self.runs[0]
         if self.kind == "echoes":
-            return re.sub(r"_echo-[^_]+", "", first.label)
+            return build("label", {key: value for key, value in first.source.entities.items() if key != "echo"})
         if self.kind == "session":
-            session = first.source.entities.get("session")
-            return f"sub-{first.subject}" + (f"_ses-{session}" if session else "") + "_dwi-session"
+            entities = {key: first.source.entities.get(key) for key in ("subject", "session", "suffix")}
+            return build("label", entities) + "-session"
         return first.label
 
 
@@ -182,10 +179,10 @@ def check_filters(filters, origin="--bids-filter-file") -> dict:
 
     Its shape is ``{"<modality key>": {"<entity>": value or [values] or null}}``, as fMRIPrep's.
     """
-    from bids_denoise.outputs import ENTITY_ORDER
+    from bids_denoise.outputs import entity_order
 
     known_keys = filter_keys()
-    entities = {name for name, _ in ENTITY_ORDER}
+    entities = {name for name, _ in entity_order()}
     if not isinstance(filters, dict):
         raise ValueError(f"{origin}: expected a JSON object such as {{\"dwi\": {{\"acquisition\": \"mb\"}}}}, "
                          f"got {type(filters).__name__}")
@@ -406,116 +403,3 @@ def _metadata(layout, path):
         return dict(layout.get_metadata(str(path)))
     except Exception:
         return {}
-
-
-def dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
-    raw = {}
-    try:
-        raw = json.loads((bids_dir / "dataset_description.json").read_text())
-    except (OSError, ValueError):
-        pass
-    generated_by = {"Name": "bids-denoise", "Version": __version__, "CodeURL": CODE_URL}
-    if container:
-        generated_by["Container"] = container
-    source = {"URL": bids_dir.resolve().as_uri()}
-    if raw.get("DatasetDOI"):
-        source["DOI"] = raw["DatasetDOI"]
-    return {
-        "Name": f"bids-denoise derivatives of {raw.get('Name', bids_dir.name)}",
-        "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative",
-        "GeneratedBy": [generated_by],
-        "SourceDatasets": [source],
-        "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
-    }
-
-
-def raw_dataset_description(bids_dir: Path, container: dict | None = None) -> dict:
-    """The source's description for the denoised raw dataset: its name and fields kept, bids-denoise
-    added to ``GeneratedBy`` (after the source's own entries) and the source in ``SourceDatasets``."""
-    raw = {}
-    try:
-        raw = json.loads((bids_dir / "dataset_description.json").read_text())
-    except (OSError, ValueError):
-        pass
-    generated_by = {"Name": "bids-denoise", "Version": __version__, "CodeURL": CODE_URL,
-                    "Description": "thermal noise removed; see derivatives/bids-denoise for what was done"}
-    if container:
-        generated_by["Container"] = container
-    source = {"URL": bids_dir.resolve().as_uri()}
-    if raw.get("DatasetDOI"):
-        source["DOI"] = raw["DatasetDOI"]
-    description = dict(raw)
-    description.setdefault("Name", bids_dir.name)
-    description.setdefault("BIDSVersion", BIDS_VERSION)
-    description["DatasetType"] = "raw"
-    description["GeneratedBy"] = [entry for entry in raw.get("GeneratedBy", []) if entry.get("Name") != "bids-denoise"]
-    description["GeneratedBy"].append(generated_by)
-    description["SourceDatasets"] = [entry for entry in raw.get("SourceDatasets", []) if entry != source] + [source]
-    return description
-
-
-def container_info() -> dict | None:
-    """Describe the container we run in, if any (set by the Dockerfile / Singularity.def)."""
-    kind = os.environ.get("BIDS_DENOISE_CONTAINER")
-    if not kind:
-        if Path("/.dockerenv").exists():
-            kind = "docker"
-        elif os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
-            kind = "singularity"
-    if not kind:
-        return None
-    info = {"Type": kind}
-    tag = os.environ.get("BIDS_DENOISE_IMAGE")
-    if tag:
-        info["Tag"] = tag
-    return info
-
-
-def software_versions() -> dict:
-    """Versions of everything that shaped an output, for provenance."""
-    import importlib.metadata as metadata
-
-    versions = {"bids-denoise": __version__, "python": platform.python_version()}
-    for package in ("numpy", "scipy", "torch", "nibabel", "nipype", "pybids", "dipy", "scikit-learn"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
-def provenance_record(run: Source, method: str, outputs: list, provenance: dict) -> dict:
-    """A BEP028-style (draft) provenance record for one run and method, as JSON-LD."""
-    activity_id = f"urn:bids-denoise:{run.label}:{method}"
-    software_id = f"urn:bids-denoise:software:{__version__}"
-    return {
-        "@context": "https://purl.org/nidash/bidsprov/context.json",
-        "Records": {
-            "Software": [
-                {"@id": software_id, "@type": "prov:SoftwareAgent", "Label": "bids-denoise",
-                 "Version": __version__, "AltIdentifier": CODE_URL}
-            ],
-            "Activities": [
-                {
-                    "@id": activity_id,
-                    "Label": method,
-                    "Command": provenance.get("CommandLine"),
-                    "AssociatedWith": software_id,
-                    "Used": [run.uri],
-                    "StartedAtTime": provenance.get("StartTime"),
-                    "EndedAtTime": provenance.get("EndTime"),
-                    "Parameters": provenance.get("Parameters"),
-                }
-            ],
-            "Entities": [
-                {"@id": run.uri, "Label": Path(run.relpath).name,
-                 "Digest": {"sha256": provenance.get("InputDigests", {}).get(Path(run.relpath).name)}}
-            ]
-            + [
-                {"@id": f"bids::{relpath}", "Label": Path(relpath).name,
-                 "GeneratedBy": activity_id, "Digest": {"sha256": digest}}
-                for relpath, digest in outputs
-            ],
-        },
-    }

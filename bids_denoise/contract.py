@@ -15,76 +15,17 @@ Nothing here names a method.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-# ----------------------------------------------------------------------------------------------
-# Parameter types: each parses the command-line text and refuses what it cannot take (argparse
-# turns the refusal into a one-line usage error, exit 64). Defaults are given already parsed.
-
-
-def boolean(text) -> bool:
-    """``true``/``false`` (also yes/no, 1/0)."""
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def integers(minimum: int | None = None, *, allow_auto: bool = False) -> Callable:
-    """One integer or three (``5`` or ``5,3,1``), each at least ``minimum``; optionally ``auto``."""
-
-    def parse(text):
-        if allow_auto and str(text).strip() in ("auto", ""):
-            return None
-        try:
-            values = [int(part) for part in str(text).replace(",", " ").split()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected one integer or three ('x,y,z'), got {text!r}") from None
-        if len(values) not in (1, 3):
-            raise argparse.ArgumentTypeError(f"expected one integer or three ('x,y,z'), got {text!r}")
-        if minimum is not None and min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"each value must be at least {minimum}, got {text!r}")
-        return values[0] if len(values) == 1 else values
-
-    parse.__name__ = "integers"
-    return parse
-
-
-def integer_list(text) -> list[int]:
-    """A list of integers (``2`` or ``0,2``)."""
-    try:
-        return [int(part) for part in str(text).replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers such as '2' or '0,2', got {text!r}") from None
-
-
-def auto_or(parse: Callable) -> Callable:
-    """``auto``, or a value ``parse`` takes."""
-
-    def parse_auto(text):
-        return "auto" if str(text).strip() == "auto" else parse(text)
-
-    parse_auto.__name__ = f"auto or {getattr(parse, '__name__', 'value')}"
-    return parse_auto
-
-
-def positive(parse: Callable) -> Callable:
-    """A number ``parse`` takes, above zero."""
-
-    def parse_positive(text):
-        value = parse(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be above zero, got {text!r}")
-        return value
-
-    parse_positive.__name__ = getattr(parse, "__name__", "number")
-    return parse_positive
+# Parameter types (re-exported for the registrations): each reads a text value and refuses what it cannot
+# take with a ValueError that says what was expected; :class:`Param` turns the refusal into argparse's
+# one-line usage error (exit 64), on the command line and in a configuration file alike.
+from bids_denoise.methods.core.options import auto_or, boolean, default_parser, integer_list, integers, number, positive  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -103,14 +44,94 @@ class Param:
         return self.name.replace("_", "-")
 
     def parse(self, text):
-        """The typed value of ``text`` (a default is already typed and returned as it is)."""
+        """The typed value of ``text`` (a default is already typed and returned as it is); a value it
+        cannot take raises ``argparse.ArgumentTypeError`` with one line saying why."""
         if not isinstance(text, str):
             return text
-        value = self.type(text)
+        try:
+            value = self.type(text)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
         if self.choices is not None and value not in self.choices:
             raise argparse.ArgumentTypeError(
                 f"invalid choice {text!r} (choose from {', '.join(map(str, self.choices))})")
         return value
+
+    @property
+    def argparse_type(self) -> Callable:
+        """``type`` for argparse: the one-line refusal of :meth:`parse` (choices are argparse's own)."""
+
+        def parse(text):
+            try:
+                return self.type(text)
+            except (ValueError, TypeError) as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+
+        parse.__name__ = getattr(self.type, "__name__", "value")
+        return parse
+
+
+@dataclass(frozen=True)
+class ImageParam(Param):
+    """A parameter whose value is an image: a 3D NIfTI file of the run's grid (or, where ``numbers``, one
+    number that stands for a constant image).
+
+    The app loads the file in the method's node, checks it against the run (its shape and affine, finite
+    values, at least ``minimum`` everywhere, not all zero), records its SHA-256 in the provenance and
+    hands the method the array (float64); the node's cache hashes the file's content, so a changed file
+    reruns the method. A problem is a one-line error naming the file (exit 65).
+    """
+
+    numbers: bool = False
+    #: the least value allowed; ``strict``: values must be above it
+    minimum: float = 0.0
+    strict: bool = False
+    #: what the image is, in messages ("noise map", "g-factor map")
+    what: str = "map"
+
+    def __post_init__(self):
+        object.__setattr__(self, "type", self._read)
+
+    def _read(self, text):
+        """A number (where allowed: finite, above ``minimum``), or an existing file's absolute path."""
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            path = Path(str(text)).expanduser()
+            if not path.is_file():
+                allowed = "a number or an existing NIfTI file" if self.numbers else "an existing NIfTI file"
+                raise ValueError(f"{text}: not {allowed}") from None
+            return str(path.resolve())
+        if not self.numbers:
+            raise ValueError(f"{text}: a {self.what} is a NIfTI file, not a number")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"a {self.what} value must be a finite number above zero, got {text!r}")
+        return value
+
+    def names_file(self, value) -> bool:
+        """Whether ``value`` (parsed) is a file to load (not None, not a number)."""
+        return isinstance(value, str)
+
+    def load(self, path, reference) -> np.ndarray:
+        """The image at ``path`` as a float64 array, checked against ``reference`` (the run's nibabel image);
+        ``InputDataError`` naming the file otherwise."""
+        from bids_denoise.io import InputDataError, load_nifti
+
+        image, values = load_nifti(path, ndim=3)
+        grid = tuple(reference.shape[:3])
+        if values.shape != grid:
+            raise InputDataError(f"{path}: a {self.what} of shape {values.shape} for a run of shape "
+                                 f"{tuple(reference.shape)}")
+        if not np.allclose(image.affine, reference.affine, atol=1e-3):
+            raise InputDataError(f"{path}: the {self.what}'s affine differs from the run's (another grid or "
+                                 "orientation: resample it to the run first)")
+        low = float(values.min())
+        if (low <= self.minimum) if self.strict else (low < self.minimum):
+            bound = f"above {self.minimum:g}" if self.strict else f"at least {self.minimum:g}"
+            raise InputDataError(f"{path}: a {self.what} must be {bound} everywhere (its least value is {low:g})")
+        if not values.any():
+            raise InputDataError(f"{path}: the {self.what} is zero everywhere")
+        return values.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -120,6 +141,17 @@ class Reference:
     key: str
     text: str
     bibtex: str
+
+
+def split_volumes(array, volumes) -> list:
+    """The parts of a job's stacked ``array`` that belong to each of its runs, whose numbers of volumes are
+    ``volumes``: a series (X, Y, Z, V), b-values (V,) or b-vectors (3, V) cut along their last axis; an image
+    without volumes (X, Y, Z), or None, is every run's."""
+    if array is None or np.ndim(array) == 3:
+        return [array] * len(volumes)
+    if sum(volumes) != np.shape(array)[-1]:
+        raise ValueError(f"{np.shape(array)[-1]} volumes for runs of {list(volumes)}")
+    return np.split(array, np.cumsum(volumes)[:-1], axis=-1)
 
 
 @dataclass
@@ -157,9 +189,8 @@ class MethodInputs:
         return (self.data.shape[3],) if self.data.ndim == 4 else (1,)
 
     def split(self, array) -> list:
-        """``array``'s volumes (last axis) cut at the runs' boundaries."""
-        bounds = np.cumsum(self.member_volumes)[:-1]
-        return np.split(array, bounds, axis=-1) if array.ndim == 4 else [array]
+        """``array``'s volumes (last axis) cut at the runs' boundaries (a 3D array or None: one per run)."""
+        return split_volumes(array, self.member_volumes)
 
     @property
     def zooms(self) -> np.ndarray:
@@ -259,6 +290,11 @@ class MethodSpec:
     #: ``check(parameters)``: a one-line usage error for values that cannot go together, or None
     check: Callable[[dict], str | None] | None = None
 
+    @property
+    def image_params(self) -> tuple:
+        """The parameters whose values may be image files (:class:`ImageParam`)."""
+        return tuple(param for param in self.params if isinstance(param, ImageParam))
+
     def joint_kinds(self, parameters: dict) -> tuple:
         """The jobs of several runs these parameters denoise as one."""
         return tuple(self.joint(parameters) if callable(self.joint) else self.joint)
@@ -289,3 +325,30 @@ def default_of(function: Callable, name: str):
     import inspect
 
     return inspect.signature(function).parameters[name].default
+
+
+def params_from(options_class, *, defaults: dict | None = None, choices: dict | None = None,
+                helps: dict | None = None, parsers: dict | None = None, names: dict | None = None) -> tuple:
+    """The parameters of a method's options dataclass (``bids_denoise.methods.core.options``).
+
+    Every field declared with ``app=True`` becomes a :class:`Param` with the field's parser, choices and
+    help; ``defaults``, ``choices`` and ``helps`` give the app's where they differ from the function's
+    (e.g. ``"auto"``, resolved per modality), by field name, and ``parsers`` how such values are read;
+    ``names`` renames a field on the command line (field name to parameter name). Fields come in their
+    declaration order.
+    """
+    import dataclasses
+
+    defaults, choices, helps, names = defaults or {}, choices or {}, helps or {}, names or {}
+    parsers = parsers or {}
+    params = []
+    for spec in dataclasses.fields(options_class):
+        meta = spec.metadata
+        if not meta.get("app", True):
+            continue
+        default = defaults.get(spec.name, spec.default)
+        allowed = choices.get(spec.name, meta.get("choices"))
+        parse = parsers.get(spec.name) or meta.get("parse") or default_parser(spec.default)
+        params.append(Param(names.get(spec.name, spec.name), parse, default, helps.get(spec.name, meta["help"]),
+                            choices=tuple(allowed) if allowed is not None else None))
+    return tuple(params)

@@ -22,24 +22,50 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-#: the entities a name may carry, in the order BIDS writes them
-ENTITY_ORDER = (
-    ("session", "ses"), ("sample", "sample"), ("task", "task"), ("tracksys", "tracksys"),
-    ("acquisition", "acq"), ("nucleus", "nuc"), ("volume", "voi"), ("ceagent", "ce"), ("tracer", "trc"),
-    ("staining", "stain"), ("reconstruction", "rec"), ("direction", "dir"), ("run", "run"),
-    ("modality", "mod"), ("echo", "echo"), ("flip", "flip"), ("inv", "inv"), ("mt", "mt"), ("part", "part"),
-    ("proc", "proc"), ("hemi", "hemi"), ("space", "space"), ("recording", "recording"), ("chunk", "chunk"),
-    ("segmentation", "seg"), ("res", "res"), ("den", "den"), ("label", "label"), ("desc", "desc"), ("stat", "stat"),
-)
-_NAME = "sub-{subject}" + "".join(f"[_{key}-{{{name}}}]" for name, key in ENTITY_ORDER) + "_{suffix}"
+#: entities of ours that BIDS does not define (statistical maps, as nipreps name them), after ``desc``
+EXTRA_ENTITIES = (("stat", "stat"),)
+
+
+@lru_cache(maxsize=1)
+def entity_order() -> tuple:
+    """The entities a name may carry, as (pybids name, key) pairs, in the order BIDS writes them.
+
+    The order is the BIDS schema's (``bidsschematools``, which pybids ships with); the names are pybids'
+    (its entity table, raw and derivatives), which the selection and ``build_path`` use.
+    """
+    from bidsschematools.schema import load_schema
+
+    schema = load_schema()
+    by_key = {}
+    for entity in _pybids_entities():
+        match = re.search(r"([a-zA-Z0-9]+)-\(", entity.get("pattern", ""))
+        if match:
+            by_key.setdefault(match[1], entity["name"])
+    order = []
+    for name in schema.rules.entities:
+        key = schema.objects.entities[name].name
+        if key in by_key and key != "sub":
+            order.append((by_key[key], key))
+    return tuple(order) + EXTRA_ENTITIES
+
+
+@lru_cache(maxsize=1)
+def _name_pattern() -> str:
+    return "sub-{subject}" + "".join(f"[_{key}-{{{name}}}]" for name, key in entity_order()) + "_{suffix}"
+
+
 _FOLDER = "sub-{subject}[/ses-{session}]/{datatype}/"
 
-#: path patterns (pybids ``build_path``), by kind of output
-PATTERNS = {
-    "image": _FOLDER + _NAME + "{extension}",
-    "figure": "sub-{subject}/figures/" + _NAME + ".png",
-    "prov": "prov/" + _NAME + ".jsonld",
-}
+
+def _patterns(kind: str) -> str:
+    """The path pattern (pybids ``build_path``) of a kind of output."""
+    return {
+        "image": _FOLDER + _name_pattern() + "{extension}",
+        "figure": "sub-{subject}/figures/" + _name_pattern() + ".png",
+        "prov": "prov/" + _name_pattern() + ".jsonld",
+        "label": _name_pattern(),
+    }[kind]
+
 
 #: dataset-level files and folders, relative to OUTPUT_DIR
 DESCRIPTION, BIDSIGNORE = "dataset_description.json", ".bidsignore"
@@ -73,20 +99,24 @@ class OutputNameError(ValueError):
     """An output name cannot hold every entity of its source."""
 
 
-@lru_cache(maxsize=1)
-def _config():
-    """pybids' entity table (raw and derivatives) plus ``stat``."""
+def _pybids_entities() -> list:
+    """pybids' entity table: raw, then derivatives."""
     import os
 
     import bids.layout
-    from bids.layout.models import Config
 
     folder = Path(os.path.dirname(bids.layout.__file__)) / "config"
-    entities = []
-    for name in ("bids.json", "derivatives.json"):
-        entities += json.loads((folder / name).read_text())["entities"]
-    entities.append({"name": "stat", "pattern": "stat-([a-zA-Z0-9+]+)"})
-    return Config(name="bids-denoise", entities=entities)
+    return [entity for name in ("bids.json", "derivatives.json")
+            for entity in json.loads((folder / name).read_text())["entities"]]
+
+
+@lru_cache(maxsize=1)
+def _config():
+    """pybids' entity table (raw and derivatives) plus ours (``stat``)."""
+    from bids.layout.models import Config
+
+    extra = [{"name": name, "pattern": f"{key}-([a-zA-Z0-9+]+)"} for name, key in EXTRA_ENTITIES]
+    return Config(name="bids-denoise", entities=_pybids_entities() + extra)
 
 
 def parse(path) -> dict:
@@ -101,7 +131,7 @@ def build(kind: str, entities: dict) -> str:
     from bids.layout.writing import build_path
 
     entities = {key: value for key, value in entities.items() if value is not None}
-    relpath = build_path(entities, [PATTERNS[kind]], strict=False)
+    relpath = build_path(entities, [_patterns(kind)], strict=False)
     if relpath is None:
         raise OutputNameError(f"cannot name a {kind} output from entities {entities}")
     named = {key for key in entities if key not in ("datatype", "extension")}
@@ -213,14 +243,22 @@ class OutputLayout:
         return sorted(path for path in self.root.glob(pattern) if _is_main(parse(path)))
 
     def figures_of(self, sidecar: Path) -> dict[str, Path]:
-        """The figures beside a main output, by kind."""
+        """The figures of a main output (given by its sidecar), by kind."""
         entities = parse(sidecar)
-        found = {}
         folder = self.root / f"sub-{entities['subject']}" / "figures"
-        stem = sidecar.name[: sidecar.name.rindex("_")]
-        for path in sorted(folder.glob(f"{stem}_*.png")):
-            found[parse(path)["suffix"]] = path
-        return found
+        return {parse(path)["suffix"]: path for path in sorted(folder.glob("*.png"))
+                if _same_output(parse(path), entities)}
+
+    def files_of(self, sidecar: Path) -> list[Path]:
+        """The files beside a main output's sidecar that belong to the same output (its image, maps, QC
+        table, gradients), found on disk."""
+        entities = parse(sidecar)
+        return sorted(path for path in sidecar.parent.iterdir()
+                      if path != sidecar and path.is_file() and _same_output(parse(path), entities))
+
+    def image_of(self, sidecar: Path) -> Path:
+        """The image a main output's sidecar describes (beside it: this layout's records are sidecars)."""
+        return sidecar.parent / Path(build("image", dict(parse(sidecar), extension=".nii.gz"))).name
 
     # -- dataset level ---------------------------------------------------------------------
     def path(self, relpath: str) -> Path:
@@ -239,9 +277,9 @@ class OutputLayout:
 
     def write_dataset_files(self, bids_dir: Path) -> None:
         """The dataset-level files of OUTPUT_DIR."""
-        from bids_denoise.bids import container_info, dataset_description
+        from bids_denoise.provenance import dataset_description
 
-        self._write_description_and_ignore(dataset_description(bids_dir, container_info()), BIDSIGNORE_LINES)
+        self._write_description_and_ignore(dataset_description(bids_dir), BIDSIGNORE_LINES)
 
     def _write_description_and_ignore(self, description: dict, ignore_lines) -> None:
         """dataset_description.json and .bidsignore, safe under concurrent participant jobs.
@@ -296,11 +334,11 @@ class RawBIDSLayout(OutputLayout):
     def write_dataset_files(self, bids_dir: Path) -> None:
         """The raw dataset's description (the source's, with GeneratedBy and SourceDatasets added)
         and the nested derivatives dataset's files."""
-        from bids_denoise.bids import container_info, dataset_description, raw_dataset_description
+        from bids_denoise.provenance import dataset_description, raw_dataset_description
 
         raw = OutputLayout(self.dataset_root)
-        raw._write_description_and_ignore(raw_dataset_description(bids_dir, container_info()), ())
-        description = dataset_description(bids_dir, container_info())
+        raw._write_description_and_ignore(raw_dataset_description(bids_dir), ())
+        description = dataset_description(bids_dir)
         description["DatasetLinks"] = {"raw": "../../"}
         description["SourceDatasets"] = [{"URL": "../../"}] + description["SourceDatasets"]
         self._write_description_and_ignore(description, BIDSIGNORE_LINES)
@@ -322,6 +360,12 @@ class RawBIDSLayout(OutputLayout):
             _place(source, destination, mode)
             carried.append(destination)
         return carried
+
+
+def _same_output(entities: dict, of: dict) -> bool:
+    """Whether a file's entities name the same output as ``of`` (its suffix, extension and ``stat`` aside)."""
+    ignored = ("suffix", "extension", "stat", "datatype")
+    return {k: v for k, v in entities.items() if k not in ignored} == {k: v for k, v in of.items() if k not in ignored}
 
 
 def _is_main(entities: dict) -> bool:

@@ -63,3 +63,14 @@ def rmse(a, b, mask=None):
     if mask is not None:
         diff = diff[mask]
     return float(np.sqrt(np.mean(diff**2)))
+
+
+def assert_figure(path, min_side=100):
+    """``path`` is a PNG figure with something drawn on it: readable, at least ``min_side`` pixels a side, and
+    more than a few distinct colours (a blank or failed figure has one or two)."""
+    from matplotlib import image
+
+    pixels = image.imread(str(path))
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_side, f"{path}: {pixels.shape}"
+    colours = np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)
+    assert len(colours) > 16, f"{path}: {len(colours)} distinct colours: nothing drawn"

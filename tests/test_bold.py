@@ -11,7 +11,7 @@ import pytest
 from bids_denoise.bids import find_validator, validate_dataset
 from bids_denoise.cli import main
 from bids_denoise.testing.phantom import add_bold_run
-from tests.conftest import rmse, tree_digest
+from tests.conftest import assert_figure, rmse, tree_digest
 
 SELECT = ("--participant-label", "01", "--session-label", "post", "--skip-bids-validation", "--methods", "mppca")
 
@@ -53,7 +53,7 @@ def test_a_bold_run_is_denoised_with_its_maps_metadata_and_report(bold_dataset, 
     figures = out / "sub-01" / "figures"
     name = (raw / relpath).name.replace("_bold.nii.gz", "")
     for kind in ("tsnr", "carpet", "noisemap", "mosaic"):
-        assert (figures / f"{name}_desc-mppca_{kind}.png").exists(), kind
+        assert_figure(figures / f"{name}_desc-mppca_{kind}.png")
     assert "Carpet plots" in (out / "sub-01.html").read_text()
     if find_validator():
         n_errors, errors = validate_dataset(out)
@@ -104,7 +104,8 @@ def test_nordic_with_noise_scans(bold_dataset, tmp_path, capsys):
     sidecar = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())
     assert sidecar["NoiseScansRemoved"] == 4 and any("noise scans" in w for w in sidecar["Warnings"])
     assert sidecar["Provenance"]["Details"]["threshold_source"] == "noise volumes"
-    assert (out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").exists()
+    noise = nib.load(out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").get_fdata()
+    assert noise.shape == denoised.shape[:3] and np.median(noise[noise > 0]) > 0 and np.isfinite(noise).all()
     assert "[moeller2021]" in (out / "logs" / "CITATION.md").read_text()
 
 
@@ -141,7 +142,8 @@ def test_echoes_of_a_complex_run_are_denoised_together_and_written_echo_by_echo(
             assert set(sidecar["Provenance"]["InputDigests"]) >= {
                 name.replace("part-mag", part) for name in map(lambda r: r.split("/")[-1], relpaths)
                 for part in ("part-mag", "part-phase")}
-            assert (out / f"{stem}_desc-{method}_stat-noise_boldmap.nii.gz").exists()
+            noise = nib.load(out / f"{stem}_desc-{method}_stat-noise_boldmap.nii.gz").get_fdata()
+            assert noise.ndim == 3 and np.isfinite(noise).all() and (noise > 0).mean() > 0.5
         nordic = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())["Provenance"]["Details"]
         assert nordic["complex"] and nordic["joint"] and nordic["n_echoes"] == 3
         mppca = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())
@@ -244,5 +246,5 @@ def test_two_noise_levels_for_nordic_are_a_usage_error(bold_dataset, tmp_path, c
                  "--nordic-noise-map", "5", "--nordic-noise-volumes", "4"])
     assert code == 64
     err = capsys.readouterr().err
-    assert "--nordic-noise-map as one value and --nordic-noise-volumes" in err
+    assert "--nordic-noise-map and --nordic-noise-volumes both set the noise level" in err
     assert not (tmp_path / "out").exists()

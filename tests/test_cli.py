@@ -13,14 +13,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
 import nibabel as nib
 import numpy as np
 import pytest
 
 from bids_denoise.bids import find_validator, validate_dataset
 from bids_denoise.cli import main
-from tests.conftest import rmse, tree_digest
+from tests.conftest import assert_figure, rmse, tree_digest
 
 
 def run_app(*args):
@@ -204,6 +203,12 @@ def expect_error(capsys, code, expected_code, *fragments):
         assert fragment in err, err
 
 
+def sha256(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def dwi_of(raw, subject="01", session="pre", run=1):
     return raw / f"sub-{subject}" / f"ses-{session}" / "dwi" / f"sub-{subject}_ses-{session}_acq-multiband_run-{run}_dwi.nii.gz"
 
@@ -290,8 +295,11 @@ def test_bad_run_is_reported_skipped_and_others_complete(dataset, tmp_path, caps
     assert tree_digest(raw) == before
     out = tmp_path / "out"
     bad_stem = target.name.replace("_dwi.nii.gz", "")
-    assert not list(out.rglob(f"{bad_stem}_desc-*")) if out.exists() else True
-    if broken not in ("no_bval", "bval_count"):
+    if broken in ("no_bval", "bval_count"):
+        # the root-level bval is every run's: no run is left, and nothing is written
+        assert not out.exists() or not list(out.rglob("*_desc-*")), sorted(out.rglob("*"))
+    else:
+        assert not list(out.rglob(f"{bad_stem}_desc-*"))
         # the good runs of the participant still completed
         assert len(list(out.rglob("*_desc-mppca_dwi.nii.gz"))) == 2  # the default method
 
@@ -375,21 +383,54 @@ def test_mppca_defaults_options_and_noise_map(dataset, tmp_path, capsys):
     assert rmse(nib.load(denoised).get_fdata(), signal, brain) < 0.6 * rmse(noisy, signal, brain)
 
     # a given noise level instead of the estimate, as a number or a map (which must fit the run)
+    affine = nib.load(raw / relpath).affine
+    assert not np.allclose(affine, np.eye(4))
     sigma = np.full(noisy.shape[:3], 50.0, np.float32)
-    good, bad = tmp_path / "sigma.nii.gz", tmp_path / "sigma_bad.nii.gz"
-    nib.save(nib.Nifti1Image(sigma, np.eye(4)), good)
-    nib.save(nib.Nifti1Image(sigma[:-1], np.eye(4)), bad)
-    for value, expected in (("50", 0), (good, 0), (bad, 65)):
+    maps = {"sigma.nii.gz": (sigma, affine), "sigma_bad.nii.gz": (sigma[:-1], affine),
+            "sigma_grid.nii.gz": (sigma, np.eye(4)), "sigma_zero.nii.gz": (0 * sigma, affine),
+            "sigma_negative.nii.gz": (sigma - 60, affine)}
+    for name, (values, grid) in maps.items():
+        nib.save(nib.Nifti1Image(values, grid), tmp_path / name)
+    for value, expected, message in (
+            ("50", 0, None), (tmp_path / "sigma.nii.gz", 0, None),
+            (tmp_path / "sigma_bad.nii.gz", 65, "sigma_bad.nii.gz: a noise map of shape"),
+            (tmp_path / "sigma_grid.nii.gz", 65, "sigma_grid.nii.gz: the noise map's affine differs from the run's"),
+            (tmp_path / "sigma_zero.nii.gz", 65, "sigma_zero.nii.gz: the noise map is zero everywhere"),
+            (tmp_path / "sigma_negative.nii.gz", 65, "sigma_negative.nii.gz: a noise map must be at least 0")):
         out = tmp_path / f"out_{Path(str(value)).name}"
         code = run_app(raw, out, "participant", "-w", tmp_path / "work_sigma", "--skip-bids-validation", *select,
                        "--methods", "mppca", "--mppca-noise-map", value)
         err = capsys.readouterr().err
         assert code == expected, err
         if expected:
-            assert "sigma_bad.nii.gz: a noise map of shape" in err
+            assert message in err and "Traceback" not in err
+            assert not list(out.rglob("*_desc-mppca_dwi.nii.gz"))
         else:
             (sidecar,) = out.rglob("*_desc-mppca_dwi.json")
-            assert json.loads(sidecar.read_text())["Provenance"]["Details"]["configuration"]["noise_source"] == "given"
+            provenance = json.loads(sidecar.read_text())["Provenance"]
+            assert provenance["Details"]["configuration"]["noise_source"] == "given"
+    # the map's digest is in the provenance; a changed file at the same path reruns the method node (the node's
+    # cache hashes the file's content), an unchanged one does not
+    out, given = tmp_path / "out_rerun", tmp_path / "sigma.nii.gz"
+
+    def run():
+        code = run_app(raw, out, "participant", "-w", tmp_path / "work_rerun", "--skip-bids-validation", *select,
+                       "--methods", "mppca", "--mppca-noise-map", given)
+        assert code == 0, capsys.readouterr().err
+        (sidecar,) = out.rglob("*_desc-mppca_dwi.json")
+        (image,) = out.rglob("*_desc-mppca_dwi.nii.gz")
+        return json.loads(sidecar.read_text())["Provenance"], nib.load(image).get_fdata()
+
+    first, before = run()
+    assert first["ParameterFiles"]["noise_map"]["SHA256"] == sha256(given)
+    assert first["InputDigests"]["sigma.nii.gz"] == sha256(given)
+    cached, same = run()
+    assert cached["StartTime"] == first["StartTime"] and np.array_equal(same, before)
+    nib.save(nib.Nifti1Image(sigma * 3, affine), given)
+    changed, stronger = run()
+    assert changed["StartTime"] != first["StartTime"]
+    assert changed["ParameterFiles"]["noise_map"]["SHA256"] == sha256(given)
+    assert not np.array_equal(stronger, before)
     with pytest.raises(SystemExit) as exit_info:
         main([str(raw), str(tmp_path / "o"), "participant", "--mppca-noise-map", "missing.nii.gz"])
     assert exit_info.value.code == 64
@@ -445,8 +486,8 @@ def test_learned_and_calibrated_methods_in_the_app(dataset, tmp_path, capsys):
     # a DWI series: the profile-guided median, radius 1 or 2
     assert median["guide"] == "profile" and len(median["calibration"]["losses"]) == 2
     figures = out / "sub-02" / "figures"
-    assert (figures / f"{stem}_desc-noise2noise_training.png").exists()
-    assert (figures / f"{stem}_desc-median_calibration.png").exists()
+    assert_figure(figures / f"{stem}_desc-noise2noise_training.png")
+    assert_figure(figures / f"{stem}_desc-median_calibration.png")
     check_report(out / "sub-02.html", out, expected_sections=3)
     assert "Volume pairs used for training" in (out / "sub-02.html").read_text()
     assert "Noise2" in (out / "logs" / "CITATION.md").read_text()
@@ -502,7 +543,7 @@ def test_anatomical_images_with_the_methods_that_take_them(dataset, tmp_path, ca
     assert rmse(nib.load(denoised).get_fdata(), signal, white) < 0.5 * noisy_error
     parser = check_report(out / "sub-01.html", out, expected_sections=3)
     assert any("desc-median_calibration" in image for image in parser.images)
-    assert "sub-01_ses-post_desc-median</h2>" in (out / "sub-01.html").read_text()
+    assert "sub-01_ses-post_desc-median_T1w</h2>" in (out / "sub-01.html").read_text()
     if find_validator():
         n_errors, errors = validate_dataset(out)
         assert n_errors == 0, errors
@@ -532,7 +573,7 @@ def test_super_resolution_in_the_app(dataset, tmp_path, capsys):
         assert "sr2" in sidecar["Resolution"]
         assert sidecar["Provenance"]["Parameters"]["scale"] == 2
     assert (dwi.with_name(dwi.name.replace(".nii.gz", ".bval"))).read_text() == (raw / "dwi.bval").read_text()
-    assert (out / "sub-01" / "figures" / "sub-01_ses-post_res-sr2_desc-wasa_superres.png").exists()
+    assert_figure(out / "sub-01" / "figures" / "sub-01_ses-post_res-sr2_desc-wasa_superres.png")
     check_report(out / "sub-01.html", out, expected_sections=4)
     if find_validator():
         n_errors, errors = validate_dataset(out)

@@ -37,7 +37,7 @@ def test_options_parsing_and_validation_come_from_the_declaration(capsys):
             assert f"--{spec.name}-{param.option}" in help_text
     args = parser.parse_args(["a", "b", "participant", "--mppca-stride", "1,1,2", "--patch2self-b0-denoising",
                               "false", "--median-radius", "2"])
-    assert args.mppca__stride == [1, 1, 2] and args.patch2self__b0_denoising is False and args.median__radius == 2
+    assert args.mppca__stride == (1, 1, 2) and args.patch2self__b0_denoising is False and args.median__radius == 2
     for bad in (["--mppca-stride", "0"], ["--patch2self-b0-denoising", "maybe"], ["--median-radius", "-1"],
                 ["--mppca-extent", "3,3"], ["--noise2self-epochs", "0"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -48,9 +48,12 @@ def test_options_parsing_and_validation_come_from_the_declaration(capsys):
 
 def test_parameter_types():
     assert boolean("Yes") is True and boolean("0") is False
-    assert integers(minimum=1)("5,3,1") == [5, 3, 1] and integers(allow_auto=True)("auto") is None
-    with pytest.raises(argparse.ArgumentTypeError):
+    assert integers(minimum=1)("5,3,1") == (5, 3, 1) and integers(allow_auto=True)("auto") is None
+    with pytest.raises(ValueError, match="at least 1"):
         integers(minimum=1)("1,0,1")
+    # a Param turns a parser's refusal into argparse's one-line usage error
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+        Param("extent", integers(minimum=1)).parse("1,0,1")
     param = Param("mode", str, "a", choices=("a", "b"))
     assert param.parse("b") == "b" and param.parse(["kept"]) == ["kept"]
     with pytest.raises(argparse.ArgumentTypeError):

@@ -104,4 +104,5 @@ def test_array_script_then_group(cluster, dataset, tmp_path):
     assert ours.keys() == expected.keys() and written_per_run(ours) == dict.fromkeys(WRITTEN, 2)
     for key in ours:
         assert np.array_equal(ours[key], expected[key]), key
-    assert not any((tmp_path / "scratch").iterdir()) if (tmp_path / "scratch").exists() else True
+    # each array task made its work directory under WORK_ROOT and removed it when it ended
+    assert (tmp_path / "scratch").is_dir() and not any((tmp_path / "scratch").iterdir())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nipype.interfaces.base import Directory, File, InputMultiObject, TraitedSpec, isdefined, traits
 
+from bids_denoise.interfaces import records
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
 
 LOGGER = logging.getLogger("bids_denoise")
@@ -105,18 +106,18 @@ class SelectMember(RecordedInterface):
     def _run(self, runtime):
         import numpy as np
 
+        from bids_denoise.contract import split_volumes
+
         index, members = self.inputs.index, list(self.inputs.members)
-        start = int(np.sum(members[:index]))
-        volumes = slice(start, start + members[index])
         data, bvals, bvecs = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
         cwd = Path(runtime.cwd)
-        np.save(cwd / "data.npy", data[..., volumes])
+        np.save(cwd / "data.npy", split_volumes(data, members)[index])
         self._results["data_file"] = str(cwd / "data.npy")
         if bvals is not None:
-            np.savez(cwd / "gradients.npz", bvals=bvals[volumes], bvecs=bvecs[:, volumes])
+            np.savez(cwd / "gradients.npz", bvals=split_volumes(bvals, members)[index],
+                     bvecs=split_volumes(bvecs, members)[index])
             self._results["gradients_file"] = str(cwd / "gradients.npz")
-        self._results["derivatives"] = [item for item in self.inputs.derivatives
-                                        if item.get("member") in (None, index)]
+        self._results["derivatives"] = records.write(records.of_run(records.read(self.inputs.derivatives), index))
         return runtime
 
 
@@ -152,8 +153,8 @@ class _Sink(RecordedInterface):
         from bids_denoise.outputs import Source, layout_for
 
         layout = layout_for(self.inputs.output_dir, self.inputs.layout_kind)
-        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
-        return layout, Source.from_relpath(self.inputs.source_relpath), main
+        derivatives = records.read(self.inputs.derivatives)
+        return layout, Source.from_relpath(self.inputs.source_relpath), derivatives, records.main_image(derivatives)
 
 
 class DerivativesSink(_Sink):
@@ -162,41 +163,43 @@ class DerivativesSink(_Sink):
     input_spec = DerivativesSinkInputSpec
 
     def _run(self, runtime):
-        from bids_denoise import __version__
-        from bids_denoise.bids import CODE_URL, provenance_record
         from bids_denoise.io import copy_atomic, place_image, sha256_of, write_json
+        from bids_denoise.provenance import generated_by, provenance_record
 
-        layout, source, main = self._target()
+        layout, source, derivatives, main = self._target()
         method = self.inputs.method
-        provenance = dict(self.inputs.provenance, InputDigests=dict(self.inputs.input_digests),
+        digests = dict(self.inputs.input_digests)  # the run's files and the image parameters' files
+        digests.update({Path(item["File"]).name: item["SHA256"]
+                        for item in self.inputs.provenance.get("ParameterFiles", {}).values()})
+        provenance = dict(self.inputs.provenance, InputDigests=digests,
                           CommandLine=self.inputs.command_line, SoftwareVersions=dict(self.inputs.versions))
         written, digests = [], []
-        for item in self.inputs.derivatives:
-            is_image = item["kind"] == "image"
+        for item in derivatives:
+            is_image = item.is_image
             if is_image:
-                destination = layout.image(source, method, extra=item["entities"])
+                destination = layout.image(source, method, extra=item.entities)
             else:
-                destination = layout.map(source, method, item["name"])
-            place_image(item["path"], destination)
+                destination = layout.map(source, method, item.name)
+            place_image(item.path, destination)
             digest = sha256_of(destination)
             digests.append((layout.relpath(destination), digest))
-            raw_sidecar = layout.raw_sidecar(source, extra=item["entities"]) if is_image else None
+            raw_sidecar = layout.raw_sidecar(source, extra=item.entities) if is_image else None
             sidecar = dict(self.inputs.source_metadata) if is_image and raw_sidecar is None else {}
             sidecar.update(
-                Description=item["description"],
+                Description=item.description,
                 Sources=[source.uri],
                 SkullStripped=False,
-                GeneratedBy=[{"Name": "bids-denoise", "Version": __version__, "CodeURL": CODE_URL}],
+                GeneratedBy=[generated_by()],
                 Provenance=dict(provenance, OutputDigest=digest),
             )
             if is_image:
-                sidecar.update(item.get("sidecar", {}))
-                warnings = list(self.inputs.input_warnings) + list(item.get("warnings", []))
+                sidecar.update(item.sidecar)
+                warnings = list(self.inputs.input_warnings) + list(item.warnings)
                 for warning in warnings:
                     LOGGER.warning("%s (%s): %s", source.label, method, warning)
                 if warnings:
                     sidecar["Warnings"] = warnings
-            record = layout.record(source, method, extra=item["entities"]) if is_image else layout.sidecar(destination)
+            record = layout.record(source, method, extra=item.entities) if is_image else layout.sidecar(destination)
             if raw_sidecar is not None:  # the raw layout: the run's own sidecar, and the record beside the maps
                 sidecar["Image"] = f"bids::{layout.relpath(destination)}"
                 write_json(_raw_sidecar(self.inputs.source_metadata, method, provenance, digest,
@@ -204,12 +207,12 @@ class DerivativesSink(_Sink):
                 written.append(str(raw_sidecar))
             write_json(sidecar, record)
             written += [str(destination), str(record)]
-            gradients = layout.gradients(source, method, extra=item["entities"]) if is_image else None
+            gradients = layout.gradients(source, method, extra=item.entities) if is_image else None
             if gradients and isdefined(self.inputs.bval_file):
                 for raw, target in zip((self.inputs.bval_file, self.inputs.bvec_file), gradients):
                     written.append(str(copy_atomic(raw, target)))
         write_json(provenance_record(source, method, digests, provenance),
-                   layout.prov_record(source, method, extra=main["entities"]))
+                   layout.prov_record(source, method, extra=main.entities))
         self._results["out_files"] = written
         return runtime
 
@@ -246,15 +249,15 @@ class ReportSink(_Sink):
 
         from bids_denoise.io import copy_atomic, write_json
 
-        layout, source, main = self._target()
+        layout, source, _, main = self._target()
         method = self.inputs.method
         written = []
         for figure in self.inputs.figures or []:
-            target = layout.figure(source, method, figure["kind"], extra=main["entities"])
+            target = layout.figure(source, method, figure["kind"], extra=main.entities)
             written.append(str(copy_atomic(figure["path"], target)))
         if isdefined(self.inputs.qc_table):
             written.append(str(copy_atomic(self.inputs.qc_table, layout.qc_table(source, method))))
-        sidecar_path = layout.record(source, method, extra=main["entities"])
+        sidecar_path = layout.record(source, method, extra=main.entities)
         sidecar = json.loads(sidecar_path.read_text())
         if self.inputs.qc_summary:
             sidecar["QC"] = dict(self.inputs.qc_summary)

@@ -36,7 +36,9 @@ class RecordedInterface(SimpleInterface):
         raise NotImplementedError
 
     def _run_interface(self, runtime):
-        _die_with_parent()
+        from bids_denoise.engine import die_with_parent
+
+        die_with_parent()
         try:
             return self._run(runtime)
         except BaseException as err:
@@ -46,44 +48,6 @@ class RecordedInterface(SimpleInterface):
                 except OSError:  # e.g. the work directory's disk is full too: the crash file remains
                     pass
             raise
-
-
-def tie_workers_to_the_app() -> None:
-    """Make every MultiProc worker die with the app, from the moment it starts (not only once it
-    runs a node: an idle worker of a killed app would otherwise live on)."""
-    from nipype.pipeline.plugins import multiproc
-
-    if multiproc.process_initializer is not _worker_initializer:
-        _worker_initializer.__wrapped__ = multiproc.process_initializer
-        multiproc.process_initializer = _worker_initializer
-
-
-def _worker_initializer(cwd):
-    """Nipype's worker initializer, after tying the worker to the app (module level: picklable)."""
-    import signal
-
-    from nipype.pipeline.plugins import multiproc
-
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the app's to handle; workers die with it
-    original = getattr(multiproc.process_initializer, "__wrapped__", multiproc.process_initializer)
-    original(cwd)
-
-
-def _die_with_parent():
-    """In a MultiProc worker: die with the app instead of running on as an orphan (Linux)."""
-    import ctypes
-    import multiprocessing
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux") or multiprocessing.parent_process() is None:
-        return  # the app's own process (Linear plugin, sinks) or a batch job: nothing to tie
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def record_failure(folder: Path, run_label: str, stage: str, err: BaseException) -> Path:

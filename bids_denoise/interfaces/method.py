@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 from nipype.interfaces.base import File, InputMultiObject, TraitedSpec, isdefined, traits
 
+from bids_denoise.contract import split_volumes
+from bids_denoise.interfaces import records
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
+from bids_denoise.interfaces.records import Derivative
 
 
 class RunMethodInputSpec(RecordedInputSpec):
@@ -21,6 +24,9 @@ class RunMethodInputSpec(RecordedInputSpec):
     phase_file = File(exists=True, desc="the phase (.npy) of complex runs, from LoadRun")
     reference_files = InputMultiObject(File(exists=True), mandatory=True,
                                        desc="the raw image of each run of the job (header and grid of its outputs)")
+    image_files = traits.Dict(traits.Str, File(exists=True),
+                              desc="files of the method's image parameters, by parameter name: the node loads "
+                                   "and checks them, and its cache hashes their content (a changed file reruns it)")
     members = traits.List(traits.Int, desc="volumes of each run of a job of several runs")
     job = traits.Enum("run", "echoes", "session", usedefault=True, desc="what the job's runs are")
     device = traits.Str("cpu", usedefault=True, desc="torch device: cpu, cuda, cuda:N")
@@ -48,13 +54,20 @@ class RunMethod(RecordedInterface):
         from bids_denoise import registry
         from bids_denoise.contract import MethodInputs
         from bids_denoise.interfaces.bids import read_loaded_run
-        from bids_denoise.io import save_nifti
-        from bids_denoise.methods._device import device_description, resolve_device
-        from bids_denoise.methods.errors import UnsuitableDataError
+        from bids_denoise.io import save_nifti, sha256_of
+        from bids_denoise.methods.core.device import device_description, resolve_device
+        from bids_denoise.methods.core.errors import UnsuitableDataError
 
         spec = registry.load_all()[self.inputs.method]
-        parameters = spec.parse(dict(self.inputs.parameters))
+        recorded = spec.parse(dict(self.inputs.parameters))  # image parameters as their file names
+        parameters = dict(recorded)
         references = [nib.load(path) for path in self.inputs.reference_files]
+        parameter_files = {}
+        for param in spec.image_params:  # loaded and checked here, handed to the method as arrays
+            path = self.inputs.image_files.get(param.name) if isdefined(self.inputs.image_files) else None
+            if path is not None:
+                parameters[param.name] = param.load(path, references[0])
+                parameter_files[param.name] = {"File": str(path), "SHA256": sha256_of(path)}
         data, bvals, bvecs = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
         phase = np.load(self.inputs.phase_file) if isdefined(self.inputs.phase_file) else None
         members = tuple(self.inputs.members) if len(self.inputs.members) > 1 else ()
@@ -88,9 +101,9 @@ class RunMethod(RecordedInterface):
         for index, (result, images) in enumerate(_images_by_run(results, job)):
             for member, image in images:
                 path = save_nifti(image, references[member], cwd / f"image-{member}.nii.gz", affine=result.affine)
-                derivatives.append({"path": str(path), "kind": "image", "name": "image", "member": member,
-                                    "entities": dict(result.entities), "description": result.description,
-                                    "sidecar": dict(result.sidecar), "warnings": notes + list(result.warnings)})
+                derivatives.append(Derivative(str(path), "image", "image", result.description, member=member,
+                                              entities=dict(result.entities), sidecar=dict(result.sidecar),
+                                              warnings=notes + list(result.warnings)))
             shared = len(results) == 1  # one result for the whole job: its maps are every run's
             for name, output_map in result.maps.items():
                 if output_map.per_run and shared:
@@ -100,9 +113,8 @@ class RunMethod(RecordedInterface):
                 for member, array in arrays:
                     number = index if member is None else member
                     path = save_nifti(array, references[number], cwd / f"map-{name}-{number}.nii.gz")
-                    derivatives.append({"path": str(path), "kind": "map", "name": name, "entities": {"stat": name},
-                                        "member": member, "description": output_map.description,
-                                        "summary_key": output_map.summary_key})
+                    derivatives.append(Derivative(str(path), "map", name, output_map.description, member=member,
+                                                  entities={"stat": name}, summary_key=output_map.summary_key))
         details = dict(results[0].details) if len(results) == 1 else {"runs": [dict(r.details) for r in results]}
         tables = {key: rows for result in results for key, rows in result.tables.items()}
         if tables:
@@ -110,10 +122,11 @@ class RunMethod(RecordedInterface):
         if members:
             details["job"] = {"kind": job.job, "runs": [Path(path).name for path in self.inputs.reference_files],
                               "volumes": list(members), "together": len(results) == 1}
-        self._results["derivatives"] = derivatives
+        self._results["derivatives"] = records.write(derivatives)
         self._results["provenance"] = {
             "Method": spec.name,
-            "Parameters": _jsonable(parameters),
+            "Parameters": _jsonable(recorded),
+            **({"ParameterFiles": parameter_files} if parameter_files else {}),
             "Details": details,
             "Seed": self.inputs.seed,
             "Device": device_description(job.device),
@@ -130,13 +143,11 @@ def _member(job, index):
     """One run of a job of several, as the inputs of a method that takes one run at a time."""
     from dataclasses import replace
 
-    import numpy as np
+    def part(array):
+        return split_volumes(array, job.member_volumes)[index]
 
-    bounds = np.concatenate([[0], np.cumsum(job.member_volumes)])
-    volumes = slice(int(bounds[index]), int(bounds[index + 1]))
-    return replace(job, data=job.data[..., volumes], phase=None if job.phase is None else job.phase[..., volumes],
-                   bvals=None if job.bvals is None else job.bvals[volumes],
-                   bvecs=None if job.bvecs is None else job.bvecs[:, volumes], members=(), job="run")
+    return replace(job, data=part(job.data), phase=part(job.phase), bvals=part(job.bvals), bvecs=part(job.bvecs),
+                   members=(), job="run")
 
 
 def _images_by_run(results, job):
@@ -145,10 +156,7 @@ def _images_by_run(results, job):
     if len(results) > 1 or not job.members:
         return [(result, [(index, result.image)]) for index, result in enumerate(results)]
     result = results[0]
-    volumes = result.member_volumes or job.member_volumes
-    if sum(volumes) != result.image.shape[3]:
-        raise ValueError(f"the method returned {result.image.shape[3]} volumes for runs of {list(volumes)}")
-    parts = np.split(result.image, np.cumsum(volumes)[:-1], axis=3)
+    parts = split_volumes(result.image, result.member_volumes or job.member_volumes)
     return [(result, list(enumerate(parts)))]
 
 

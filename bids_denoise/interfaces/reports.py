@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nipype.interfaces.base import File, TraitedSpec, traits
 
+from bids_denoise.interfaces import records
 from bids_denoise.interfaces.failures import RecordedInputSpec, RecordedInterface
 
 LOGGER = logging.getLogger("bids_denoise")
@@ -61,8 +62,8 @@ class RunReport(RecordedInterface):
         self._cwd = Path(runtime.cwd)
         self._figures, self._warnings = [], []
         noisy, bvals, _ = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
-        main = next(item for item in self.inputs.derivatives if item["kind"] == "image")
-        _, denoised = load_nifti(main["path"])
+        main = records.main_image(records.read(self.inputs.derivatives))
+        _, denoised = load_nifti(main.path)
         if noisy.ndim == 3:  # an anatomical image: one "volume"
             noisy, denoised = noisy[..., None], denoised.reshape(denoised.shape[:3] + (1,))
         if noisy.shape[:3] != denoised.shape[:3]:  # super-resolution: a new grid, no residual
@@ -100,7 +101,7 @@ class RunReport(RecordedInterface):
         import numpy as np
 
         from bids_denoise.io import load_nifti, write_text
-        from bids_denoise.methods.masking import b0_brain_mask
+        from bids_denoise.methods.core.masking import b0_brain_mask
         from bids_denoise.reports import figures
 
         series = noisy.shape[3] > 1
@@ -126,14 +127,14 @@ class RunReport(RecordedInterface):
             "OutlierVolumes": [int(v) for v in np.flatnonzero(outlier)],
             "BrainVoxels": int(mask.sum()),
         }
-        for item in self.inputs.derivatives:
-            if item["kind"] != "map":
+        for item in records.read(self.inputs.derivatives):
+            if item.is_image:
                 continue
-            _, values = load_nifti(item["path"], ndim=3)
-            if item.get("summary_key") and mask.any():
-                summary[item["summary_key"]] = round(float(np.median(values[mask])), 4)
-            self._figure(f"{item['name']}map", lambda path, values=values, item=item: figures.map_figure(
-                values, path, f"{method}: {item['name']}"), caption=item["description"])
+            _, values = load_nifti(item.path, ndim=3)
+            if item.summary_key and mask.any():
+                summary[item.summary_key] = round(float(np.median(values[mask])), 4)
+            self._figure(f"{item.name}map", lambda path, values=values, item=item: figures.map_figure(
+                values, path, f"{method}: {item.name}"), caption=item.description)
         if time_series:
             summary["TSNRMedianBefore"], summary["TSNRMedianAfter"] = (
                 round(float(np.median(figures.tsnr(x)[mask])), 3) for x in (noisy, denoised))

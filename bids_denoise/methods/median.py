@@ -60,7 +60,7 @@ in boundary white matter rises above the noisy input's. The series knows better
 which neighbours share a voxel's signal: for volume ``v``, a neighbour is kept
 when its mean squared difference from the voxel over the *other* volumes is what
 noise alone gives (within ``guide_threshold`` standard deviations, see
-:class:`_Guide`). The median over the kept neighbours, the voxel left out, is a
+:class:`bids_denoise.methods.core.neighbours.ProfileGuide`). The median over the kept neighbours, the voxel left out, is a
 function of the other voxels of volume ``v`` and of the other volumes only: it is
 J-invariant [1]_, its Noise2Self loss ``E(g - x)^2 = A + s`` is exact, and each
 volume is blended with one weight ``s / E``. The noise variance ``s`` is the
@@ -112,7 +112,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.neighbours import ProfileGuide, neighbourhood_counts, neighbourhood_mean, shift_slices
+from bids_denoise.methods.core.noise import estimate_series_noise, image_noise_variance
+from bids_denoise.methods.core.options import Options, auto_or, option, positive, resolve_options
 
 #: The filter forms, by the name recorded in the details.
 FORMS = ("median", "donut-median")
@@ -154,14 +157,17 @@ class MedianResult:
     details: dict
 
 
-def median_denoise(data, *, radius="auto", radii=(1, 2, 3), calibration_volumes=8, min_gain=0.02, guide="auto",
-                   guide_threshold=3.0) -> MedianResult:
-    """Denoise with a median filter blended with the input, or return the input unchanged.
+def _radius(text):
+    """``auto`` or a radius of at least 1 voxel."""
+    return auto_or(positive(int))(text)
 
-    Parameters
+
+@dataclass(frozen=True)
+class MedianOptions(Options):
+    """The options of :func:`median_denoise`.
+
+    Attributes
     ----------
-    data : ndarray
-        A 3D image or a 4D series (volumes along the last axis), finite values.
     radius : "auto" or int
         ``"auto"`` chooses among ``radii``; an integer >= 1 fixes the radius
         (the filter form, the identity and the blend weights are still chosen).
@@ -181,6 +187,36 @@ def median_denoise(data, *, radius="auto", radii=(1, 2, 3), calibration_volumes=
     guide_threshold : float
         A neighbour is kept when its profile distance is below this many of
         its standard deviations under the same signal.
+    """
+
+    radius: int | str = option("auto", "filter radius in voxels, or auto (calibrated)", parse=_radius)
+    radii: tuple = option((1, 2, 3), "candidate radii of auto", app=False)
+    calibration_volumes: int = option(8, "volumes that calibrate a series", parse=positive(int), app=False)
+    min_gain: float = option(0.02, "least estimated risk reduction (a fraction of the noise variance) for filtering "
+                                   "to be kept")
+    guide: str = option("auto", "series: take only the neighbours whose signal in the other volumes matches the "
+                                "voxel's (profile), every neighbour volume by volume (none), or profile for series "
+                                "of 8 or more volumes (auto)", choices=("auto", "profile", "none"))
+    guide_threshold: float = option(3.0, "a neighbour is kept when its profile distance is below this many "
+                                         "standard deviations", parse=positive(float))
+
+    def check(self):
+        radii = [int(self.radius)] if self.radius != "auto" else [int(r) for r in self.radii]
+        if not radii or min(radii) < 1:
+            raise ValueError(f"radii must be integers >= 1, got {radii}")
+        if int(self.calibration_volumes) < 1:
+            raise ValueError(f"calibration_volumes must be >= 1, got {self.calibration_volumes}")
+
+
+def median_denoise(data, options: MedianOptions | None = None, **changes) -> MedianResult:
+    """Denoise with a median filter blended with the input, or return the input unchanged.
+
+    Parameters
+    ----------
+    data : ndarray
+        A 3D image or a 4D series (volumes along the last axis), finite values.
+    options : MedianOptions, optional
+        The method's options; keyword ``changes`` replace single options (``median_denoise(x, radius=2)``).
 
     Returns
     -------
@@ -201,18 +237,14 @@ def median_denoise(data, *, radius="auto", radii=(1, 2, 3), calibration_volumes=
     UnsuitableDataError
         Data that are not a 3D image or 4D series, or not finite.
     """
+    options = resolve_options(MedianOptions, options, changes)
     data = np.asarray(data)
     if data.ndim not in (3, 4) or data.size == 0:
         raise UnsuitableDataError(f"the median filter needs a 3D image or a 4D series, got shape {data.shape}")
     if not np.all(np.isfinite(data)):
         raise UnsuitableDataError("the median filter needs finite intensities (the image holds NaN or infinity)")
-    thetas = [int(radius)] if radius != "auto" else [int(r) for r in radii]
-    if not thetas or min(thetas) < 1:
-        raise ValueError(f"radii must be integers >= 1, got {thetas}")
-    if int(calibration_volumes) < 1:
-        raise ValueError(f"calibration_volumes must be >= 1, got {calibration_volumes}")
-    if guide not in ("auto", "profile", "none"):
-        raise ValueError(f"guide must be auto, profile or none, got {guide!r}")
+    thetas = [int(options.radius)] if options.radius != "auto" else [int(r) for r in options.radii]
+    calibration_volumes, min_gain, guide = options.calibration_volumes, options.min_gain, options.guide
     series = data if data.ndim == 4 else data[..., None]
     n_volumes = series.shape[3]
     picks = [int(v) for v in np.unique(np.linspace(0, n_volumes - 1, min(int(calibration_volumes), n_volumes))
@@ -226,19 +258,19 @@ def median_denoise(data, *, radius="auto", radii=(1, 2, 3), calibration_volumes=
     exponent = int(np.frexp(largest)[1]) if largest > 0 else 0  # largest * 2**-exponent in [0.5, 1)
     if guided:
         denoised, details = _guided_denoise(np.ldexp(series.astype(np.float64), -exponent), thetas, picks,
-                                            min_gain, float(guide_threshold), exponent)
+                                            min_gain, float(options.guide_threshold), exponent)
         return MedianResult(denoised, details)
 
     def volume(v):
         return np.ldexp(series[..., v].astype(np.float64), -exponent)  # exact
 
     calibration_set = [volume(v) for v in picks]
-    variance = _noise_variance(calibration_set)
+    variance = image_noise_variance(calibration_set)
     risks = {form: [] for form in FORMS}
     weights = {form: [] for form in FORMS}
     for r in thetas:
         for form in FORMS:
-            fits = [_blend(x, _filter(x, r, form), variance, donut=form == "donut-median") for x in calibration_set]
+            fits = [sure_blend(x, _filter(x, r, form), variance, donut=form == "donut-median") for x in calibration_set]
             risks[form].append(float(np.mean([fit.risk for fit in fits])))
             weights[form].append(float(np.mean([fit.weights.mean() for fit in fits])))
     losses = [min(risks[form][i] for form in FORMS) for i in range(len(thetas))]
@@ -275,7 +307,7 @@ def median_denoise(data, *, radius="auto", radii=(1, 2, 3), calibration_volumes=
         for v in range(n_volumes):
             x = volume(v)
             filtered = _filter(x, thetas[best], form)
-            w = _local_weights(x, filtered, variance, donut=form == "donut-median")
+            w = local_weights(x, filtered, variance, donut=form == "donut-median")
             denoised[..., v] = np.ldexp(x + w * (filtered - x), exponent)
             volume_weights.append(float(w.mean()))
     details = {
@@ -300,14 +332,6 @@ def _filter(image, radius, form):
     return _ndimage().median_filter(image, footprint=footprint, mode="nearest")
 
 
-def _noise_variance(volumes):
-    """Noise variance of the volumes (same noise level) from their finest Haar detail coefficients:
-    :func:`bids_denoise.methods.calibrate.image_noise_variance` (Donoho & Johnstone 1994)."""
-    from bids_denoise.methods.calibrate import image_noise_variance
-
-    return image_noise_variance(list(volumes))
-
-
 def _selected(image, filtered, *, donut):
     """Where the filter's output is the centre voxel itself (its derivative there is 1).
 
@@ -325,24 +349,7 @@ def _selected(image, filtered, *, donut):
     return selected
 
 
-def _window_counts(shape, radius=BLEND_WINDOW):
-    """Number of in-image voxels in each voxel's (2r+1)^3 neighbourhood."""
-    counts = np.ones(shape)
-    for axis, n in enumerate(shape):
-        index = np.arange(n)
-        per_axis = np.minimum(index, radius) + np.minimum(n - 1 - index, radius) + 1
-        counts = counts * per_axis.reshape([-1 if a == axis else 1 for a in range(len(shape))])
-    return counts
-
-
-def _window_mean(values, radius=BLEND_WINDOW):
-    """Mean of ``values`` over each voxel's in-image (2r+1)^3 neighbourhood (no replicated edges)."""
-    size = 2 * radius + 1
-    total = _ndimage().uniform_filter(values, size=size, mode="constant", cval=0.0) * size**values.ndim
-    return total / _window_counts(values.shape, radius)
-
-
-def _local_weights(image, filtered, variance, *, donut=False):
+def local_weights(image, filtered, variance, *, donut=False):
     """The blend weight of each voxel: ``min(1, s (1 - d) / local mean of (g - x)^2)``.
 
     Parameters
@@ -365,7 +372,7 @@ def _local_weights(image, filtered, variance, *, donut=False):
 def _weights(image, filtered, variance, selected):
     """The local weights, the residual ``g - x``, its local mean square, and where the weight is not clipped."""
     residual = filtered - image
-    energy = _window_mean(residual * residual)
+    energy = neighbourhood_mean(residual * residual, BLEND_WINDOW)
     numerator = variance * (1.0 - float(np.mean(selected)))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(energy > 0, numerator / energy, np.inf)
@@ -373,23 +380,14 @@ def _weights(image, filtered, variance, selected):
 
 
 @dataclass
-class _Blend:
+class Blend:
     """One candidate on one image: its local weights and its estimated risk (per voxel)."""
 
     weights: np.ndarray
     risk: float
 
 
-def _shift(array, offset):
-    """Slices (destination, source) so that ``out[destination] = array[source]`` is ``array[i + offset]``."""
-    destination, source = [], []
-    for o, n in zip(offset, array.shape):
-        destination.append(slice(max(0, -o), n - max(0, o)))
-        source.append(slice(max(0, o), n - max(0, -o)))
-    return tuple(destination), tuple(source)
-
-
-def _blend(image, filtered, variance, *, donut=False) -> _Blend:
+def sure_blend(image, filtered, variance, *, donut=False) -> Blend:
     """Local blend of ``filtered`` with ``image`` and its Stein unbiased risk estimate.
 
     With ``e = g - x``, ``E`` the local mean of ``e^2``, ``w = min(1, s (1 - d) / E)``
@@ -412,89 +410,54 @@ def _blend(image, filtered, variance, *, donut=False) -> _Blend:
 
     Returns
     -------
-    _Blend
+    Blend
     """
     selected = _selected(image, filtered, donut=donut)
     weights, residual, energy, free = _weights(image, filtered, variance, selected)
     if variance == 0:
-        return _Blend(np.zeros(image.shape), 0.0)
+        return Blend(np.zeros(image.shape), 0.0)
     own = selected.astype(np.float64)
     # sum over the neighbours j of e_j [g_j == x_i]: the neighbours' medians that selected x_i
     neighbours = np.zeros(image.shape)
     for offset in itertools.product(range(-BLEND_WINDOW, BLEND_WINDOW + 1), repeat=image.ndim):
         if not any(offset):
             continue
-        destination, source = _shift(image, offset)
+        destination, source = shift_slices(image, offset)
         neighbours[destination] += residual[source] * (filtered[source] == image[destination])
-    d_energy = 2.0 / _window_counts(image.shape) * (residual * (own - 1.0) + neighbours)
+    d_energy = 2.0 / neighbourhood_counts(image.shape, BLEND_WINDOW) * (residual * (own - 1.0) + neighbours)
     with np.errstate(divide="ignore", invalid="ignore"):
         d_weight = np.where(free, -weights / energy * d_energy, 0.0)
     divergence = 1.0 + weights * (own - 1.0) + residual * d_weight
     sure = (weights * residual) ** 2 - variance + 2.0 * variance * divergence
-    return _Blend(weights, float(np.mean(sure)))
+    return Blend(weights, float(np.mean(sure)))
 
 
 # --- the profile-guided median of a series ----------------------------------------------------
 
 
 def _series_noise_variance(series, picks):
-    """Noise variance of a (scaled) series: the median over voxels of MP-PCA's noise map [5]_.
-
-    The Haar estimate of :func:`_noise_variance` reads fine anatomy as noise on small or finely
-    detailed images (1.6 times MP-PCA's sigma on MRtrix3's test series); MP-PCA separates noise
-    from signal across the volumes. Falls back to the Haar estimate where MP-PCA cannot run (too
-    few voxels or volumes for its window), on the calibration volumes ``picks``.
-    """
-    from bids_denoise.methods.mppca import mppca
-
-    try:
-        sigma = mppca(series.astype(np.float32)).noise_sigma
-    except (UnsuitableDataError, ValueError):
-        sigma = None
-    if sigma is None or not np.any(sigma > 0):
-        return _noise_variance([series[..., v] for v in picks]), "haar"
+    """Noise variance of a (scaled) series and its source: the median over voxels of MP-PCA's noise map
+    [5]_ (the Haar estimate reads fine anatomy as noise on small or finely detailed images: 1.6 times
+    MP-PCA's sigma on MRtrix3's test series), or the Haar estimate of the calibration volumes ``picks``
+    where MP-PCA cannot run (:func:`bids_denoise.methods.core.noise.estimate_series_noise`)."""
+    estimate = estimate_series_noise(series, volumes=picks)
+    if estimate.source == "haar":
+        return float(estimate.variance.flat[0]), "haar"
+    sigma = np.sqrt(estimate.variance).astype(np.float32)  # exact: MP-PCA's float32 noise map, squared
     return float(np.median(sigma[sigma > 0]) ** 2), "mppca"
 
 
-def _offsets(radius):
-    return [o for o in itertools.product(range(-radius, radius + 1), repeat=3) if any(o)]
-
-
-def _shifted(image, offset):
-    """``image[i + offset]`` over the first three axes, edges replicated."""
-    index = [np.clip(np.arange(n) + o, 0, n - 1) for o, n in zip(offset, image.shape[:3])]
-    return image[np.ix_(*index)] if image.ndim == 3 else image[np.ix_(*index, np.arange(image.shape[3]))]
-
-
-class _Guide:
-    """Which neighbours of each voxel share its signal across the other volumes of the series.
-
-    For a neighbour ``j`` of voxel ``i`` and a volume ``v``, the profile distance is the mean over
-    the other volumes ``u != v`` of ``(x_ju - x_iu)^2 / (2 s) - 1``: about 0 (standard deviation
-    ``sqrt(2 / (V - 1))``) where the two voxels have the same signal, and the squared signal
-    difference in units of ``2 s`` otherwise. ``j`` is kept for volume ``v`` when the distance is
-    below ``threshold * sqrt(2 / (V - 1))``. Leaving volume ``v`` out makes the choice independent of
-    the noise of volume ``v``.
-    """
-
-    def __init__(self, series, variance, radius, threshold):
-        self.series, self.radius, self.offsets = series, radius, _offsets(radius)
-        n_volumes = series.shape[3]
-        self.total = np.stack([np.sum((_shifted(series, o) - series) ** 2, axis=3) for o in self.offsets])
-        self.limit = (1.0 + threshold * np.sqrt(2.0 / (n_volumes - 1))) * 2.0 * variance * (n_volumes - 1)
-
-    def median(self, v):
-        """The donut median of volume ``v`` over the kept neighbours, and where none is kept."""
-        image = self.series[..., v]
-        neighbours = np.stack([_shifted(image, o) for o in self.offsets])
-        keep = (self.total - (neighbours - image) ** 2) < self.limit
-        ordered = np.sort(np.where(keep, neighbours, np.inf), axis=0)
-        count = keep.sum(axis=0)
-        low = np.take_along_axis(ordered, np.maximum(count - 1, 0)[None] // 2, axis=0)[0]
-        high = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
-        none = count == 0
-        filtered = np.where(none, image, 0.5 * (low + np.where(none, 0.0, high)))
-        return filtered, none
+def _guided_median(guide, v):
+    """The donut median of volume ``v`` over the neighbours ``guide`` keeps, and where none is kept."""
+    image = guide.series[..., v]
+    neighbours, keep = guide.neighbours(v)
+    ordered = np.sort(np.where(keep, neighbours, np.inf), axis=0)
+    count = keep.sum(axis=0)
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0)[None] // 2, axis=0)[0]
+    high = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
+    none = count == 0
+    filtered = np.where(none, image, 0.5 * (low + np.where(none, 0.0, high)))
+    return filtered, none
 
 
 def _guided_blend(image, filtered, none, variance):
@@ -524,8 +487,8 @@ def _guided_denoise(series, thetas, picks, min_gain, threshold, exponent):
     risks, ratios, guide = [], [], None
     for r in thetas:
         guide = None  # one radius's neighbour distances in memory at a time
-        guide = _Guide(series, variance, r, threshold)
-        fits = [_guided_blend(series[..., v], *guide.median(v), variance) for v in picks]
+        guide = ProfileGuide(series, variance, r, threshold)
+        fits = [_guided_blend(series[..., v], *_guided_median(guide, v), variance) for v in picks]
         risks.append(float(np.mean([risk for _, risk, _ in fits])))
         ratios.append(float(np.median([ratio for _, _, ratio in fits])))
     best = int(np.argmin(risks))
@@ -538,9 +501,9 @@ def _guided_denoise(series, thetas, picks, min_gain, threshold, exponent):
     if chosen != "identity":
         if guide.radius != radius:
             guide = None
-            guide = _Guide(series, variance, radius, threshold)
+            guide = ProfileGuide(series, variance, radius, threshold)
         for v in range(series.shape[3]):
-            filtered, none = guide.median(v)
+            filtered, none = _guided_median(guide, v)
             weight, _, ratio = _guided_blend(series[..., v], filtered, none, variance)
             weight = weight if ratio >= MIN_ENERGY_RATIO else 0.0
             denoised[..., v] = series[..., v] + weight * (filtered - series[..., v])

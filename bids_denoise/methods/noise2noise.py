@@ -7,7 +7,7 @@ the target's noise variance. In a diffusion run, measurements of the same
 signal are:
 
 * **repeats** (default): volumes of one shell whose gradient directions are
-  within ``max_angle_deg`` of each other (``g`` and ``-g`` are the same
+  within ``max_angle`` degrees of each other (``g`` and ``-g`` are the same
   direction), and the b0 volumes among themselves;
 * **a second run** with the same gradient table (``repeat=``): each volume is
   paired with the same volume of the other series.
@@ -32,8 +32,8 @@ volumes share (a 2D network smooths each volume where fibres bend, which
 flattens the angular contrast, and FA, while lowering every volume's error):
 a guard scales all weights down until the angular contrast the output loses,
 measured against the partners, is paid for by the noise it removes
-(:func:`bids_denoise.methods.calibrate.angular_contrast`,
-:func:`bids_denoise.methods.calibrate.contrast_cap`); 0 returns the input.
+(:func:`bids_denoise.methods.core.calibrate.angular_contrast`,
+:func:`bids_denoise.methods.core.calibrate.contrast_cap`); 0 returns the input.
 
 Training and inference work on 2D slices at native resolution (the network pads
 and crops internally; nothing is resampled, repeated or truncated), optionally
@@ -53,12 +53,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.calibrate import CONTRAST_RATE, angular_contrast, contrast_cap, signal_to_noise
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.networks import (
-    IntensityScale,
-    TrainingBudget,
+from bids_denoise.methods.core.calibrate import CONTRAST_RATE, angular_contrast, contrast_cap, signal_to_noise
+from bids_denoise.methods.core.device import resolve_device
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.networks import (
+    TrainingOptions,
     UNet,
     from_slices,
     neighbour_stack,
@@ -69,13 +68,57 @@ from bids_denoise.methods.networks import (
     to_slices,
     train_or_reuse,
 )
-from bids_denoise.methods.shells import cluster_shells
+from bids_denoise.methods.core.options import option, positive, resolve_options
+from bids_denoise.methods.core.scaling import IntensityScale
+from bids_denoise.methods.core.shells import cluster_shells
 
 LOGGER = logging.getLogger(__name__)
 
 
 #: Pairings of :func:`pair_volumes`.
 PAIRINGS = ("repeats", "nearest")
+
+
+@dataclass(frozen=True)
+class Noise2NoiseOptions(TrainingOptions):
+    """The options of :func:`noise2noise` (the training budget: :class:`TrainingOptions`).
+
+    Attributes
+    ----------
+    pairing : {"repeats", "nearest"}
+        How volumes of the run are paired (see :func:`pair_volumes`); ignored with a ``repeat``
+        series.
+    max_angle : float
+        Largest angle in degrees between repeats of one direction.
+    slice_axis : {0, 1, 2}
+        Axis of the 2D slices (default 2, the usual slice axis).
+    context : int
+        Neighbouring slices on each side given as extra channels (2.5D); 0 = 2D.
+    b0_threshold, shell_tolerance : float
+        Shells as :func:`bids_denoise.methods.core.shells.cluster_shells`.
+    blend : bool
+        Blend each paired volume with the input by the weight that best predicts its partner
+        (default); False writes the network's output as is.
+    width, depth : int
+        The U-Net's channels at its first level and its number of downsamplings.
+    validation_fraction : float
+        Share of slice positions held out for early stopping.
+    """
+
+    pairing: str = option("repeats", "pair repeated measurements (repeats: b0s, directions within max_angle) or "
+                                     "each volume with the nearest direction of its shell (nearest: biases FA)",
+                          choices=PAIRINGS)
+    max_angle: float = option(5.0, "largest angle in degrees between repeats of one gradient direction",
+                              parse=positive(float))
+    slice_axis: int = option(2, "axis of the 2D slices", choices=(0, 1, 2))
+    context: int = option(0, "neighbouring slices on each side as extra channels (2.5D); 0 = 2D")
+    shell_tolerance: float = option(100.0, "b-value gap that separates shells", parse=positive(float))
+    b0_threshold: float = option(50.0, "largest b-value of a b0", app=False)
+    blend: bool = option(True, "blend each volume with the input by the weight that best predicts its partner",
+                         app=False)
+    width: int = option(24, "channels of the U-Net's first level", app=False)
+    depth: int = option(2, "downsamplings of the U-Net", app=False)
+    validation_fraction: float = option(0.1, "share of slice positions held out for early stopping", app=False)
 
 
 @dataclass
@@ -107,7 +150,7 @@ def _unit_directions(bvecs):
     return directions / np.maximum(np.linalg.norm(directions, axis=0), 1e-12)
 
 
-def pair_volumes(bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, b0_threshold=50.0, shell_tolerance=100.0):
+def pair_volumes(bvals, bvecs, *, pairing="repeats", max_angle=5.0, b0_threshold=50.0, shell_tolerance=100.0):
     """Pairs of volumes that measure the same signal (or, with ``pairing="nearest"``, nearly).
 
     Parameters
@@ -117,11 +160,11 @@ def pair_volumes(bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, b0_thres
         Directions; g and -g are the same diffusion direction.
     pairing : {"repeats", "nearest"}
         ``repeats``: each volume with the next volume (in acquisition order, cyclically) of its
-        group of repeats: the b0s, or volumes of one shell within ``max_angle_deg`` of each other
-        (groups are the connected sets of that relation). ``nearest``: each volume of a shell with
-        the nearest other direction of its shell, however far; b0s with b0s.
-    max_angle_deg : float
-        Largest angle between two repeats of one direction.
+        group of repeats: the b0s, or volumes of one shell within ``max_angle`` degrees of each
+        other (groups are the connected sets of that relation). ``nearest``: each volume of a shell
+        with the nearest other direction of its shell, however far; b0s with b0s.
+    max_angle : float
+        Largest angle in degrees between two repeats of one direction.
 
     Returns
     -------
@@ -152,7 +195,7 @@ def pair_volumes(bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, b0_thres
                 nearest = int(np.argmin(angles[position]))
                 pairs.append((int(volume), int(members[nearest]), round(float(angles[position, nearest]), 3)))
             continue
-        for group in _groups(angles <= max_angle_deg):
+        for group in _groups(angles <= max_angle):
             if len(group) == 1:
                 single.append(int(members[group[0]]))
                 continue
@@ -186,34 +229,20 @@ def pair_blend_weight(output, data, partner) -> float:
     return float(np.clip(gain / norm, 0.0, 1.0)) if norm > 0 else 0.0
 
 
-def noise2noise(data, bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, repeat=None, slice_axis=2, context=0,
-                b0_threshold=50.0, shell_tolerance=100.0, blend=True, epochs=30, max_seconds=600.0,
-                steps_per_epoch=50, batch_size=16, width=24, depth=2, learning_rate=1e-3, validation_fraction=0.1,
-                seed=0, device="cpu", state_dict=None):
+def noise2noise(data, bvals, bvecs, options: Noise2NoiseOptions | None = None, *, repeat=None, seed=0, device="cpu",
+                state_dict=None, **changes) -> Noise2NoiseResult:
     """Denoise a DWI series with Noise2Noise trained on pairs of its measurements of the same signal.
 
     Parameters
     ----------
     data : ndarray (X, Y, Z, V)
     bvals : (V,), bvecs : (3, V)
-    pairing : {"repeats", "nearest"}
-        How volumes of the run are paired (see :func:`pair_volumes`); ignored with ``repeat``.
-    max_angle_deg : float
-        Largest angle between repeats of one direction.
+    options : Noise2NoiseOptions, optional
+        The method's options (default: :class:`Noise2NoiseOptions`'s); keyword ``changes`` replace
+        single options, e.g. ``noise2noise(data, bvals, bvecs, pairing="nearest", epochs=5)``.
     repeat : ndarray (X, Y, Z, V), optional
         A second series with the same gradient table (another run): volume ``v`` of ``data`` is
         paired with volume ``v`` of ``repeat`` and the other way round. ``data`` alone is denoised.
-    slice_axis : int
-        Axis of the 2D slices (default 2, the usual slice axis).
-    context : int
-        Neighbouring slices on each side given as extra channels (2.5D); 0 = 2D.
-    blend : bool
-        Blend each paired volume with the input by the weight that best predicts its partner
-        (default); False writes the network's output as is.
-    epochs, max_seconds, steps_per_epoch, batch_size : training budget
-    width, depth : U-Net size
-    validation_fraction : float
-        Share of slice positions held out for early stopping.
     seed : int
     device : str
     state_dict : dict, optional
@@ -236,6 +265,9 @@ def noise2noise(data, bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, rep
     back. Scale-invariant: the data are divided by a robust maximum (:class:`IntensityScale`)
     before the network sees them, and multiplied back.
     """
+    options = resolve_options(Noise2NoiseOptions, options, changes)
+    pairing, slice_axis, context, blend = options.pairing, options.slice_axis, options.context, options.blend
+    b0_threshold, shell_tolerance, batch_size = options.b0_threshold, options.shell_tolerance, options.batch_size
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 4:
         raise UnsuitableDataError(f"Noise2Noise needs a 4D series, got an image of shape {data.shape}")
@@ -249,14 +281,14 @@ def noise2noise(data, bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, rep
                                                                        for v in range(n_volumes)]
         single, pairing = [], "second run"
     else:
-        pairs, single = pair_volumes(bvals, bvecs, pairing=pairing, max_angle_deg=max_angle_deg,
+        pairs, single = pair_volumes(bvals, bvecs, pairing=pairing, max_angle=options.max_angle,
                                      b0_threshold=b0_threshold, shell_tolerance=shell_tolerance)
     if not pairs:
         return Noise2NoiseResult(
             denoised=data.copy(), pairs=[], passed_through=list(range(n_volumes)), history={}, pair_psnr=float("nan"),
             pair_ssim=float("nan"), state_dict=None, pairing=pairing, blend_weights=[0.0] * n_volumes,
             warnings=["no repeated measurement in the run (no two b0s, no direction repeated within "
-                      f"{max_angle_deg:g} degrees in a shell): Noise2Noise has no pair to train on and returned "
+                      f"{options.max_angle:g} degrees in a shell): Noise2Noise has no pair to train on and returned "
                       "the input unchanged"])
     device = resolve_device(device)
     generator = seed_everything(seed)
@@ -267,7 +299,7 @@ def noise2noise(data, bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, rep
     n_slices = slices[0].shape[0]
     rng = np.random.default_rng(seed)
     positions = rng.permutation(n_slices)
-    n_val = max(1, int(round(validation_fraction * n_slices))) if n_slices > 2 else 0
+    n_val = max(1, int(round(options.validation_fraction * n_slices))) if n_slices > 2 else 0
     val_positions, train_positions = positions[:n_val], positions[n_val:] if n_val else positions
     pair_array = np.array([(a, b) for a, b, _ in pairs])
     centre = context
@@ -294,11 +326,9 @@ def noise2noise(data, bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, rep
         items = [batch_at(p, position) for p in chosen]
         validation.append((torch.stack([i for i, _ in items]), torch.stack([t for _, t in items])))
 
-    model = UNet(dims=2, in_channels=2 * context + 1, out_channels=1, width=width, depth=depth)
-    budget = TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
-                            batch_size=batch_size, learning_rate=learning_rate)
+    model = UNet(dims=2, in_channels=2 * context + 1, out_channels=1, width=options.width, depth=options.depth)
     history = train_or_reuse(model, state_dict, sample_batch, loss_fn,
-                             validation or [sample_batch(generator, batch_size)], budget=budget, device=device,
+                             validation or [sample_batch(generator, batch_size)], budget=options.budget, device=device,
                              generator=generator, label="noise2noise")
 
     partner_of = {a: b for a, b, _ in pairs if a < n_volumes}
@@ -316,7 +346,7 @@ def noise2noise(data, bvals, bvecs, *, pairing="repeats", max_angle_deg=5.0, rep
 
     guard = {"scale": 1.0}
     if blend:
-        from bids_denoise.methods.masking import b0_brain_mask
+        from bids_denoise.methods.core.masking import b0_brain_mask
 
         mask = b0_brain_mask(series, np.asarray(bvals, float), b0_threshold=b0_threshold)
         mask = mask if mask.any() else np.ones(series.shape[:3], dtype=bool)

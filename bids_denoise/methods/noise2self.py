@@ -17,7 +17,7 @@ context it is denoised in the ``volume`` context, and the result says so.
 Images are processed as 2D slices.
 
 **Do no harm.** The network's output is never written as is. For each volume
-the calibration of :mod:`bids_denoise.methods.calibrate` weighs three
+the calibration of :mod:`bids_denoise.methods.core.calibrate` weighs three
 candidates by their estimated error: the input itself; the J-invariant output
 blended with the input (``a = s / mean (f - x)^2``, ``s`` the noise variance
 from MP-PCA's noise map, or the finest wavelet detail for an image); and the
@@ -27,8 +27,8 @@ the divergence measured by a Monte-Carlo probe. The least risk is written; the
 input is kept where neither output lowers it. For a DWI series (b-vectors
 given) a guard then scales every volume's weight down until the angular
 contrast the output loses is paid for by the noise it removes
-(:func:`bids_denoise.methods.calibrate.angular_contrast`,
-:func:`bids_denoise.methods.calibrate.contrast_cap`): per-volume risks miss a
+(:func:`bids_denoise.methods.core.calibrate.angular_contrast`,
+:func:`bids_denoise.methods.core.calibrate.contrast_cap`): per-volume risks miss a
 bias all volumes share, such as angular contrast flattened where fibres bend,
 and FA's error grows with that loss even at small weights.
 
@@ -47,20 +47,21 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.calibrate import (angular_contrast, choose_blend, contrast_cap, grid_mask,
-                                            image_noise_variance, series_noise_variance, signal_to_noise)
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.networks import (
-    IntensityScale,
-    TrainingBudget,
+from bids_denoise.methods.core.calibrate import angular_contrast, choose_blend, contrast_cap, grid_mask, signal_to_noise
+from bids_denoise.methods.core.device import resolve_device
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.networks import (
+    TrainingOptions,
     UNet,
     from_slices,
     seed_everything,
     to_slices,
     train_or_reuse,
 )
-from bids_denoise.methods.shells import cluster_shells
+from bids_denoise.methods.core.noise import image_noise_variance, series_noise_variance
+from bids_denoise.methods.core.options import option, positive, resolve_options
+from bids_denoise.methods.core.scaling import IntensityScale
+from bids_denoise.methods.core.shells import cluster_shells
 
 
 class Masker:
@@ -197,10 +198,55 @@ def _series_partners(bvals, b0_threshold, shell_tolerance, n_partners):
     return partners
 
 
-def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode="interpolate", slice_axis=2, n_partners=4,
-               b0_threshold=50.0, shell_tolerance=100.0, epochs=30, max_seconds=600.0, steps_per_epoch=50,
-               batch_size=16, net_width=24, depth=2, learning_rate=1e-3, j_invariant=True, calibrate=True, mask=None,
-               seed=0, device="cpu", state_dict=None, volume_context_state_dict=None):
+@dataclass(frozen=True)
+class Noise2SelfOptions(TrainingOptions):
+    """The options of :func:`noise2self` (the training budget: :class:`TrainingOptions`).
+
+    Attributes
+    ----------
+    context : {"volume", "series"}
+        ``volume`` (default): each volume alone, a spatial blind spot. ``series``: the other volumes
+        of the same shell are extra input channels (``bvals`` needed). In the ``series`` context, a
+        volume alone in its shell (a single b0, a lone b-value) has no partners: it is denoised in
+        the ``volume`` context by a second network trained on such volumes (under the same budget),
+        and listed in ``volume_context_volumes``.
+    mask_width : int
+        Masker grid width (``mask_width**2`` phases on 2D slices). Slices narrower than
+        ``mask_width`` work: only the phases that hide a voxel are used.
+    fill : {"interpolate", "zero"}
+        How the masked voxels are filled: the mean of their visible neighbours, or zeros.
+    slice_axis : {0, 1, 2}
+        Axis of the 2D slices.
+    n_partners : int
+        Other volumes of the shell given as channels in the ``series`` context.
+    b0_threshold, shell_tolerance : float
+        Shells as :func:`bids_denoise.methods.core.shells.cluster_shells`.
+    net_width, depth : int
+        The U-Net's channels at its first level and its number of downsamplings.
+    j_invariant : bool
+        J-invariant inference (default) or a single unmasked pass, when ``calibrate`` is False.
+    calibrate : bool
+        Per volume, write the least-risk of the input, the blended J-invariant output and the
+        blended single-pass output (default; see the module's docstring). False: the network's
+        output as ``j_invariant`` says.
+    """
+
+    context: str = option("volume", "each volume alone, or with other volumes of its shell as channels",
+                          choices=("volume", "series"))
+    mask_width: int = option(3, "masker grid width", parse=positive(int))
+    fill: str = option("interpolate", "how masked voxels are filled", choices=("zero", "interpolate"))
+    slice_axis: int = option(2, "axis of the 2D slices", choices=(0, 1, 2))
+    n_partners: int = option(4, "other volumes of the shell as channels (series context)", app=False)
+    b0_threshold: float = option(50.0, "largest b-value of a b0", app=False)
+    shell_tolerance: float = option(100.0, "b-value gap that separates shells", app=False)
+    net_width: int = option(24, "channels of the U-Net's first level", app=False)
+    depth: int = option(2, "downsamplings of the U-Net", app=False)
+    j_invariant: bool = option(True, "J-invariant inference (uncalibrated)", app=False)
+    calibrate: bool = option(True, "per volume, the least-risk of the input and the blended outputs", app=False)
+
+
+def noise2self(data, bvals=None, bvecs=None, options: Noise2SelfOptions | None = None, *, mask=None, seed=0,
+               device="cpu", state_dict=None, volume_context_state_dict=None, **changes) -> Noise2SelfResult:
     """Denoise a 3D image or a 4D series with a J-invariant network trained on itself.
 
     Parameters
@@ -209,26 +255,14 @@ def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode=
     bvals : (V,) array, needed for ``context="series"``
     bvecs : (3, V) array, optional
         With ``bvals``, the calibration's tensor guard runs (see the module's docstring).
-    context : {"volume", "series"}
-        In the ``series`` context, a volume alone in its shell (a single b0, a lone b-value) has
-        no partners: it is denoised in the ``volume`` context by a second network trained on
-        such volumes (under the same budget), and listed in ``volume_context_volumes``.
-    width : int
-        Masker grid width (``width**2`` phases on 2D slices). Slices narrower than ``width``
-        work: only the phases that hide a voxel are used.
-    mode : {"zero", "interpolate"}
-    slice_axis : int
-    n_partners : int
-        Other volumes of the shell given as channels in the ``series`` context.
-    j_invariant : bool
-        J-invariant inference (default) or a single unmasked pass, when ``calibrate`` is False.
-    calibrate : bool
-        Per volume, write the least-risk of the input, the blended J-invariant output and the
-        blended single-pass output (default; see the module's docstring). False: the network's
-        output as ``j_invariant`` says.
+    options : Noise2SelfOptions, optional
+        The method's options (default: :class:`Noise2SelfOptions`'s); keyword ``changes`` replace
+        single options, e.g. ``noise2self(data, bvals, context="series", epochs=5)``.
     mask : ndarray of bool, optional
         Voxels over which the calibration is estimated (default: an automatic b0 brain mask for a
         DWI series, the whole image otherwise).
+    seed : int
+    device : str
     state_dict, volume_context_state_dict : dict, optional
         Trained weights to reuse (no training then): of the main network, and of the network of
         the volumes denoised in the volume context (see :class:`Noise2SelfResult`).
@@ -242,13 +276,13 @@ def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode=
     Scale-invariant: the data are divided by a robust maximum (:class:`IntensityScale`) before
     the networks see them, and multiplied back.
     """
+    options = resolve_options(Noise2SelfOptions, options, changes)
+    context, slice_axis = options.context, options.slice_axis
     data = np.asarray(data, dtype=np.float32)
     if data.ndim not in (3, 4):
         raise UnsuitableDataError(f"Noise2Self needs a 3D image or a 4D series, got shape {data.shape}")
     squeeze = data.ndim == 3
     series = data[..., None] if squeeze else data
-    if context not in ("volume", "series"):
-        raise ValueError("context must be 'volume' or 'series'")
     if context == "series" and (squeeze or bvals is None):
         raise ValueError("the series context needs a 4D series and its b-values")
     device = resolve_device(device)
@@ -257,19 +291,19 @@ def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode=
     normalised = scale.forward(series)
     # (V, n_slices, H, W)
     stack = np.stack([to_slices(normalised[..., v], slice_axis) for v in range(series.shape[3])])
-    partners = _series_partners(bvals, b0_threshold, shell_tolerance, n_partners) if context == "series" else None
+    partners = (_series_partners(bvals, options.b0_threshold, options.shell_tolerance, options.n_partners)
+                if context == "series" else None)
     alone = [] if partners is None else [v for v, chosen in enumerate(partners) if not chosen]
     with_partners = [v for v in range(stack.shape[0]) if v not in alone]
     fit = functools.partial(
-        _fit_and_denoise, stack, Masker(width, mode, dims=2), seed=seed, device=device, generator=generator,
-        budget=TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
-                              batch_size=batch_size, learning_rate=learning_rate),
-        net_width=net_width, depth=depth, j_invariant=j_invariant,
+        _fit_and_denoise, stack, Masker(options.mask_width, options.fill, dims=2), seed=seed, device=device,
+        generator=generator, budget=options.budget, net_width=options.net_width, depth=options.depth,
+        j_invariant=options.j_invariant,
     )
     fallback_volumes = alone
     if not with_partners:  # the series context, but no volume has a partner: the volume context for all
         context, partners, with_partners, fallback_volumes = "volume", None, alone, []
-    main = fit(with_partners, partners, n_partners, state_dict, f"noise2self ({context})")
+    main = fit(with_partners, partners, options.n_partners, state_dict, f"noise2self ({context})")
     fallback = None
     if fallback_volumes:
         fallback = fit(fallback_volumes, None, 0, volume_context_state_dict, "noise2self (volume, alone in shell)")
@@ -279,7 +313,7 @@ def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode=
             denoised[run.volumes] = run.denoised
     result = np.stack([from_slices(denoised[v], slice_axis) for v in range(stack.shape[0])], axis=-1)
     choices, weights, blends, guard = [], [], [], {}
-    if calibrate:
+    if options.calibrate:
         single = np.empty_like(stack)
         probe_change = np.empty_like(stack)
         for run in (main, fallback):
@@ -290,7 +324,7 @@ def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode=
         calibration = _calibrated(normalised, result, single, probe_change, bvals, mask)
         result, choices, weights, blends = (calibration[k] for k in ("output", "choices", "weights", "blends"))
         if bvals is not None and bvecs is not None and not squeeze:
-            shells = cluster_shells(bvals, b0_threshold=b0_threshold, tolerance=shell_tolerance)
+            shells = cluster_shells(bvals, b0_threshold=options.b0_threshold, tolerance=options.shell_tolerance)
             contrast = angular_contrast(calibration["chosen"], normalised, shells, calibration["variance"],
                                         calibration["mask"], divergence=calibration["divergence"])
             snr = signal_to_noise(normalised, bvals, calibration["variance"], calibration["mask"])
@@ -301,7 +335,7 @@ def noise2self(data, bvals=None, bvecs=None, *, context="volume", width=3, mode=
             choices = [c if cap > 0 else "identity" for c in choices]
             guard = {"scale": cap, "angular_contrast": contrast, "snr": round(snr, 3)}
     result = scale.inverse(result)
-    if calibrate:  # volumes kept as they were keep their values to the bit
+    if options.calibrate:  # volumes kept as they were keep their values to the bit
         for volume, choice in enumerate(choices):
             if choice == "identity" or weights[volume] == 0:
                 result[..., volume] = series[..., volume]
@@ -325,7 +359,7 @@ def _calibrated(series, j_invariant_output, single_pass, probe_change, bvals, ma
     Returns a dict: ``output`` (the blends), ``choices``, ``weights``, ``blends`` (every candidate's,
     per volume), ``chosen`` (each volume's chosen output before the blend; the input where none),
     ``divergence`` (of the chosen output, per volume), ``gains`` (per volume, the ``(a, p, q)`` of
-    :func:`bids_denoise.methods.calibrate.contrast_cap`), ``variance`` (noise map) and ``mask``.
+    :func:`bids_denoise.methods.core.calibrate.contrast_cap`), ``variance`` (noise map) and ``mask``.
     """
     if series.shape[3] >= 4:
         variance = series_noise_variance(series)
@@ -334,7 +368,7 @@ def _calibrated(series, j_invariant_output, single_pass, probe_change, bvals, ma
     if mask is None:
         mask = np.ones(series.shape[:3], dtype=bool)
         if bvals is not None and series.shape[3] > 1:
-            from bids_denoise.methods.masking import b0_brain_mask
+            from bids_denoise.methods.core.masking import b0_brain_mask
 
             found = b0_brain_mask(series, np.asarray(bvals, float))
             mask = found if found.any() else mask

@@ -17,11 +17,13 @@ comes from
 * noise-only volumes at the end of the series (``noise_volumes=N``, as NORDIC's noise scan): the
   root mean square of their values in the patch over ``sqrt(2)`` (complex noise, or its magnitude,
   Rayleigh distributed, have ``E|z|^2 = 2 sigma^2``); the volumes are then dropped from the output;
-* a given level (``noise_sigma``, one value), or a map (g-factor / noise map): the data are divided
-  by the map before and multiplied by it after (NORDIC's g-factor normalisation), which leaves unit
-  noise unless noise volumes give the level;
+* a given level (``noise_sigma``: one value, or a noise map whose division leaves unit noise);
+* a g-factor map (``gfactor``, unitless: the spatial profile of the noise that parallel imaging
+  leaves): the data are divided by it before and multiplied by it after (NORDIC's g-factor
+  normalisation), and the level of the normalised data comes from the noise volumes, a given
+  value, or the data;
 * otherwise, the data: the Marchenko-Pastur fit of the patch's eigenvalues (Veraart et al. 2016
-  with Cordero-Grande et al. 2019's estimator, :func:`bids_denoise.methods.mppca.marchenko_pastur_cutoff`).
+  with Cordero-Grande et al. 2019's estimator, :func:`bids_denoise.methods.core.randmat.marchenko_pastur_cutoff`).
 
 With a phase the data are complex. Per volume and per slice, the slowly varying phase is estimated
 as the angle of a low-pass-filtered copy of the complex image (k-space window
@@ -60,11 +62,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.mppca import marchenko_pastur_cutoff
-from bids_denoise.methods.networks import power_of_two_exponent
-from bids_denoise.methods.phase import in_radians, slow_phase
-from bids_denoise.methods.phase import phase_units as phase_units_of
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.options import Options, integers, option, positive, resolve_options
+from bids_denoise.methods.core.phase import in_radians, slow_phase
+from bids_denoise.methods.core.phase import phase_units as phase_units_of
+from bids_denoise.methods.core.randmat import marchenko_pastur_cutoff
+from bids_denoise.methods.core.scaling import power_of_two_exponent
 
 #: Fewest volumes (per echo, noise volumes excluded) NORDIC takes: below this the patch's matrix
 #: has too few singular values to tell noise from signal.
@@ -76,6 +79,43 @@ MC_DRAWS = 10
 #: Patches per batch (each a voxels x volumes matrix).
 BATCH_PATCHES = 16
 
+
+@dataclass(frozen=True)
+class NordicOptions(Options):
+    """The options of :func:`nordic` (the defaults are NORDIC's).
+
+    Attributes
+    ----------
+    patch_ratio : float, optional
+        Voxels per volume in a patch (default 11, as NORDIC): the patch edge is the smallest integer
+        ``e`` with ``e**3 >= patch_ratio * volumes`` (the volumes of all echoes when joint), capped by
+        the image size on each axis. Unused where ``patch`` is given.
+    patch : int or sequence of 3 int, optional
+        Patch edge(s), capped by the image size.
+    step : int or sequence of 3 int, optional
+        Distance between patch positions; default half the patch edge (at least 1).
+    noise_volumes : int, optional
+        The last ``noise_volumes`` volumes (of each echo) are noise-only scans: they set the
+        noise level and are dropped from the output.
+    phase_filter_width : float, optional
+        Power ``w`` of the in-plane k-space window of the phase estimate (default 10; larger is
+        smoother). 0 removes the whole phase (the data become their magnitude).
+    phase_units : {"auto", "radians", "scanner"}, optional
+        ``auto`` (default): radians if no value exceeds pi, scanner units if none exceeds 4096,
+        refused otherwise.
+    joint : bool, optional
+        Several echoes: decompose them together (default) or one by one.
+    """
+
+    patch_ratio: float = option(11.0, "voxels per volume in a patch (NORDIC's 11:1)", parse=positive(float))
+    patch: int | tuple | None = option(None, "patch edge(s), capped by the image", app=False)
+    step: int | tuple | None = option(None, "distance between patch positions (default half the edge)", app=False)
+    noise_volumes: int = option(0, "the last N volumes are noise scans: they set the threshold and are dropped "
+                                   "from the output", parse=integers(minimum=0))
+    phase_filter_width: float = option(10.0, "smoothness of the slowly varying phase removed from complex runs "
+                                             "(k-space window power)", parse=positive(float))
+    phase_units: str = option("auto", "units of the phase", choices=("auto", "radians", "scanner"), app=False)
+    joint: bool = option(True, "several echoes: one decomposition (true) or one each (false)", app=False)
 
 
 @dataclass
@@ -111,8 +151,8 @@ class NordicResult:
     details: dict = field(default_factory=dict)
 
 
-def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes=0, noise_sigma=None,
-           phase_filter_width=10, phase_units="auto", step=None, joint=True, seed=0) -> NordicResult:
+def nordic(magnitude, phase=None, options: NordicOptions | None = None, *, noise_sigma=None, gfactor=None, seed=0,
+           **changes) -> NordicResult:
     """Denoise an fMRI series (magnitude, or magnitude and phase) with NORDIC.
 
     Parameters
@@ -120,32 +160,18 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
     magnitude : ndarray (X, Y, Z, T), or a list of them (echoes, same shape)
     phase : ndarray (X, Y, Z, T), or a list of them matching ``magnitude``, optional
         In radians, or in scanner units (-4096..4096, converted by ``pi / 4096``): see
-        ``phase_units``. Given: the data are complex and the slowly varying phase is removed before
-        denoising (see the module docstring).
-    patch_ratio : float, optional
-        Voxels per volume in a patch (default 11, as NORDIC): the patch edge is the smallest integer
-        ``e`` with ``e**3 >= patch_ratio * volumes`` (the volumes of all echoes when joint), capped by
-        the image size on each axis. Unused where ``patch`` is given.
-    patch : int or sequence of 3 int, optional
-        Patch edge(s), capped by the image size.
-    noise_volumes : int, optional
-        The last ``noise_volumes`` volumes (of each echo) are noise-only scans: they set the
-        noise level and are dropped from the output.
+        ``options.phase_units``. Given: the data are complex and the slowly varying phase is removed
+        before denoising (see the module docstring).
+    options : NordicOptions, optional
+        The method's options; keyword ``changes`` replace single options (``nordic(m, patch_ratio=8)``).
     noise_sigma : float or ndarray (X, Y, Z), optional
-        A known noise standard deviation per real channel, in the input's units; a map is a noise or
-        g-factor map: the data are divided by it before denoising and multiplied by it after, and
-        the level after division is 1 (unless ``noise_volumes`` gives it). A single value cannot be
-        combined with ``noise_volumes``.
-    phase_filter_width : float, optional
-        Power ``w`` of the in-plane k-space window of the phase estimate (default 10; larger is
-        smoother). 0 removes the whole phase (the data become their magnitude).
-    phase_units : {"auto", "radians", "scanner"}, optional
-        ``auto`` (default): radians if no value exceeds pi, scanner units if none exceeds 4096,
-        refused otherwise.
-    step : int or sequence of 3 int, optional
-        Distance between patch positions; default half the patch edge (at least 1).
-    joint : bool, optional
-        Several echoes: decompose them together (default) or one by one.
+        The known thermal noise standard deviation per real channel, in the input's units: one value,
+        or a map (the data are divided by it before denoising and multiplied by it after, which leaves
+        unit noise). Cannot be combined with ``options.noise_volumes``, which measure it.
+    gfactor : ndarray (X, Y, Z), optional
+        A g-factor map (unitless, positive): the data are divided by it before denoising and multiplied
+        by it after; the noise level of the normalised data is measured (noise volumes or the data)
+        unless ``noise_sigma`` gives it as one value.
     seed : int, optional
         Seed of the Monte-Carlo threshold.
 
@@ -159,6 +185,8 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
         Fewer than ``MIN_VOLUMES`` volumes left after the noise volumes, shapes that differ, a phase
         in no known units, a noise map with values that are not positive.
     """
+    options = resolve_options(NordicOptions, options, changes)
+    noise_volumes = int(options.noise_volumes)
     multi = isinstance(magnitude, (list, tuple))
     magnitudes = [np.asarray(m) for m in (magnitude if multi else [magnitude])]
     if phase is None:
@@ -166,13 +194,14 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
     else:
         phases = [np.asarray(p) for p in (phase if isinstance(phase, (list, tuple)) else [phase])]
     _check_inputs(magnitudes, phases, noise_volumes)
-    if noise_sigma is not None and np.ndim(noise_sigma) == 0 and noise_volumes:
-        raise ValueError("give either noise_sigma as one value or noise_volumes, not both")
-    if len(magnitudes) > 1 and not joint:
+    if noise_sigma is not None and noise_volumes:
+        raise ValueError("give either noise_sigma or noise_volumes (both set the noise level), not both")
+    if noise_sigma is not None and np.ndim(noise_sigma) > 0 and gfactor is not None:
+        raise ValueError("a noise map already holds the g-factor: give noise_sigma as one value with gfactor")
+    if len(magnitudes) > 1 and not options.joint:
         parts = [
-            nordic(m, None if phases is None else phases[e], patch_ratio=patch_ratio, patch=patch,
-                   noise_volumes=noise_volumes, noise_sigma=noise_sigma,
-                   phase_filter_width=phase_filter_width, phase_units=phase_units, step=step, seed=seed)
+            nordic(m, None if phases is None else phases[e], options, noise_sigma=noise_sigma, gfactor=gfactor,
+                   seed=seed)
             for e, m in enumerate(magnitudes)
         ]
         details = dict(parts[0].details)
@@ -187,26 +216,23 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
 
     units = None
     if phases is not None:
-        units = phase_units_of(phases, phase_units)
+        units = phase_units_of(phases, options.phase_units)
     shape = magnitudes[0].shape[:3]
     n_total = magnitudes[0].shape[3]
     n_keep = n_total - noise_volumes
 
     exponent = max(power_of_two_exponent(m) for m in magnitudes)
-    noise_map = None
-    given_sigma = None
-    if noise_sigma is not None:
-        if np.ndim(noise_sigma) == 0:
-            given_sigma = math.ldexp(float(noise_sigma), -exponent)
-            if not given_sigma > 0 or not math.isfinite(given_sigma):
-                raise UnsuitableDataError("the noise level given is not a positive finite number")
-        else:
-            noise_map = np.ldexp(np.asarray(noise_sigma, dtype=np.float64), -exponent)
-            if noise_map.shape != shape:
-                raise UnsuitableDataError(
-                    f"noise map of shape {noise_map.shape} does not match the image {shape}")
-            if not np.all(np.isfinite(noise_map)) or not np.all(noise_map > 0):
-                raise UnsuitableDataError("noise map has values that are not positive and finite")
+    # the map the data are divided by (a noise map: unit noise after; a g-factor map: uniform noise)
+    divisor, given_sigma = None, None
+    if noise_sigma is not None and np.ndim(noise_sigma) == 0:
+        given_sigma = math.ldexp(float(noise_sigma), -exponent)
+        if not given_sigma > 0 or not math.isfinite(given_sigma):
+            raise UnsuitableDataError("the noise level given is not a positive finite number")
+    elif noise_sigma is not None:
+        divisor = _checked_map(np.ldexp(np.asarray(noise_sigma, dtype=np.float64), -exponent), shape, "noise map")
+        given_sigma = 1.0
+    if gfactor is not None:
+        divisor = _checked_map(np.asarray(gfactor, dtype=np.float64), shape, "g-factor map")
 
     is_complex = phases is not None
     series, background, noise = [], [], []
@@ -214,19 +240,19 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
         values = np.ldexp(np.asarray(m, dtype=np.float64), -exponent)
         if is_complex:
             values = values * np.exp(1j * in_radians(phases[e], units))
-            slow = slow_phase(values, phase_filter_width)
+            slow = slow_phase(values, options.phase_filter_width)
             values = values * np.exp(-1j * slow)
             background.append(slow[..., :n_keep])
-        if noise_map is not None:
-            values = values / noise_map[..., None]
+        if divisor is not None:
+            values = values / divisor[..., None]
         series.append(values[..., :n_keep])
         noise.append(values[..., n_keep:])
     data = np.concatenate(series, axis=3)
     noise_data = np.concatenate(noise, axis=3) if noise_volumes else None
 
     n_columns = data.shape[3]
-    edges = _patch_edges(patch, patch_ratio, n_columns, shape)
-    steps = _steps(step, edges)
+    edges = _patch_edges(options.patch, options.patch_ratio, n_columns, shape)
+    steps = _steps(options.step, edges)
     n_voxels = int(np.prod(edges))
     if min(n_voxels, n_columns) < MIN_VOLUMES:
         raise UnsuitableDataError(
@@ -235,19 +261,18 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
 
     if noise_data is not None:
         source = "noise volumes"
-    elif given_sigma is not None or noise_map is not None:
+    elif given_sigma is not None:
         source = "given"
     else:
         source = "marchenko-pastur"
     edge_value = monte_carlo_edge(n_voxels, n_columns, is_complex, seed)
 
     denoised, sigma_map, rank_map = _denoise_patches(
-        data, noise_data, edges, steps, edge_value, is_complex, source,
-        1.0 if noise_map is not None and given_sigma is None else given_sigma)
+        data, noise_data, edges, steps, edge_value, is_complex, source, given_sigma)
 
-    if noise_map is not None:
-        denoised = denoised * noise_map[..., None]
-        sigma_map = sigma_map * noise_map
+    if divisor is not None:
+        denoised = denoised * divisor[..., None]
+        sigma_map = sigma_map * divisor
     outputs, out_phases = [], []
     for e in range(len(magnitudes)):
         part = denoised[..., e * n_keep:(e + 1) * n_keep]
@@ -262,14 +287,15 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
         "patch": list(edges),
         "step": list(steps),
         "threshold_source": source,
-        "noise_map": noise_map is not None,
+        "noise_map": noise_sigma is not None and np.ndim(noise_sigma) > 0,
+        "gfactor_map": gfactor is not None,
         "phase_units": units,
         "dropped_volumes": int(noise_volumes),
-        "joint": bool(joint) if len(magnitudes) > 1 else True,
+        "joint": bool(options.joint) if len(magnitudes) > 1 else True,
         "n_echoes": len(magnitudes),
         "complex": is_complex,
         "mc_edge": float(edge_value),
-        "phase_filter_width": phase_filter_width,
+        "phase_filter_width": options.phase_filter_width,
         "seed": seed,
         "scale_exponent": int(exponent),
     }
@@ -280,6 +306,15 @@ def nordic(magnitude, phase=None, *, patch_ratio=11.0, patch=None, noise_volumes
         rank=rank_map.astype(np.float32),
         details=details,
     )
+
+
+def _checked_map(values, shape, what):
+    """A positive, finite (X, Y, Z) map of the image's shape, or UnsuitableDataError saying what is wrong."""
+    if values.shape != tuple(shape):
+        raise UnsuitableDataError(f"{what} of shape {values.shape} does not match the image {tuple(shape)}")
+    if not np.all(np.isfinite(values)) or not np.all(values > 0):
+        raise UnsuitableDataError(f"{what} has values that are not positive and finite")
+    return values
 
 
 def _check_inputs(magnitudes, phases, noise_volumes):

@@ -34,13 +34,13 @@ held out for early stopping, seeded; on CUDA with mixed precision.
 
 **Do no harm.** The network's output ``f_v`` is blended with the input,
 ``a_v f_v + (1 - a_v) x_v``, with ``a_v = s / mean (f_v - x_v)^2`` over the
-brain (:func:`bids_denoise.methods.calibrate.blend_weight`; ``s`` from
+brain (:func:`bids_denoise.methods.core.calibrate.blend_weight`; ``s`` from
 MP-PCA's noise map): for a J-invariant ``f`` this minimises the estimated
 error, and a volume the network does not help keeps (almost) its input. All
 weights are then scaled down until the angular contrast the output loses is
 paid for by the noise it removes
-(:func:`bids_denoise.methods.calibrate.angular_contrast`,
-:func:`bids_denoise.methods.calibrate.contrast_cap`): squared-error weights do
+(:func:`bids_denoise.methods.core.calibrate.angular_contrast`,
+:func:`bids_denoise.methods.core.calibrate.contrast_cap`): squared-error weights do
 not see a flattening of the angular contrast, which FA does.
 Magnitude data keep a noise floor, which a prediction of ``x_v`` keeps too:
 it is removed from the network's prediction (Koay & Basser, with MP-PCA's
@@ -70,12 +70,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.calibrate import (angular_contrast, blend_weight, contrast_cap, series_noise_variance,
-                                            signal_to_noise)
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.networks import IntensityScale, TrainingBudget, seed_everything, train_or_reuse
-from bids_denoise.methods.shells import cluster_shells
+from bids_denoise.methods.core.calibrate import angular_contrast, blend_weight, contrast_cap, signal_to_noise
+from bids_denoise.methods.core.device import resolve_device
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.networks import TrainingOptions, seed_everything, train_or_reuse
+from bids_denoise.methods.core.noise import series_noise_variance
+from bids_denoise.methods.core.options import option, positive, resolve_options
+from bids_denoise.methods.core.scaling import IntensityScale
+from bids_denoise.methods.core.shells import cluster_shells
 
 LOGGER = logging.getLogger(__name__)
 
@@ -336,7 +338,7 @@ class P2SNetResult:
     blend_weights : list of float
         Weight of the network's output in each volume (0: the input kept).
     blends : list of dict
-        Each volume's blend (:class:`bids_denoise.methods.calibrate.Blend`) before the guard.
+        Each volume's blend (:class:`bids_denoise.methods.core.calibrate.Blend`) before the guard.
     history, state_dict : dict
     held_out_volumes : list of int
         Volumes left out of training (early stopping on them).
@@ -355,16 +357,57 @@ class P2SNetResult:
     guard: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class P2SNetOptions(TrainingOptions):
+    """The options of :func:`p2snet` (the training budget: :class:`TrainingOptions`, here ``batch_size``
+    crops, each of one random volume, per step).
+
+    Attributes
+    ----------
+    subspace_extent : int
+        Window side of the local-subspace prediction (odd).
+    width, layers : int
+        The CNN's hidden channels and 3x3x3 layers.
+    crop : int
+        Side of the training crops, in voxels (smaller where the image is).
+    blend : bool
+        Blend each volume with the input by the self-supervised risk (default; False writes the
+        network's output as is).
+    noise_floor : {"koay", "none"}
+        Remove the Rician/noncentral-chi noise floor at the end (default), or not.
+    shell_tolerance, b0_threshold : float
+        Shells as :func:`bids_denoise.methods.core.shells.cluster_shells`.
+    validation_fraction : float
+        Share of volumes held out of training for early stopping (at least one when there are 4+).
+    n_coils : int
+        Receive channels, for the noise floor.
+    """
+
+    epochs: int = option(40, "training epochs at most", parse=positive(int))
+    steps_per_epoch: int = option(40, "optimiser steps per epoch", parse=positive(int))
+    batch_size: int = option(4, "crops per batch", parse=positive(int))
+    learning_rate: float = option(2e-3, "Adam's learning rate", parse=positive(float), app=False)
+    subspace_extent: int = option(5, "window side (odd) of the local-subspace prediction", parse=positive(int))
+    width: int = option(24, "hidden channels of the CNN", parse=positive(int))
+    layers: int = option(4, "3x3x3 convolution layers", parse=positive(int))
+    crop: int = option(16, "side of the training crops in voxels", parse=positive(int))
+    blend: bool = option(True, "blend each volume with the input by the self-supervised risk (false: the "
+                               "network's output as is)")
+    noise_floor: str = option("koay", "remove the Rician noise floor at the end (koay) or not (none)",
+                              choices=("koay", "none"))
+    shell_tolerance: float = option(100.0, "b-value gap that separates shells", parse=positive(float))
+    b0_threshold: float = option(50.0, "largest b-value of a b0", app=False)
+    validation_fraction: float = option(0.1, "share of volumes held out for early stopping", app=False)
+    n_coils: int = option(1, "receive channels, for the noise floor", app=False)
+
+
 def _crop_starts(shape, size, generator, count):
     return [[int(torch.randint(max(1, extent - size + 1), (1,), generator=generator)) for extent in shape]
             for _ in range(count)]
 
 
-def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subspace_extent=5, width=24, layers=4,
-           crop=16,
-           epochs=40, max_seconds=600.0, steps_per_epoch=40, batch_size=4, learning_rate=2e-3,
-           validation_fraction=0.1, blend=True, noise_floor="koay", n_coils=1, mask=None, seed=0, device="cpu",
-           state_dict=None, keep_network_output=False) -> P2SNetResult:
+def p2snet(data, bvals, bvecs, options: P2SNetOptions | None = None, *, mask=None, seed=0, device="cpu",
+           state_dict=None, keep_network_output=False, **changes) -> P2SNetResult:
     """Denoise a DWI series with a J-invariant network that predicts each volume from the others.
 
     Parameters
@@ -372,25 +415,9 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
     data : ndarray (X, Y, Z, V)
         Magnitude DWI series.
     bvals : (V,), bvecs : (3, V)
-    b0_threshold, shell_tolerance : float
-        Shells as :func:`bids_denoise.methods.shells.cluster_shells`.
-    subspace_extent : int
-        Window side of the local-subspace prediction (odd).
-    width, layers : int
-        The CNN's hidden channels and 3x3x3 layers.
-    crop : int
-        Side of the training crops, in voxels (smaller where the image is).
-    epochs, max_seconds, steps_per_epoch, batch_size, learning_rate : training budget
-        ``batch_size`` crops (each of one random volume) per step.
-    validation_fraction : float
-        Share of volumes held out of training for early stopping (at least one when there are 4+).
-    blend : bool
-        Blend each volume with the input by the self-supervised risk (default; False writes the
-        network's output as is).
-    noise_floor : {"koay", "none"}
-        Remove the Rician/noncentral-chi noise floor at the end (default), or not.
-    n_coils : int
-        Receive channels, for the noise floor.
+    options : P2SNetOptions, optional
+        The method's options (default: :class:`P2SNetOptions`'s); keyword ``changes`` replace
+        single options, e.g. ``p2snet(data, bvals, bvecs, noise_floor="none", epochs=5)``.
     mask : ndarray of bool (X, Y, Z), optional
         Voxels where the local subspace predicts and over which the blend weights are estimated
         (default: an automatic b0 brain mask).
@@ -411,11 +438,12 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
     UnsuitableDataError
         Not a 4D series, or fewer than 3 volumes.
     """
+    options = resolve_options(P2SNetOptions, options, changes)
+    b0_threshold, shell_tolerance, crop, blend = (options.b0_threshold, options.shell_tolerance, options.crop,
+                                                  options.blend)
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 4 or data.shape[3] < 3:
         raise UnsuitableDataError(f"P2S-Net needs a 4D series of at least 3 volumes, got shape {data.shape}")
-    if noise_floor not in ("koay", "none"):
-        raise ValueError("noise_floor must be 'koay' or 'none'")
     device = resolve_device(device)
     generator = seed_everything(seed)
     scale = IntensityScale.fit(data)
@@ -426,7 +454,7 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
     condition = torch.from_numpy(conditions(bvals, bvecs))
     voxels = torch.from_numpy(np.ascontiguousarray(series))
     if mask is None:
-        from bids_denoise.methods.masking import b0_brain_mask
+        from bids_denoise.methods.core.masking import b0_brain_mask
 
         mask = b0_brain_mask(series, np.asarray(bvals, float), b0_threshold=b0_threshold)
     mask = np.asarray(mask, dtype=bool)
@@ -435,7 +463,7 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
     variance = series_noise_variance(series)
     # outside the brain: the mean of the other volumes of the shell (J-invariant too)
     local = np.einsum("xyzv,vn->xyzn", series, predictors[:, 0, :].numpy())
-    local[mask] = local_subspace_predictions(series, variance, extent=subspace_extent, mask=mask,
+    local[mask] = local_subspace_predictions(series, variance, extent=options.subspace_extent, mask=mask,
                                              device=device)[mask]
     local = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32))
 
@@ -446,7 +474,7 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
         return torch.cat([linear, subspace], dim=1).contiguous()
 
     rng = np.random.default_rng(seed)
-    n_held = int(round(validation_fraction * n_volumes)) if n_volumes >= 4 else 0
+    n_held = int(round(options.validation_fraction * n_volumes)) if n_volumes >= 4 else 0
     n_held = max(1, n_held) if n_volumes >= 4 else 0
     held_out = sorted(rng.permutation(n_volumes)[:n_held].tolist())
     train_volumes = np.array([v for v in range(n_volumes) if v not in held_out])
@@ -474,10 +502,8 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
         starts = _crop_starts(series.shape[:3], crop, validation_generator, 4)
         validation.append(batch_of([volume] * 4, starts))
 
-    model = AngularCNN(width=width, layers=layers)
-    budget = TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
-                            batch_size=batch_size, learning_rate=learning_rate)
-    history = train_or_reuse(model, state_dict, sample_batch, loss_fn, validation, budget=budget, device=device,
+    model = AngularCNN(width=options.width, layers=options.layers)
+    history = train_or_reuse(model, state_dict, sample_batch, loss_fn, validation, budget=options.budget, device=device,
                              generator=generator, label="p2snet")
     network = _predict(model, voxels, angular, condition, device)
     blends = [blend_weight(network[..., v][mask], series[..., v][mask], variance[mask]) for v in range(n_volumes)]
@@ -495,7 +521,7 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
     # the floor is removed from the network's estimate of the mean, which enters with its weight: a
     # volume that keeps most of its input keeps most of its (noisy) values, whose floor cannot be
     # inverted value by value
-    estimate = _remove_floor(network, series, n_coils) if noise_floor == "koay" else network
+    estimate = _remove_floor(network, series, options.n_coils) if options.noise_floor == "koay" else network
     output = series + weights * (estimate - series)
     denoised = scale.inverse(output)
     kept = np.flatnonzero(weights == 0)  # volumes the network does not touch keep their values to the bit
@@ -505,7 +531,7 @@ def p2snet(data, bvals, bvecs, *, b0_threshold=50.0, shell_tolerance=100.0, subs
         blend_weights=[round(float(w), 4) for w in weights], blends=[b.as_dict() for b in blends], guard=guard,
         history=history,
         state_dict={k: v.cpu() for k, v in model.state_dict().items()}, held_out_volumes=held_out,
-        noise_floor_removed=noise_floor == "koay",
+        noise_floor_removed=options.noise_floor == "koay",
     )
 
 
@@ -524,10 +550,10 @@ def _predict(model, voxels, angular, condition, device) -> np.ndarray:
 
 def _remove_floor(output, series, n_coils):
     """The floor-free signal of ``output`` (a mean estimate) with MP-PCA's Gaussian noise map of ``series``."""
-    from bids_denoise.methods.mppca import mppca
-    from bids_denoise.methods.noise_floor import remove_noise_floor
+    from bids_denoise.methods.core.noise import gaussian_noise_sigma
+    from bids_denoise.methods.core.noise_floor import remove_noise_floor
 
     if series.shape[3] < 4:
         return output
-    sigma = mppca(series, noise_floor="koay", n_coils=n_coils).noise_sigma
+    sigma = gaussian_noise_sigma(series, n_coils)
     return remove_noise_floor(output, sigma, n_coils, out_dtype=np.float32)

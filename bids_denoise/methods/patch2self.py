@@ -42,7 +42,7 @@ the noise alone puts the noisy input's FA. Five things make it worse or better
   level, as MP-PCA's default does.
 
 The function's defaults are DIPY's Patch2Self (``DIPY_OPTIONS``, spelled
-out); ``LOW_BIAS_OPTIONS`` (``grouping="all", mask="auto", tile="auto",
+out); ``LOW_BIAS_OPTIONS`` (``grouping="all", fit_mask="auto", tile="auto",
 blend="volume", noise_floor="koay"``) are the app's defaults, which do no harm on the phantom
 (``tests/methods/test_harm.py``).
 
@@ -79,24 +79,125 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.masking import b0_brain_mask
-from bids_denoise.methods.mppca import marchenko_pastur_cutoff
-from bids_denoise.methods.networks import power_of_two_exponent
-from bids_denoise.methods.noise_floor import remove_noise_floor
-from bids_denoise.methods.shells import cluster_shells
+from bids_denoise.methods.core.device import resolve_device
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.masking import b0_brain_mask
+from bids_denoise.methods.core.noise_floor import remove_noise_floor
+from bids_denoise.methods.core.options import Options, auto_or, integers, option, positive, resolve_options
+from bids_denoise.methods.core.randmat import marchenko_pastur_cutoff
+from bids_denoise.methods.core.scaling import power_of_two_exponent
+from bids_denoise.methods.core.shells import cluster_shells
 
 LOGGER = logging.getLogger(__name__)
 
 #: Bytes of design matrix handled per chunk (CPU); bounds memory, keeps BLAS busy.
 CHUNK_BYTES = 32 * 2**20
 
-#: The options that make :func:`patch2self` DIPY's Patch2Self (its defaults, spelled out).
-DIPY_OPTIONS = {"grouping": "b0_dwi", "mask": None, "tile": None, "blend": "none", "noise_floor": "none"}
+def tile_option(text):
+    """``auto``, ``none`` (one fit for the whole image), or a tile edge: one integer or three (``x,y,z``)."""
+    if str(text).strip() == "none":
+        return None
+    return auto_or(integers(minimum=2))(text)
+
+
+@dataclass(frozen=True)
+class Patch2SelfOptions(Options):
+    """The options of :func:`patch2self`; the defaults are DIPY's Patch2Self (:data:`DIPY_OPTIONS`).
+
+    Attributes
+    ----------
+    patch_radius : int or sequence of 3 int, optional
+        Radius of the cube of neighbouring voxels each volume contributes as
+        features (0, the default, uses the voxel alone). Outside the image the
+        cube is zero-padded, as in DIPY.
+    model : {"ols", "ridge"}, optional
+        Ordinary least squares or ridge regression (penalty ``alpha`` on the
+        coefficients, not on the intercept, as scikit-learn's ``Ridge``).
+    alpha : float, optional
+        Ridge penalty (default 1.0); ignored for ``ols``.
+    b0_threshold : float, optional
+        b-values up to this are b0 volumes (default 50).
+    b0_denoising : bool, optional
+        Denoise the b0 volumes (default True). A single b0 is always passed
+        through unchanged (with ``grouping="all"`` it still helps predict the
+        others).
+    shift_intensity : bool, optional
+        If a denoised volume has negative values, add the constant that makes
+        its minimum zero (default False). A per-volume offset biases model
+        fits, so it is off by default; DIPY 1.10-1.12.1 enable it by default
+        but compute a shift of zero, so False also matches what they return.
+    clip_negative_vals : bool, optional
+        Set negative denoised values to zero (default False). Takes precedence
+        over ``shift_intensity``.
+    grouping : {"b0_dwi", "all", "shell"}, optional
+        Regress within b0s and within all DWIs (default, as DIPY), or predict
+        each volume from every other volume, or regress within each shell.
+    shell_tolerance : float, optional
+        b-value gap that separates shells for ``grouping="shell"``.
+    tile : None, "auto", int or sequence of 3 int, optional
+        None (default, DIPY): one regression per volume for the whole image. Otherwise the image is
+        also cut into cubes of this edge (``"auto"``: the smallest edge whose cube holds
+        ``TILE_VOXELS_PER_VOLUME`` voxels per volume), overlapping by half an edge, and each volume
+        is predicted in each cube from the regressions fitted on that cube's fitted voxels (the
+        mask's); predictions of overlapping cubes are averaged. A cube's intercept is its own mean
+        signal, so the contrast shared by its voxels (the angular profile of coherent fibres) is
+        kept whole instead of shrunk. Fitted voxels in no cube with more than
+        ``TILE_MIN_FIT_RATIO`` times the features fitted keep the whole-image prediction, as do
+        voxels outside the mask. Patch radius 0 only.
+    blend : {"none", "volume"}, optional
+        ``none`` (default): the prediction. ``volume``: output ``a f + (1 - a) x`` per volume, ``f`` the
+        prediction, ``x`` the input, ``a = s2 / (A + s2)`` with ``s2`` the
+        noise variance and ``A = mean (f - x)^2 - s2`` over the fitted voxels,
+        which minimises the expected squared error of the blend for a ``f``
+        that does not see its own volume's noise. Where the fit is masked, the voxels outside it
+        get their own weights and noise variance (the prediction extrapolates there; pure
+        background keeps little of it).
+    noise_floor : {"none", "koay"}, optional
+        ``none`` (default): no correction. ``koay``: remove the noncentral-chi noise floor of magnitude
+        data from the denoised volumes with the noise level (Koay & Basser 2006;
+        :func:`bids_denoise.methods.core.noise_floor.remove_noise_floor`).
+    n_coils : int, optional
+        Receive channels of a sum-of-squares magnitude, for ``noise_floor``
+        (default 1, Rician).
+    fit_mask : {"none", "auto"}, optional
+        ``none`` (default, DIPY): fit the regressions on every voxel. ``auto``: on the b0 brain mask of
+        :func:`bids_denoise.methods.core.masking.b0_brain_mask` where what it leaves out is background
+        (median mean b0 outside it below ``BACKGROUND_SIGMAS`` noise standard deviations) and it holds
+        more voxels than features; every voxel otherwise (``info.fit_mask`` says which). A ``mask``
+        given to :func:`patch2self` takes its place.
+    """
+
+    patch_radius: int | tuple = option(0, "radius of the neighbourhood each volume contributes (0, or 'r' or "
+                                          "'rx,ry,rz')", parse=integers(minimum=0))
+    model: str = option("ols", "regression model", choices=("ols", "ridge"))
+    alpha: float = option(1.0, "ridge penalty (model ridge)")
+    b0_threshold: float = option(50.0, "b-values up to this are b0 volumes")
+    b0_denoising: bool = option(True, "denoise the b0 volumes too (true/false)")
+    shift_intensity: bool = option(False, "shift a volume with negative values so its minimum is zero (true/false)")
+    clip_negative_vals: bool = option(False, "set negative values to zero (true/false)")
+    grouping: str = option("b0_dwi", "predict each volume from all others (all), regress within b0s and within "
+                                     "DWIs (b0_dwi, DIPY), or within each shell", choices=("all", "b0_dwi", "shell"))
+    shell_tolerance: float = option(100.0, "b-value gap that separates shells (grouping shell)", app=False)
+    fit_mask: str = option("none", "fit the regressions inside an automatic b0 brain mask where the image has "
+                                   "background around the brain (auto), or on every voxel (none, DIPY); the "
+                                   "prediction is made everywhere", choices=("auto", "none"))
+    tile: int | tuple | str | None = option(
+        None, "fit the regressions also in cubes overlapping by half (auto: an edge holding 5 voxels per volume; "
+              "or an edge 'e' or 'x,y,z'), or once for the whole image (none, DIPY)", parse=tile_option)
+    blend: str = option("none", "blend each volume's prediction with the input by the weight of least expected "
+                                "error, from the Marchenko-Pastur noise level of the fitted voxels (volume), or not "
+                                "(none, DIPY)", choices=("volume", "none"))
+    noise_floor: str = option("none", "remove the Rician/noncentral-chi noise floor with that noise level (koay) "
+                                      "or not (none, DIPY)", choices=("koay", "none"))
+    n_coils: int = option(1, "receive channels of a sum-of-squares magnitude, for noise_floor koay",
+                          parse=positive(int))
+
+
+#: DIPY's Patch2Self (the function's defaults, spelled out).
+DIPY_OPTIONS = Patch2SelfOptions()
 #: The app's defaults: fit in the brain and in local cubes, every volume a predictor, blend with the input,
 #: remove the noise floor.
-LOW_BIAS_OPTIONS = {"grouping": "all", "mask": "auto", "tile": "auto", "blend": "volume", "noise_floor": "koay"}
+LOW_BIAS_OPTIONS = Patch2SelfOptions(grouping="all", fit_mask="auto", tile="auto", blend="volume", noise_floor="koay")
 
 #: ``mask="auto"`` keeps the automatic brain mask only where what it leaves out is background: the
 #: median mean b0 outside it below this many noise standard deviations (pure noise gives about 1.25
@@ -162,28 +263,8 @@ def volume_groups(bvals, *, b0_threshold=50.0, grouping="b0_dwi", shell_toleranc
     return [np.flatnonzero(shell_of_volume == label) for label in np.unique(shell_of_volume)]
 
 
-def patch2self(
-    data,
-    bvals,
-    *,
-    patch_radius=0,
-    model="ols",
-    alpha=1.0,
-    b0_threshold=50.0,
-    b0_denoising=True,
-    shift_intensity=False,
-    clip_negative_vals=False,
-    grouping="b0_dwi",
-    shell_tolerance=100.0,
-    mask=None,
-    tile=None,
-    blend="none",
-    noise_floor="none",
-    n_coils=1,
-    device="cpu",
-    out_dtype=np.float32,
-    return_info=False,
-):
+def patch2self(data, bvals, options: Patch2SelfOptions | None = None, *, mask=None, device="cpu",
+               out_dtype=np.float32, return_info=False, **changes):
     """Denoise a 4D diffusion series with Patch2Self.
 
     Parameters
@@ -192,67 +273,12 @@ def patch2self(
         The diffusion series.
     bvals : array-like, shape (V,)
         b-values of the volumes.
-    patch_radius : int or sequence of 3 int, optional
-        Radius of the cube of neighbouring voxels each volume contributes as
-        features (0, the default, uses the voxel alone). Outside the image the
-        cube is zero-padded, as in DIPY.
-    model : {"ols", "ridge"}, optional
-        Ordinary least squares or ridge regression (penalty ``alpha`` on the
-        coefficients, not on the intercept, as scikit-learn's ``Ridge``).
-    alpha : float, optional
-        Ridge penalty (default 1.0); ignored for ``ols``.
-    b0_threshold : float, optional
-        b-values up to this are b0 volumes (default 50).
-    b0_denoising : bool, optional
-        Denoise the b0 volumes (default True). A single b0 is always passed
-        through unchanged (with ``grouping="all"`` it still helps predict the
-        others).
-    shift_intensity : bool, optional
-        If a denoised volume has negative values, add the constant that makes
-        its minimum zero (default False). A per-volume offset biases model
-        fits, so it is off by default; DIPY 1.10-1.12.1 enable it by default
-        but compute a shift of zero, so False also matches what they return.
-    clip_negative_vals : bool, optional
-        Set negative denoised values to zero (default False). Takes precedence
-        over ``shift_intensity``.
-    grouping : {"b0_dwi", "all", "shell"}, optional
-        Regress within b0s and within all DWIs (default, as DIPY), or predict
-        each volume from every other volume, or regress within each shell.
-    shell_tolerance : float, optional
-        b-value gap that separates shells for ``grouping="shell"``.
-    mask : "auto", None or ndarray of bool, shape (X, Y, Z), optional
-        Fit the regressions on these voxels only; the prediction is made
-        everywhere. None (default, DIPY): every voxel. ``"auto"``: the b0 brain mask of
-        :func:`bids_denoise.methods.masking.b0_brain_mask` where what it
-        leaves out is background (median mean b0 outside it below
-        ``BACKGROUND_SIGMAS`` noise standard deviations) and it holds more
-        voxels than features; every voxel otherwise (``info.fit_mask`` says
-        which).
-    tile : None, "auto", int or sequence of 3 int, optional
-        None (default, DIPY): one regression per volume for the whole image. Otherwise the image is
-        also cut into cubes of this edge (``"auto"``: the smallest edge whose cube holds
-        ``TILE_VOXELS_PER_VOLUME`` voxels per volume), overlapping by half an edge, and each volume
-        is predicted in each cube from the regressions fitted on that cube's fitted voxels (the
-        mask's); predictions of overlapping cubes are averaged. A cube's intercept is its own mean
-        signal, so the contrast shared by its voxels (the angular profile of coherent fibres) is
-        kept whole instead of shrunk. Fitted voxels in no cube with more than
-        ``TILE_MIN_FIT_RATIO`` times the features fitted keep the whole-image prediction, as do
-        voxels outside the mask. Patch radius 0 only.
-    blend : {"none", "volume"}, optional
-        ``none`` (default): the prediction. ``volume``: output ``a f + (1 - a) x`` per volume, ``f`` the
-        prediction, ``x`` the input, ``a = s2 / (A + s2)`` with ``s2`` the
-        noise variance and ``A = mean (f - x)^2 - s2`` over the fitted voxels,
-        which minimises the expected squared error of the blend for a ``f``
-        that does not see its own volume's noise. Where the fit is masked, the voxels outside it
-        get their own weights and noise variance (the prediction extrapolates there; pure
-        background keeps little of it).
-    noise_floor : {"none", "koay"}, optional
-        ``none`` (default): no correction. ``koay``: remove the noncentral-chi noise floor of magnitude
-        data from the denoised volumes with the noise level (Koay & Basser 2006;
-        :func:`bids_denoise.methods.noise_floor.remove_noise_floor`).
-    n_coils : int, optional
-        Receive channels of a sum-of-squares magnitude, for ``noise_floor``
-        (default 1, Rician).
+    options : Patch2SelfOptions, optional
+        The method's options (default: DIPY's behaviour); keyword ``changes`` replace single options,
+        e.g. ``patch2self(data, bvals, LOW_BIAS_OPTIONS, blend="none")``.
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Fit the regressions on these voxels only (in place of ``options.fit_mask``); the prediction is
+        made everywhere.
     device : str or torch.device, optional
         ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``.
     out_dtype : dtype, optional
@@ -289,27 +315,24 @@ def patch2self(
     Data whose largest magnitude is outside [1e-6, 1e6] are divided by a power of two first and
     multiplied back after, which is exact; float32 Gram sums of 1e30 would overflow.
     """
+    options = resolve_options(Patch2SelfOptions, options, changes)
+    b0_threshold, b0_denoising, blend, noise_floor = (options.b0_threshold, options.b0_denoising, options.blend,
+                                                      options.noise_floor)
     data = np.asarray(data)
     if data.ndim != 4:
         raise UnsuitableDataError(f"Patch2Self needs a 4D series, got an image of shape {data.shape}")
     bvals = np.asarray(bvals, dtype=float).ravel()
     if bvals.size != data.shape[3]:
         raise ValueError(f"{bvals.size} b-values for {data.shape[3]} volumes")
-    if model not in ("ols", "ridge"):
-        raise ValueError(f"model must be 'ols' or 'ridge', not {model!r}")
-    if blend not in ("volume", "none"):
-        raise ValueError(f"blend must be 'volume' or 'none', not {blend!r}")
-    if noise_floor not in ("koay", "none"):
-        raise ValueError(f"noise_floor must be 'koay' or 'none', not {noise_floor!r}")
-    radius = _as_radius(patch_radius)
-    tile_edge = _tile_edge(tile, data.shape, radius)
+    radius = _as_radius(options.patch_radius)
+    edge = tile_edge(options.tile, data.shape, radius)
     device = resolve_device(device)
     compute_dtype = torch.float64 if data.dtype == np.float64 else torch.float32
     series = np.ascontiguousarray(data, dtype=np.float64 if data.dtype == np.float64 else np.float32)
 
     info = Patch2SelfInfo(groups=[], passed_through=[], fit_voxels=0, regularised_groups=[])
     groups = volume_groups(
-        bvals, b0_threshold=b0_threshold, grouping=grouping, shell_tolerance=shell_tolerance
+        bvals, b0_threshold=b0_threshold, grouping=options.grouping, shell_tolerance=options.shell_tolerance
     )
     fitted = _groups_to_fit(groups, bvals, b0_threshold, b0_denoising, info)
     patch_size = int(np.prod([2 * r + 1 for r in radius]))
@@ -321,18 +344,16 @@ def patch2self(
     if exponent:
         series = np.ldexp(series, -exponent)
 
-    if isinstance(mask, str):
-        if mask != "auto":
-            raise ValueError(f"mask must be 'auto', None or a boolean array, not {mask!r}")
-        mask, info.fit_mask = _auto_fit_mask(series, bvals, b0_threshold, n_features, device, compute_dtype)
-    elif mask is not None:
+    if mask is not None:
         info.fit_mask = "given"
+    elif options.fit_mask == "auto":
+        mask, info.fit_mask = _auto_fit_mask(series, bvals, b0_threshold, n_features, device, compute_dtype)
     fit_rows = None if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool).ravel())
     if fit_rows is not None and fit_rows.size == 0:
         raise UnsuitableDataError("Patch2Self: the fitting mask is empty")
     info.fit_voxels = int(series[..., 0].size if fit_rows is None else fit_rows.size)
     _check_enough_voxels(fitted, patch_size, info.fit_voxels, masked=fit_rows is not None)
-    ridge = float(np.ldexp(alpha, -2 * exponent)) if model == "ridge" else 0.0
+    ridge = float(np.ldexp(options.alpha, -2 * exponent)) if options.model == "ridge" else 0.0
     if radius == (0, 0, 0):
         denoised = np.empty(series.shape, dtype=out_dtype)
         regularised = _denoise_voxelwise(
@@ -345,9 +366,9 @@ def patch2self(
             for group in fitted
         ]
     info.regularised_groups = [i for i, flag in enumerate(regularised) if flag]
-    if tile_edge is not None:
-        info.tile, info.tiles = list(tile_edge), _predict_in_tiles(
-            series, denoised, fitted, ridge, mask, tile_edge, n_features, device, compute_dtype)
+    if edge is not None:
+        info.tile, info.tiles = list(edge), _predict_in_tiles(
+            series, denoised, fitted, ridge, mask, edge, n_features, device, compute_dtype)
     # volumes that only predict (a lone b0 in the "all" group, b0s not denoised) keep their values
     denoised[..., info.passed_through] = series[..., info.passed_through]
 
@@ -366,11 +387,12 @@ def patch2self(
                                                                    others)
             if noise_floor != "none":
                 for volume in predicted:
-                    denoised[..., volume] = remove_noise_floor(denoised[..., volume], np.sqrt(variance), n_coils)
+                    denoised[..., volume] = remove_noise_floor(denoised[..., volume], np.sqrt(variance),
+                                                               options.n_coils)
         else:
             LOGGER.warning("Patch2Self: no noise component found in the fitted voxels (%d voxels, %d volumes): "
                            "no blend with the input, no noise-floor removal", info.fit_voxels, series.shape[3])
-    _post_process(denoised, shift_intensity, clip_negative_vals, skip=info.passed_through)
+    _post_process(denoised, options.shift_intensity, options.clip_negative_vals, skip=info.passed_through)
     if exponent:
         np.ldexp(denoised, exponent, out=denoised)
     if return_info:
@@ -555,7 +577,7 @@ def _centred_gram(series, fit_rows, device, compute_dtype):
     return mean, gram
 
 
-def _tile_edge(tile, shape, radius):
+def tile_edge(tile, shape, radius):
     """The tile edge per axis (capped at the image), or None for no tiles."""
     if tile is None:
         return None
@@ -573,7 +595,7 @@ def _tile_edge(tile, shape, radius):
     return tuple(int(min(edge, size)) for edge, size in zip(edges, shape[:3]))
 
 
-def _tile_corners(shape, edge):
+def tile_corners(shape, edge):
     """Corners of tiles overlapping by half an edge that cover the image (the last flush with its end)."""
     starts = []
     for size, length in zip(shape, edge):
@@ -596,7 +618,7 @@ def _predict_in_tiles(series, denoised, groups, ridge, mask, edge, n_features, d
     total = np.zeros(series.shape, dtype=np.float64)
     count = np.zeros(shape, dtype=np.int32)
     tiles = 0
-    for corner in _tile_corners(shape, edge):
+    for corner in tile_corners(shape, edge):
         region = tuple(slice(start, start + length) for start, length in zip(corner, edge))
         inside = fitted[region]
         if inside.sum() <= TILE_MIN_FIT_RATIO * n_features:

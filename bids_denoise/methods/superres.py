@@ -33,9 +33,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bids_denoise.methods._device import resolve_device
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.networks import IntensityScale, TrainingBudget, seed_everything, train
+from bids_denoise.methods.core.device import resolve_device
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.networks import TrainingOptions, seed_everything, train
+from bids_denoise.methods.core.options import option, positive, resolve_options
+from bids_denoise.methods.core.scaling import IntensityScale
 
 # --------------------------------------------------------------------------- wavelet layers
 
@@ -239,22 +241,48 @@ def _patch_shape(pairs, patch, scale):
     return rows, columns
 
 
-def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, epochs=30, max_seconds=600.0,
-                  steps_per_epoch=40, batch_size=8, patch=48, learning_rate=2e-4, seed=0, device="cpu",
-                  model=None):
+@dataclass(frozen=True)
+class WASAOptions(TrainingOptions):
+    """The options of :func:`super_resolve` (the training budget: :class:`TrainingOptions`, here
+    ``batch_size`` patches per step, and planes per batch when the network is applied).
+
+    Attributes
+    ----------
+    axis : {0, 1, 2}
+        The low-resolution (through-plane) axis to super-resolve.
+    scale : {2, 4}
+        Resolution factor.
+    channels, n_blocks : int
+        The network's feature channels and residual wavelet-attention blocks.
+    patch : int
+        Training patch size (in high-resolution voxels), clipped to the image where it is smaller.
+    """
+
+    steps_per_epoch: int = option(40, "optimiser steps per epoch", parse=positive(int))
+    batch_size: int = option(8, "patches per batch", parse=positive(int))
+    learning_rate: float = option(2e-4, "Adam's learning rate", parse=positive(float), app=False)
+    axis: int = option(2, "voxel axis to super-resolve", choices=(0, 1, 2), app=False)
+    scale: int = option(2, "resolution factor", choices=(2, 4))
+    channels: int = option(32, "feature channels of the network", app=False)
+    n_blocks: int = option(4, "residual wavelet-attention blocks", app=False)
+    patch: int = option(48, "training patch size in high-resolution voxels", app=False)
+
+
+def super_resolve(volume, affine, options: WASAOptions | None = None, *, model=None, seed=0, device="cpu",
+                  **changes):
     """Raise the resolution of a 3D image along ``axis`` by ``scale``, learning from its own in-plane detail.
 
     Parameters
     ----------
     volume : ndarray (X, Y, Z)
     affine : (4, 4) array
-    axis : int
-        The low-resolution (through-plane) axis to super-resolve.
-    scale : {2, 4}
-    patch : int
-        Training patch size (in high-resolution voxels), clipped to the image where it is smaller.
+    options : WASAOptions, optional
+        The method's options (default: :class:`WASAOptions`'s); keyword ``changes`` replace single
+        options, e.g. ``super_resolve(volume, affine, axis=0, scale=4)``.
     model : WASA, optional
         A trained network to reuse (no training then), e.g. for the other volumes of a DWI run.
+    seed : int
+    device : str
 
     Returns
     -------
@@ -273,6 +301,8 @@ def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, e
     Scale-invariant: the image is divided by a robust maximum (:class:`IntensityScale`) before
     the network sees it, and multiplied back.
     """
+    options = resolve_options(WASAOptions, options, changes)
+    axis, scale, batch_size = options.axis, options.scale, options.batch_size
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3:
         raise UnsuitableDataError(f"WASA super-resolves a 3D image, got shape {volume.shape}")
@@ -283,8 +313,8 @@ def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, e
     history = {"epochs": [], "stopped": "reused trained weights"}
     if model is None:
         pairs = _training_pairs(data, axis, scale)
-        ph, pw = _patch_shape(pairs, patch, scale)
-        model = WASA(scale=scale, channels=channels, n_blocks=n_blocks, axis=0)
+        ph, pw = _patch_shape(pairs, options.patch, scale)
+        model = WASA(scale=scale, channels=options.channels, n_blocks=options.n_blocks, axis=0)
 
         def sample(gen, size):
             lows, highs = [], []
@@ -304,10 +334,8 @@ def super_resolve(volume, affine, *, axis=2, scale=2, channels=32, n_blocks=4, e
 
         validation_generator = torch.Generator().manual_seed(seed + 1)
         validation = [sample(validation_generator, batch_size) for _ in range(2)]
-        budget = TrainingBudget(epochs=epochs, max_seconds=max_seconds, steps_per_epoch=steps_per_epoch,
-                                batch_size=batch_size, learning_rate=learning_rate)
-        history = train(model, sample, loss_fn, validation, budget=budget, device=device, generator=generator,
-                        label="wasa").as_dict()
+        history = train(model, sample, loss_fn, validation, budget=options.budget, device=device,
+                        generator=generator, label="wasa").as_dict()
     model.to(device).eval()
     # apply along ``axis``: take planes containing ``axis`` and another axis, upsample along ``axis``
     other = [a for a in range(3) if a != axis][1]

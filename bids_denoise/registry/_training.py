@@ -1,27 +1,12 @@
-"""What the learned methods share: their training-budget parameters and keeping trained weights."""
+"""What the learned methods' registrations share: keeping trained weights.
+
+Their training-budget parameters come with their options classes, which extend
+:class:`bids_denoise.methods.core.networks.TrainingOptions` (``params_from`` reads them).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from bids_denoise.contract import Param, default_of, positive
-
-BUDGET = ("epochs", "max_seconds", "steps_per_epoch", "batch_size")
-
-
-def budget_params(function, unit="slices") -> tuple:
-    """The training-budget parameters, with the defaults of the method's own function."""
-    return (
-        Param("epochs", positive(int), default_of(function, "epochs"), "training epochs at most"),
-        Param("max_seconds", positive(float), float(default_of(function, "max_seconds")),
-              "training time budget in seconds"),
-        Param("steps_per_epoch", positive(int), default_of(function, "steps_per_epoch"), "optimiser steps per epoch"),
-        Param("batch_size", positive(int), default_of(function, "batch_size"), f"{unit} per batch"),
-    )
-
-
-def budget(parameters) -> dict:
-    return {key: parameters[key] for key in BUDGET}
 
 
 def save_weights(state_dict, work_dir) -> str:

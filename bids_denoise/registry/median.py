@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from bids_denoise.contract import MethodResult, MethodSpec, Param, Reference, auto_or, default_of, positive
-from bids_denoise.methods.median import median_denoise
+from bids_denoise.contract import MethodResult, MethodSpec, params_from
+from bids_denoise.methods.median import MedianOptions, median_denoise
 from bids_denoise.registry import register
-from bids_denoise.registry.mppca import VERAART2016
-from bids_denoise.registry.noise2self import BATSON2019
-
-STEIN1981 = Reference(
-    "stein1981",
-    "Stein CM. Estimation of the mean of a multivariate normal distribution. The Annals of Statistics "
-    "9(6):1135-1151, 1981.",
-    "@article{stein1981,\n  author={Stein, Charles M.},\n  title={Estimation of the mean of a multivariate normal "
-    "distribution},\n  journal={The Annals of Statistics},\n  volume={9},\n  number={6},\n  pages={1135--1151},\n"
-    "  year={1981}\n}",
-)
+from bids_denoise.registry._references import BATSON2019, STEIN1981, VERAART2016
 
 
 def run(inputs, parameters) -> MethodResult:
-    result = median_denoise(inputs.data, radius=parameters["radius"], min_gain=parameters["min_gain"],
-                            guide=parameters["guide"], guide_threshold=parameters["guide_threshold"])
+    result = median_denoise(inputs.data, MedianOptions.from_values(parameters))
     what = "DWI series" if inputs.bvals is not None else "Image"
     details = result.details
     guided = details.get("guide") == "profile"
@@ -63,16 +52,5 @@ SPEC = register(MethodSpec(
     references=(BATSON2019, STEIN1981, VERAART2016),
     modalities=("dwi", "anat"),
     mem_gb=3.0,
-    params=(
-        Param("radius", auto_or(positive(int)), default_of(median_denoise, "radius"),
-              "filter radius in voxels, or auto (calibrated)"),
-        Param("min_gain", float, default_of(median_denoise, "min_gain"),
-              "least estimated risk reduction (a fraction of the noise variance) for filtering to be kept"),
-        Param("guide", str, default_of(median_denoise, "guide"),
-              "series: take only the neighbours whose signal in the other volumes matches the voxel's (profile), "
-              "every neighbour volume by volume (none), or profile for series of 8 or more volumes (auto)",
-              choices=("auto", "profile", "none")),
-        Param("guide_threshold", positive(float), float(default_of(median_denoise, "guide_threshold")),
-              "a neighbour is kept when its profile distance is below this many standard deviations"),
-    ),
+    params=params_from(MedianOptions),
 ))

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from bids_denoise.contract import MethodResult, MethodSpec, Param, Reference, default_of, positive
-from bids_denoise.methods.noise2noise import noise2noise
+from bids_denoise.contract import MethodResult, MethodSpec, params_from
+from bids_denoise.methods.noise2noise import Noise2NoiseOptions, noise2noise
 from bids_denoise.registry import register
-from bids_denoise.registry._training import budget, budget_params, save_weights
-
-LEHTINEN2018 = Reference(
-    "lehtinen2018",
-    "Lehtinen J, Munkberg J, Hasselgren J, Laine S, Karras T, Aittala M, Aila T. Noise2Noise: Learning Image "
-    "Restoration without Clean Data. ICML 2018.",
-    "@inproceedings{lehtinen2018,\n  author={Lehtinen, Jaakko and others},\n  title={Noise2Noise: Learning Image "
-    "Restoration without Clean Data},\n  booktitle={ICML},\n  year={2018}\n}",
-)
+from bids_denoise.registry._references import LEHTINEN2018
+from bids_denoise.registry._training import save_weights
 
 
 def run(inputs, parameters) -> MethodResult:
-    result = noise2noise(
-        inputs.data, inputs.bvals, inputs.bvecs, pairing=parameters["pairing"],
-        max_angle_deg=parameters["max_angle"], slice_axis=parameters["slice_axis"], context=parameters["context"],
-        shell_tolerance=parameters["shell_tolerance"], seed=inputs.seed, device=inputs.device, **budget(parameters),
-    )
+    result = noise2noise(inputs.data, inputs.bvals, inputs.bvecs, Noise2NoiseOptions.from_values(parameters),
+                         seed=inputs.seed, device=inputs.device)
     pairs = [{"volume": a, "partner": b, "angle_deg": round(float(angle), 1)} for a, b, angle in result.pairs]
     details = {
         "pairing": result.pairing,
@@ -68,16 +58,7 @@ SPEC = register(MethodSpec(
     uses_gpu=True,
     learned=True,
     mem_gb=4.0,
-    params=budget_params(noise2noise) + (
-        Param("pairing", str, default_of(noise2noise, "pairing"),
-              "pair repeated measurements (repeats: b0s, directions within --noise2noise-max-angle) or each volume "
-              "with the nearest direction of its shell (nearest: biases FA)", choices=("repeats", "nearest")),
-        Param("max_angle", positive(float), float(default_of(noise2noise, "max_angle_deg")),
-              "largest angle in degrees between repeats of one gradient direction"),
-        Param("slice_axis", int, default_of(noise2noise, "slice_axis"), "axis of the 2D slices", choices=(0, 1, 2)),
-        Param("context", int, default_of(noise2noise, "context"),
-              "neighbouring slices on each side as extra channels (2.5D); 0 = 2D"),
-        Param("shell_tolerance", positive(float), default_of(noise2noise, "shell_tolerance"),
-              "b-value gap that separates shells"),
-    ),
+    params=params_from(Noise2NoiseOptions, helps={
+        "pairing": "pair repeated measurements (repeats: b0s, directions within --noise2noise-max-angle) or each "
+                   "volume with the nearest direction of its shell (nearest: biases FA)"}),
 ))

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from bids_denoise.contract import MethodResult, MethodSpec, Param, Reference, default_of, positive
-from bids_denoise.methods.noise2self import noise2self
+from bids_denoise.contract import MethodResult, MethodSpec, params_from
+from bids_denoise.methods.noise2self import Noise2SelfOptions, noise2self
 from bids_denoise.registry import register
-from bids_denoise.registry._training import budget, budget_params, save_weights
-
-BATSON2019 = Reference(
-    "batson2019",
-    "Batson J, Royer L. Noise2Self: Blind Denoising by Self-Supervision. ICML 2019.",
-    "@inproceedings{batson2019,\n  author={Batson, Joshua and Royer, Loic},\n  title={Noise2Self: Blind Denoising "
-    "by Self-Supervision},\n  booktitle={ICML},\n  year={2019}\n}",
-)
+from bids_denoise.registry._references import BATSON2019
+from bids_denoise.registry._training import save_weights
 
 
 def run(inputs, parameters) -> MethodResult:
-    context = parameters["context"] if inputs.is_series else "volume"  # an image alone has no series
-    result = noise2self(
-        inputs.data, inputs.bvals, inputs.bvecs, context=context, width=parameters["mask_width"], mode=parameters["fill"],
-        slice_axis=parameters["slice_axis"], seed=inputs.seed, device=inputs.device, **budget(parameters),
-    )
+    options = Noise2SelfOptions.from_values(parameters)
+    if not inputs.is_series:  # an image alone has no series
+        options = options.replace(context="volume")
+    result = noise2self(inputs.data, inputs.bvals, inputs.bvecs, options, seed=inputs.seed, device=inputs.device)
     details = {"context": result.context, "history": result.history, "final_validation_loss": result.final_loss,
                "weights": save_weights(result.state_dict, inputs.work_dir),
                "volume_context_volumes": list(result.volume_context_volumes),
@@ -56,12 +49,6 @@ SPEC = register(MethodSpec(
     uses_gpu=True,
     learned=True,
     mem_gb=4.0,
-    params=budget_params(noise2self) + (
-        Param("context", str, "series", "each volume alone, or with other volumes of its shell as channels",
-              choices=("volume", "series")),
-        Param("mask_width", positive(int), default_of(noise2self, "width"), "masker grid width"),
-        Param("fill", str, default_of(noise2self, "mode"), "how masked voxels are filled",
-              choices=("zero", "interpolate")),
-        Param("slice_axis", int, default_of(noise2self, "slice_axis"), "axis of the 2D slices", choices=(0, 1, 2)),
-    ),
+    # the app's default context is the series (the function's, the volume: it needs no b-values)
+    params=params_from(Noise2SelfOptions, defaults={"context": "series"}),
 ))

@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_denoise.contract import MethodResult, MethodSpec, OutputMap, Param, Reference, default_of, positive
-from bids_denoise.methods.nordic import nordic
+from bids_denoise.contract import ImageParam, MethodResult, MethodSpec, OutputMap, Param, params_from
+from bids_denoise.methods.nordic import NordicOptions, nordic
 from bids_denoise.registry import register
-from bids_denoise.registry.mppca import given_noise_sigma, noise_map
-
-MOELLER2021 = Reference(
-    "moeller2021",
-    "Moeller S, Pisharady PK, Ramanna S, Lenglet C, Wu X, Dowdle L, Yacoub E, Ugurbil K, Akcakaya M. NOise "
-    "reduction with DIstribution Corrected (NORDIC) PCA in dMRI with complex-valued parameter-free locally "
-    "low-rank processing. NeuroImage 226:117539, 2021.",
-    "@article{moeller2021,\n  author={Moeller, Steen and Pisharady, Pramod Kumar and Ramanna, Sudhir and Lenglet, "
-    "Christophe and Wu, Xiaoping and Dowdle, Logan and Yacoub, Essa and Ugurbil, Kamil and Akcakaya, Mehmet},\n"
-    "  title={NOise reduction with DIstribution Corrected (NORDIC) PCA in dMRI with complex-valued parameter-free "
-    "locally low-rank processing},\n  journal={NeuroImage},\n  volume={226},\n  pages={117539},\n  year={2021}\n}",
-)
-VIZIOLI2021 = Reference(
-    "vizioli2021",
-    "Vizioli L, Moeller S, Dowdle L, et al. Lowering the thermal noise barrier in functional brain mapping with "
-    "magnetic resonance imaging. Nature Communications 12:5181, 2021.",
-    "@article{vizioli2021,\n  author={Vizioli, Luca and Moeller, Steen and Dowdle, Logan and others},\n"
-    "  title={Lowering the thermal noise barrier in functional brain mapping with magnetic resonance imaging},\n"
-    "  journal={Nature Communications},\n  volume={12},\n  pages={5181},\n  year={2021}\n}",
-)
+from bids_denoise.registry._references import MOELLER2021, VIZIOLI2021
 
 
 def check(parameters) -> str | None:
-    if isinstance(parameters["noise_map"], float) and parameters["noise_volumes"]:
-        return "--nordic-noise-map as one value and --nordic-noise-volumes both set the noise level: give one"
+    if parameters["noise_map"] is not None and parameters["noise_volumes"]:
+        return "--nordic-noise-map and --nordic-noise-volumes both set the noise level: give one"
+    if isinstance(parameters["noise_map"], str) and parameters["gfactor_map"] is not None:
+        return ("--nordic-noise-map as a map already holds the g-factor: give --nordic-gfactor-map with a noise level "
+                "(one number) or alone")
     return None
 
 
@@ -40,10 +24,9 @@ def run(inputs, parameters) -> MethodResult:
     phase = inputs.phase if parameters["phase"] == "use" else None
     phases = None if phase is None else inputs.split(phase)
     several = len(magnitudes) > 1
+    options = NordicOptions.from_values(dict(parameters, joint=parameters["echoes"] == "joint"))
     result = nordic(magnitudes if several else magnitudes[0], (phases if several else phases[0]) if phases else None,
-                    patch_ratio=parameters["patch_ratio"], noise_volumes=parameters["noise_volumes"],
-                    phase_filter_width=parameters["phase_filter_width"], joint=parameters["echoes"] == "joint",
-                    noise_sigma=given_noise_sigma(parameters, inputs.data.shape), seed=inputs.seed)
+                    options, noise_sigma=parameters["noise_map"], gfactor=parameters["gfactor_map"], seed=inputs.seed)
     parts = result.denoised if several else [result.denoised]
     details = dict(result.details)
     maps = {
@@ -70,8 +53,10 @@ def describe(parameters) -> str:
              else "the Marchenko-Pastur distribution of the data")
     if parameters["noise_map"] is not None:
         noise = ("a given noise level" if isinstance(parameters["noise_map"], float) else
-                 "a given noise map, by which the data were divided before and multiplied after (g-factor "
-                 "normalisation)" + (" and " + noise if parameters["noise_volumes"] else ""))
+                 "a given noise map, by which the data were divided before and multiplied after")
+    if parameters["gfactor_map"] is not None:
+        noise += (", the data divided by a given g-factor map before denoising and multiplied by it after (g-factor "
+                  "normalisation)")
     complex_runs = (" Complex runs (part-mag with part-phase) were denoised as complex data after each volume's "
                     "slowly varying phase was removed." if parameters["phase"] == "use" else "")
     complex_runs += (" The echoes of multi-echo runs were denoised "
@@ -86,7 +71,7 @@ SPEC = register(MethodSpec(
     name="nordic",
     title="NORDIC",
     summary="locally low-rank denoising of BOLD with a hard threshold at the thermal noise level (magnitude; "
-            "experimental: see the README's BOLD measurements)",
+            "experimental: see docs/benchmarks.md, BOLD)",
     run=run,
     check=check,
     describe=describe,
@@ -95,18 +80,16 @@ SPEC = register(MethodSpec(
     mem_gb=2.0,
     joint=("echoes",),
     takes_phase=True,
-    params=(
-        Param("patch_ratio", positive(float), default_of(nordic, "patch_ratio"),
-              "voxels per volume in a patch (NORDIC's 11:1)"),
-        Param("noise_volumes", int, default_of(nordic, "noise_volumes"),
-              "the last N volumes are noise scans: they set the threshold and are dropped from the output"),
-        Param("noise_map", noise_map, None,
-              "a known noise level (one number) or a 3D NIfTI noise / g-factor map (the data are divided by it "
-              "before denoising and multiplied after)"),
+    params=params_from(NordicOptions) + (
+        ImageParam("noise_map", default=None, numbers=True, what="noise map",
+                   help="a known noise level: one number, or a 3D NIfTI map of the noise standard deviation on the "
+                        "run's grid (the data are divided by it before denoising and multiplied after)"),
+        ImageParam("gfactor_map", default=None, strict=True, what="g-factor map",
+                   help="a 3D NIfTI g-factor map on the run's grid (unitless, above zero): the data are divided by it "
+                        "before denoising and multiplied after, and the noise level is measured (noise volumes or "
+                        "the data) unless --nordic-noise-map gives it as one number"),
         Param("phase", str, "use", "complex runs (part-mag with a part-phase image): denoise them as complex data "
               "(use, default) or the magnitude alone (ignore)", choices=("use", "ignore")),
-        Param("phase_filter_width", positive(float), float(default_of(nordic, "phase_filter_width")),
-              "smoothness of the slowly varying phase removed from complex runs (k-space window power)"),
         Param("echoes", str, "joint", "multi-echo runs: one decomposition for all echoes (joint, default) or "
               "each echo alone (separate)", choices=("joint", "separate")),
     ),

@@ -4,41 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_denoise.contract import (MethodResult, MethodSpec, Param, Reference, auto_or, boolean, default_of, integers,
-                                   positive)
-from bids_denoise.methods.patch2self import LOW_BIAS_OPTIONS, patch2self
+from bids_denoise.contract import MethodResult, MethodSpec, Param, params_from
+from bids_denoise.methods.patch2self import LOW_BIAS_OPTIONS, Patch2SelfOptions, patch2self
 from bids_denoise.registry import register
-from bids_denoise.registry.mppca import CORDEROGRANDE2019, KOAY2006
-from bids_denoise.registry.noise2self import BATSON2019
-
-FADNAVIS2020 = Reference(
-    "fadnavis2020",
-    "Fadnavis S, Batson J, Garyfallidis E. Patch2Self: Denoising Diffusion MRI with Self-Supervised Learning. "
-    "Advances in Neural Information Processing Systems 33, 2020.",
-    "@inproceedings{fadnavis2020,\n  author={Fadnavis, Shreyas and Batson, Joshua and Garyfallidis, Eleftherios},\n"
-    "  title={Patch2Self: Denoising Diffusion MRI with Self-Supervised Learning},\n"
-    "  booktitle={Advances in Neural Information Processing Systems},\n  volume={33},\n  year={2020}\n}",
-)
+from bids_denoise.registry._references import BATSON2019, CORDEROGRANDE2019, FADNAVIS2020, KOAY2006
 
 #: parameters shared by our implementation and DIPY's
 COMMON = ("patch_radius", "model", "alpha", "b0_threshold", "b0_denoising", "shift_intensity", "clip_negative_vals")
-
-
-def tile_option(text):
-    """``auto``, ``none`` (one fit for the whole image), or a tile edge: one integer or three (``x,y,z``)."""
-    if str(text).strip() == "none":
-        return None
-    return auto_or(integers(minimum=2))(text)
 
 
 def run(inputs, parameters) -> MethodResult:
     common = {key: parameters[key] for key in COMMON}
     if parameters["backend"] == "dipy":
         return _run_dipy(inputs, parameters, common)
-    denoised, info = patch2self(inputs.data, inputs.bvals, grouping=parameters["grouping"],
-                                mask="auto" if parameters["fit_mask"] == "auto" else None,
-                                tile=parameters["tile"], blend=parameters["blend"], noise_floor=parameters["noise_floor"],
-                                n_coils=parameters["n_coils"], device=inputs.device, return_info=True, **common)
+    denoised, info = patch2self(inputs.data, inputs.bvals, Patch2SelfOptions.from_values(parameters),
+                                device=inputs.device, return_info=True)
     details = {
         "backend": "bids-denoise",
         "groups": info.groups,
@@ -125,33 +105,10 @@ SPEC = register(MethodSpec(
     params=(
         Param("backend", str, "bids-denoise", "implementation: ours (exact Gram-matrix solve) or DIPY's",
               choices=("bids-denoise", "dipy")),
-        Param("patch_radius", integers(minimum=0), 0,
-              "radius of the neighbourhood each volume contributes (0, or 'r' or 'rx,ry,rz')"),
-        Param("model", str, "ols", "regression model", choices=("ols", "ridge")),
-        Param("alpha", float, 1.0, "ridge penalty (model ridge)"),
-        Param("b0_threshold", float, 50.0, "b-values up to this are b0 volumes"),
-        Param("b0_denoising", boolean, True, "denoise the b0 volumes too (true/false)"),
-        Param("shift_intensity", boolean, False,
-              "shift a volume with negative values so its minimum is zero (true/false)"),
-        Param("clip_negative_vals", boolean, False, "set negative values to zero (true/false)"),
-        Param("grouping", str, LOW_BIAS_OPTIONS["grouping"],
-              "predict each volume from all others (all, default), regress within b0s and within DWIs "
-              "(b0_dwi, DIPY), or within each shell", choices=("all", "b0_dwi", "shell")),
-        Param("fit_mask", str, LOW_BIAS_OPTIONS["mask"],
-              "fit the regressions inside an automatic b0 brain mask where the image has background around "
-              "the brain (auto, default), or on every voxel (none, DIPY); the prediction is made everywhere",
-              choices=("auto", "none")),
-        Param("tile", tile_option, LOW_BIAS_OPTIONS["tile"],
-              "fit the regressions also in cubes overlapping by half (auto, default: an edge holding 5 voxels per "
-              "volume; or an edge 'e' or 'x,y,z'), or once for the whole image (none, DIPY)"),
-        Param("blend", str, LOW_BIAS_OPTIONS["blend"],
-              "blend each volume's prediction with the input by the weight of least expected error, from the "
-              "Marchenko-Pastur noise level of the fitted voxels (volume, default), or not (none, DIPY)",
-              choices=("volume", "none")),
-        Param("noise_floor", str, LOW_BIAS_OPTIONS["noise_floor"],
-              "remove the Rician/noncentral-chi noise floor with that noise level (koay, default) or not "
-              "(none, DIPY)", choices=("koay", "none")),
-        Param("n_coils", positive(int), default_of(patch2self, "n_coils"),
-              "receive channels of a sum-of-squares magnitude, for --patch2self-noise-floor koay"),
+    ) + params_from(
+        Patch2SelfOptions,
+        # the app's defaults are the ones that do no harm (LOW_BIAS_OPTIONS); DIPY's are the function's
+        defaults={name: getattr(LOW_BIAS_OPTIONS, name) for name in ("grouping", "fit_mask", "tile", "blend",
+                                                                     "noise_floor")},
     ),
 ))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 REFERENCES = {
     "nipype": ("gorgolewski2011", "Gorgolewski K, et al. Nipype: a flexible, lightweight and extensible neuroimaging "
                "data processing framework in Python. Frontiers in Neuroinformatics 5:13, 2011.",

@@ -24,7 +24,7 @@ def residual_statistics(noisy, denoised, bvals, mask, b0_threshold=50.0):
     A volume is flagged when its residual RMS lies more than 3.5 robust
     standard deviations (1.4826 x MAD) above the median of its shell.
     """
-    from bids_denoise.methods.shells import cluster_shells
+    from bids_denoise.methods.core.shells import cluster_shells
 
     residual = (noisy - denoised)[mask]  # (voxels, volumes)
     rms = np.sqrt(np.mean(residual.astype(np.float64) ** 2, axis=0))

@@ -19,8 +19,7 @@ def collect_rows(layout) -> list[dict]:
         payload = json.loads(sidecar.read_text())
         provenance, qc = payload.get("Provenance", {}), payload.get("QC", {})
         entities = parse(sidecar)
-        image = payload.get("Image", "").removeprefix("bids::") or layout.relpath(
-            sidecar.with_name(sidecar.name[: -len(".json")] + ".nii.gz"))
+        image = payload.get("Image", "").removeprefix("bids::") or layout.relpath(layout.image_of(sidecar))
         rows.append({
             "subject": entities.get("subject", ""),
             "session": entities.get("session", ""),

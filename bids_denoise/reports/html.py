@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 
-
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 960px; color: #222; }
 h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #aaa; }
@@ -52,7 +51,6 @@ def render_participant_report(layout, subject: str) -> str:
     for sidecar in layout.main_sidecars(subject):
         payload = json.loads(sidecar.read_text())
         provenance, qc = payload.get("Provenance", {}), payload.get("QC", {})
-        stem = sidecar.name[: sidecar.name.rindex("_")]
         rows = [
             ("Method", provenance.get("Method")),
             ("Parameters", json.dumps(provenance.get("Parameters", {}), sort_keys=True)),
@@ -66,7 +64,7 @@ def render_participant_report(layout, subject: str) -> str:
         outliers = qc.get("OutlierVolumes", [])
         notes = [f'<p class="flag">Outlier volumes: {outliers}</p>' if outliers else "<p>No outlier volume.</p>"]
         notes += [f'<p class="flag">Warning: {html.escape(str(w))}</p>' for w in payload.get("Warnings", [])]
-        files = sorted(path for path in sidecar.parent.glob(f"{stem}_*") if path != sidecar)
+        files = layout.files_of(sidecar)
         link_list = "".join(
             f'<li><a href="{html.escape(str(path.relative_to(root)))}">{html.escape(path.name)}</a></li>'
             for path in files
@@ -80,7 +78,7 @@ def render_participant_report(layout, subject: str) -> str:
         for caption, table_rows in provenance.get("Details", {}).get("tables", {}).items():
             blocks.append(f"<details><summary>{html.escape(caption)}</summary>{_rows_table(table_rows)}</details>")
         sections.append(
-            f"<h2>{html.escape(stem)}</h2>\n{_table(rows)}\n{''.join(notes)}\n{''.join(blocks)}\n"
+            f"<h2>{html.escape(layout.image_of(sidecar).name.removesuffix('.nii.gz'))}</h2>\n{_table(rows)}\n{''.join(notes)}\n{''.join(blocks)}\n"
             f"<details><summary>Files</summary><ul>{link_list}</ul></details>"
         )
     body = "\n".join(sections) or "<p>No denoised run found.</p>"

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_denoise.cli import main as cli_main
+from bids_denoise.outputs import Source, layout_for
 from bids_denoise.registry import by_role
 from bids_denoise.testing.phantom import make_bids_dataset
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     for path in sorted(out.rglob("*")):
         if path.is_file() and "log" not in path.parts:
             print("  " + str(path.relative_to(out)))
+    layout = layout_for(out)
     print("\nerror against the known noise-free signal (RMSE inside the brain):")
     for relpath, truth in ((r, t) for r, t in truths.items() if "/dwi/" in r):
         signal = nib.load(truth).get_fdata()
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         noisy = nib.load(raw / relpath).get_fdata()
         row = [f"{Path(relpath).name:46s} noisy {np.sqrt(np.mean((noisy - signal)[brain] ** 2)):6.2f}"]
         for method in methods:
-            path = out / relpath.replace("_dwi.nii.gz", f"_desc-{method}_dwi.nii.gz")
+            path = layout.image(Source.from_relpath(relpath), method)
             denoised = nib.load(path).get_fdata()
             row.append(f"{method} {np.sqrt(np.mean((denoised - signal)[brain] ** 2)):6.2f}")
         print("  " + "  ".join(row))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bids_denoise.methods.shells import cluster_shells
+from bids_denoise.methods.core.shells import cluster_shells
 
 #: b-values up to this are b0 volumes.
 B0_THRESHOLD = 50.0

@@ -121,7 +121,10 @@ def _method_node(spec, config: RunConfig, device: str, record: dict):
     omp_nthreads = config.nipype.omp_nthreads
     node = pe.Node(RunMethod(method=spec.name, stage=spec.name, **record), name=f"{spec.name}_denoise",
                    n_procs=1 if on_gpu else omp_nthreads, mem_gb=spec.mem_gb)
-    node.inputs.parameters = config.workflow.parameters.get(spec.name, spec.defaults())
+    parameters = config.workflow.parameters.get(spec.name, spec.defaults())
+    node.inputs.parameters = parameters
+    node.inputs.image_files = {param.name: parameters[param.name] for param in spec.image_params
+                               if param.names_file(parameters.get(param.name))}
     node.inputs.device = device if spec.uses_gpu else "cpu"
     node.inputs.use_gpu = on_gpu
     node.inputs.seed = config.workflow.seed

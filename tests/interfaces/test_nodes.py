@@ -14,6 +14,7 @@ from bids_denoise.interfaces.failures import read_failures
 from bids_denoise.interfaces.method import RunMethod
 from bids_denoise.interfaces.reports import RunReport
 from bids_denoise.io import InputDataError
+from tests.conftest import assert_figure
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_one_load_feeds_any_method_and_the_sinks(tmp_path, run_files, phantom):
     sidecar = json.loads((out / "sub-01/dwi/sub-01_desc-mppca_dwi.json").read_text())
     assert sidecar["QC"]["Figures"]["noisemap"].startswith("MP-PCA noise level")
     assert sidecar["Warnings"] == ["a test warning"]
-    assert (out / "sub-01/figures/sub-01_desc-mppca_mosaic.png").exists()
+    assert_figure(out / "sub-01/figures/sub-01_desc-mppca_mosaic.png")
 
 
 def test_a_figure_that_fails_is_a_warning_not_a_lost_run(tmp_path, run_files, monkeypatch):

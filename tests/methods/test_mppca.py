@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from bids_denoise.methods import _mppca_solver
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.mppca import default_extent, kernel_available, marchenko_pastur_cutoff, mppca
+from bids_denoise.methods.core import _localpca_solver as _mppca_solver
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.localpca import kernel_available
+from bids_denoise.methods.core.randmat import marchenko_pastur_cutoff
+from bids_denoise.methods.core.windows import default_extent
+from bids_denoise.methods.mppca import mppca
 from tests.conftest import rmse
 
 
@@ -92,9 +95,12 @@ def test_pure_noise_is_all_noise():
 def test_lowers_error_and_estimates_noise(phantom, aggregate):
     result = mppca(phantom.noisy, aggregate=aggregate, stride=2 if aggregate == "overcomplete" else 1)
     brain = phantom.mask
-    assert rmse(result.denoised, phantom.signal, brain) < 0.8 * rmse(phantom.noisy, phantom.signal, brain)
-    # the phantom's noise sigma is 40; Rician magnitude noise in bright tissue is close to Gaussian
-    assert np.median(result.noise_sigma[brain]) == pytest.approx(40.0, rel=0.25)
+    # deterministic: measured 0.496 (centre) and 0.457 (overcomplete, stride 2) of the noisy input's error
+    bound = {"centre": 0.52, "overcomplete": 0.48}[aggregate]
+    assert rmse(result.denoised, phantom.signal, brain) < bound * rmse(phantom.noisy, phantom.signal, brain)
+    # the phantom's noise sigma is 40: MP-PCA measures the spread of the magnitudes, a little below the Gaussian
+    # sigma where the signal is low (measured 36.0 and 34.5)
+    assert 0.8 * 40.0 < np.median(result.noise_sigma[brain]) < 40.0
     assert result.rank.shape == phantom.mask.shape
 
 
@@ -295,7 +301,7 @@ def multishell():
 
 def rician_mean(phantom, sigma):
     """E[M] of the phantom's magnitudes: the target of denoising alone (before the noise floor)."""
-    from bids_denoise.methods.noise_floor import magnitude_mean
+    from bids_denoise.methods.core.noise_floor import magnitude_mean
 
     return sigma * magnitude_mean(phantom.signal / sigma)
 
@@ -303,7 +309,7 @@ def rician_mean(phantom, sigma):
 def test_explicit_defaults_are_the_defaults(phantom):
     plain = mppca(phantom.noisy)
     explicit = mppca(phantom.noisy, shrinkage="hard", aggregate="centre", demean=False, noise_sigma=None,
-                     noise_floor="none", n_coils=1, bvals=None, rank_weighting=None, gaussian_width=0.3)
+                     noise_floor="none", n_coils=1, bvals=None, rank_weighting=True, gaussian_width=0.3)
     for name in ("denoised", "noise_sigma", "rank"):
         assert np.array_equal(getattr(plain, name), getattr(explicit, name))
     assert plain.parameters == {
@@ -314,7 +320,7 @@ def test_explicit_defaults_are_the_defaults(phantom):
 
 
 def test_frobenius_weights_follow_gavish_donoho():
-    from bids_denoise.methods.mppca import frobenius_shrinkage
+    from bids_denoise.methods.core.randmat import frobenius_shrinkage
 
     q, r, sigma2 = 125, 36, 4.0
     beta = r / q
@@ -355,9 +361,9 @@ def test_frobenius_on_the_compiled_solver_matches_eigh(multishell):
 
 
 def test_gaussian_aggregation_covers_every_voxel(multishell):
-    from bids_denoise.methods.mppca import _gaussian_weights
+    from bids_denoise.methods.core.windows import gaussian_weights
 
-    weights = _gaussian_weights((5, 5, 3), 0.25).reshape(5, 5, 3)
+    weights = gaussian_weights((5, 5, 3), 0.25).reshape(5, 5, 3)
     assert weights[2, 2, 1] == 1.0 and weights.min() > 0
     assert np.allclose(weights, weights[::-1, ::-1, ::-1])
     brain = multishell.mask
@@ -377,7 +383,7 @@ def test_gaussian_aggregation_covers_every_voxel(multishell):
 
 
 def test_known_sigma_cutoff_on_pure_noise_and_a_low_rank_signal():
-    from bids_denoise.methods.mppca import known_sigma_cutoff
+    from bids_denoise.methods.core.randmat import known_sigma_cutoff
 
     rng = np.random.default_rng(2)
     q, r, sigma = 125, 30, 3.0
@@ -457,13 +463,13 @@ def test_noise_floor_removal_reduces_the_low_signal_bias(multishell):
 
 
 def test_shell_basis_is_orthonormal_and_orthogonal_to_the_shell_means():
-    from bids_denoise.methods.mppca import _ShellBasis
+    from bids_denoise.methods.core.localpca import VolumeBasis
 
     bvals = np.array([0, 1000, 2000, 5, 1005, 2000, 995, 3000, 0, 2010])
-    basis = _ShellBasis.from_bvals(bvals, bvals.size)
+    basis = VolumeBasis.from_bvals(bvals, bvals.size)
     assert basis.n_shells == 4 and basis.basis.shape == (10, 6)
     assert np.allclose(basis.basis.T @ basis.basis, np.eye(6), atol=1e-14)
-    from bids_denoise.methods.shells import cluster_shells
+    from bids_denoise.methods.core.shells import cluster_shells
 
     labels = cluster_shells(bvals)
     for label in np.unique(labels):
@@ -585,7 +591,7 @@ def test_a_complex_bold_run_gains_from_the_noise_level_of_its_phase():
     """BOLD's default for complex runs: the magnitude denoised at the noise level the phase's imaginary
     channel measures. At tSNR 15 it raises the task t-values and lowers the error against the
     magnitude alone (whose Marchenko-Pastur estimate is low by several percent), keeping the physiology."""
-    from bids_denoise.methods.phase import noise_level
+    from bids_denoise.methods.core.phase import noise_level
     from bids_denoise.testing.bold_phantom import make_bold_phantom, physiology_kept, task_t
 
     phantom = make_bold_phantom(snr=15.0, seed=8)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.networks import IntensityScale, UNet, from_slices, neighbour_stack, to_slices
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.networks import UNet, from_slices, neighbour_stack, to_slices
+from bids_denoise.methods.core.scaling import IntensityScale
 from bids_denoise.methods.noise2noise import noise2noise, pair_blend_weight, pair_volumes
 from bids_denoise.testing.harm import check_no_harm
 from bids_denoise.testing.phantom import Phantom, make_phantom
@@ -19,7 +20,7 @@ def test_repeated_directions_are_found_antipodal_ones_too():
     bvecs = np.array([[0, 1, 0, -1, 0, 0, 0.999, 0, 0],
                       [0, 0, 1, 0, 0, 0, 0.04, 1, 0],
                       [0, 0, 0, 0, 1, 0, 0, 0, 1]], dtype=float)
-    pairs, single = pair_volumes(bvals, bvecs, max_angle_deg=5.0)
+    pairs, single = pair_volumes(bvals, bvecs, max_angle=5.0)
     by_volume = {a: (b, angle) for a, b, angle in pairs}
     # 1, 3 (antipodal) and 6 (2.3 degrees away) are one direction measured three times
     assert {by_volume[1][0], by_volume[3][0], by_volume[6][0]} == {1, 3, 6}
@@ -27,7 +28,7 @@ def test_repeated_directions_are_found_antipodal_ones_too():
     assert by_volume[1][1] < 5.0 and by_volume[3][1] < 5.0
     assert by_volume[0] == (5, 0.0) and by_volume[5] == (0, 0.0)  # b0s are repeats of each other
     assert single == [2, 4, 7, 8]  # measured once: passed through (90 degrees apart is not a repeat)
-    tight, tight_single = pair_volumes(bvals, bvecs, max_angle_deg=1.0)
+    tight, tight_single = pair_volumes(bvals, bvecs, max_angle=1.0)
     assert 6 in tight_single and {a for a, _, _ in tight} == {0, 1, 3, 5}
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bids_denoise.methods.networks import UNet
+from bids_denoise.methods.core.networks import UNet
 from bids_denoise.methods.noise2self import Masker, j_invariant_predict, noise2self
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.core.errors import UnsuitableDataError
 from bids_denoise.methods.nordic import nordic
 from bids_denoise.testing.bold_phantom import make_bold_phantom, physiology_kept, task_t
 
@@ -106,6 +106,19 @@ def test_noise_map_normalisation():
     error = np.sqrt(np.mean((result.denoised - phantom.clean[0])[phantom.mask] ** 2))
     noisy = np.sqrt(np.mean((np.abs(complex_) - phantom.clean[0])[phantom.mask] ** 2))
     assert error < 0.5 * noisy
+
+    # the same profile as a g-factor map (unitless): the level of the normalised data is measured, and the
+    # noise map is that level times the map
+    normalised = nordic(np.abs(complex_), np.angle(complex_), gfactor=gain)
+    assert normalised.details["gfactor_map"] and not normalised.details["noise_map"]
+    assert normalised.details["threshold_source"] == "marchenko-pastur"
+    brain = phantom.mask
+    assert np.median((normalised.noise_sigma / gain)[brain]) == pytest.approx(phantom.noise_sigma, rel=0.1)
+    assert np.sqrt(np.mean((normalised.denoised - phantom.clean[0])[brain] ** 2)) < 0.5 * noisy
+    with pytest.raises(ValueError, match="already holds the g-factor"):
+        nordic(np.abs(complex_), noise_sigma=phantom.noise_sigma * gain, gfactor=gain)
+    with pytest.raises(ValueError, match="noise_volumes"):
+        nordic(np.abs(complex_), noise_sigma=phantom.noise_sigma * gain, noise_volumes=3)
 
 
 def test_scanner_units_same_as_radians():

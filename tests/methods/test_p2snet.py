@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from bids_denoise.methods.errors import UnsuitableDataError
-from bids_denoise.methods.calibrate import series_noise_variance
-from bids_denoise.methods.p2snet import (AngularCNN, angular_weights, conditions, even_sh_basis,
-                                         local_subspace_predictions, p2snet)
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.noise import series_noise_variance
+from bids_denoise.methods.p2snet import (
+    AngularCNN,
+    angular_weights,
+    conditions,
+    even_sh_basis,
+    local_subspace_predictions,
+    p2snet,
+)
 from bids_denoise.testing.harm import check_no_harm
 from bids_denoise.testing.phantom import make_phantom
 

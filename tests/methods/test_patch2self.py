@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_denoise.methods.errors import UnsuitableDataError
 from bids_denoise.methods import patch2self as patch2self_module
+from bids_denoise.methods.core.errors import UnsuitableDataError
 from bids_denoise.methods.patch2self import DIPY_OPTIONS, LOW_BIAS_OPTIONS, patch2self, volume_groups
 from tests.conftest import rmse
 
@@ -61,17 +61,17 @@ def small_series():
 @pytest.mark.parametrize("radius", [0, 1])
 def test_matches_explicit_least_squares(small_series, radius):
     data, bvals = small_series
-    ours = patch2self(data, bvals, patch_radius=radius, out_dtype=np.float64, **DIPY_OPTIONS)
+    ours = patch2self(data, bvals, DIPY_OPTIONS, patch_radius=radius, out_dtype=np.float64)
     expected = reference_patch2self(data, bvals, radius)
     assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_ridge_matches_explicit_ridge(small_series):
     data, bvals = small_series
-    ours = patch2self(data, bvals, model="ridge", alpha=50.0, out_dtype=np.float64, **DIPY_OPTIONS)
+    ours = patch2self(data, bvals, DIPY_OPTIONS, model="ridge", alpha=50.0, out_dtype=np.float64)
     expected = reference_patch2self(data, bvals, 0, alpha=50.0)
     assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
-    plain = patch2self(data, bvals, out_dtype=np.float64, **DIPY_OPTIONS)
+    plain = patch2self(data, bvals, DIPY_OPTIONS, out_dtype=np.float64)
     assert not np.allclose(ours, plain)  # the penalty did something
 
 
@@ -159,7 +159,7 @@ def test_agrees_with_dipy_version3(phantom):
     pytest.importorskip("sklearn")
     np.random.seed(0)
     theirs = dipy.patch2self(phantom.noisy, phantom.bvals, version=3, shift_intensity=False, verbose=False)
-    ours = patch2self(phantom.noisy, phantom.bvals, **DIPY_OPTIONS)
+    ours = patch2self(phantom.noisy, phantom.bvals, DIPY_OPTIONS)
     brain = phantom.mask
     # DIPY v3 fits on a random 30% count sketch of the voxels, which adds noise of its own
     # (on a phantom this small, much of it): the same kind of output, ours closer to the signal
@@ -176,7 +176,7 @@ def test_bad_arguments():
         patch2self(data, np.zeros(5), model="lasso")
     with pytest.raises(ValueError, match="4D"):
         patch2self(np.zeros((4, 4, 4)), np.zeros(4))
-    for option in ({"blend": "voxel"}, {"noise_floor": "rician"}, {"mask": "brain"}, {"grouping": "pairs"}):
+    for option in ({"blend": "voxel"}, {"noise_floor": "rician"}, {"fit_mask": "brain"}, {"grouping": "pairs"}):
         with pytest.raises(ValueError, match=next(iter(option))):
             patch2self(data, np.zeros(5), **option)
 
@@ -216,7 +216,7 @@ def test_nothing_to_regress_is_refused(phantom):
     with pytest.raises(UnsuitableDataError, match="group of at least 2 volumes"):
         patch2self(phantom.noisy[..., :2], np.array([0.0, 1000.0]), grouping="b0_dwi")
     with pytest.raises(UnsuitableDataError, match="group of at least 2 volumes"):
-        patch2self(phantom.noisy[..., :1], np.array([1000.0]), **LOW_BIAS_OPTIONS)
+        patch2self(phantom.noisy[..., :1], np.array([1000.0]), LOW_BIAS_OPTIONS)
 
 
 @pytest.mark.parametrize("shape, radius", [((1, 1, 1), 0), ((2, 2, 2), 0), ((3, 3, 2), 1)])
@@ -257,8 +257,8 @@ def snr10_phantom():
 
 def test_default_records_its_steps_and_is_deterministic(snr10_phantom):
     phantom = snr10_phantom
-    out, info = patch2self(phantom.noisy, phantom.bvals, return_info=True, **LOW_BIAS_OPTIONS)
-    assert np.array_equal(out, patch2self(phantom.noisy, phantom.bvals, **LOW_BIAS_OPTIONS))
+    out, info = patch2self(phantom.noisy, phantom.bvals, LOW_BIAS_OPTIONS, return_info=True)
+    assert np.array_equal(out, patch2self(phantom.noisy, phantom.bvals, LOW_BIAS_OPTIONS))
     assert info.groups == [list(range(phantom.bvals.size))]  # one group: every volume predicts every other
     assert info.fit_mask == "auto"
     brain = patch2self_module.b0_brain_mask(phantom.noisy, phantom.bvals)
@@ -271,9 +271,11 @@ def test_default_records_its_steps_and_is_deterministic(snr10_phantom):
 
 def test_blend_is_the_formula_and_near_the_oracle_weight(snr10_phantom):
     phantom = snr10_phantom
-    options = {**LOW_BIAS_OPTIONS, "mask": phantom.mask, "noise_floor": "none"}
-    prediction = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, **{**options, "blend": "none"})
-    out, info = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, return_info=True, **options)
+    options = LOW_BIAS_OPTIONS.replace(noise_floor="none")
+    prediction = patch2self(phantom.noisy, phantom.bvals, options, mask=phantom.mask, out_dtype=np.float64,
+                            blend="none")
+    out, info = patch2self(phantom.noisy, phantom.bvals, options, mask=phantom.mask, out_dtype=np.float64,
+                           return_info=True)
     noisy, brain = phantom.noisy.astype(float), phantom.mask
     variance = info.noise_sigma**2
     for volume, weight in enumerate(info.blend_weights):
@@ -297,12 +299,12 @@ def test_blend_is_the_formula_and_near_the_oracle_weight(snr10_phantom):
 
 
 def test_noise_floor_removal_is_koay_with_the_estimated_sigma(snr10_phantom):
-    from bids_denoise.methods.noise_floor import remove_noise_floor
+    from bids_denoise.methods.core.noise_floor import remove_noise_floor
 
     phantom = snr10_phantom
-    blended, info = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, return_info=True,
-                               **{**LOW_BIAS_OPTIONS, "noise_floor": "none"})
-    out = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, **LOW_BIAS_OPTIONS)
+    blended, info = patch2self(phantom.noisy, phantom.bvals, LOW_BIAS_OPTIONS, out_dtype=np.float64,
+                               return_info=True, noise_floor="none")
+    out = patch2self(phantom.noisy, phantom.bvals, LOW_BIAS_OPTIONS, out_dtype=np.float64)
     assert np.allclose(out, remove_noise_floor(blended, info.noise_sigma), rtol=1e-6, atol=1e-6 * out.max())
     # the floor lifts the weakest signal (b=2000 in white matter): its removal lowers the error there
     high = phantom.bvals > 1500
@@ -314,13 +316,13 @@ def test_noise_floor_removal_is_koay_with_the_estimated_sigma(snr10_phantom):
 def test_auto_mask_fits_everywhere_when_the_image_is_all_brain(snr10_phantom):
     phantom = snr10_phantom
     crop = phantom.noisy[6:18, 6:18, 4:10]  # inside the brain: no background
-    out, info = patch2self(crop, phantom.bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    out, info = patch2self(crop, phantom.bvals, LOW_BIAS_OPTIONS, return_info=True)
     assert info.fit_mask.startswith("all")
     assert info.fit_voxels == crop[..., 0].size
     assert rmse(out, phantom.signal[6:18, 6:18, 4:10]) < 0.7 * rmse(crop, phantom.signal[6:18, 6:18, 4:10])
     # a zero-filled background (a skull-stripped series) is background: the mask is used
     stripped = np.where(phantom.mask[..., None], phantom.noisy, 0).astype(np.float32)
-    _, info = patch2self(stripped, phantom.bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    _, info = patch2self(stripped, phantom.bvals, LOW_BIAS_OPTIONS, return_info=True)
     assert info.fit_mask == "auto"
 
 
@@ -328,11 +330,11 @@ def test_lone_b0_predicts_but_passes_through_in_the_all_group(phantom):
     bvals = phantom.bvals.copy()
     b0s = np.flatnonzero(bvals <= 50)
     bvals[b0s[1:]] = 1000.0
-    out, info = patch2self(phantom.noisy, bvals, return_info=True, **LOW_BIAS_OPTIONS)
+    out, info = patch2self(phantom.noisy, bvals, LOW_BIAS_OPTIONS, return_info=True)
     assert info.passed_through == [int(b0s[0])] and info.groups == [list(range(bvals.size))]
     assert np.array_equal(out[..., b0s[0]], phantom.noisy[..., b0s[0]])
     assert info.blend_weights[b0s[0]] == 1.0
-    _, info = patch2self(phantom.noisy, phantom.bvals, b0_denoising=False, return_info=True, **LOW_BIAS_OPTIONS)
+    _, info = patch2self(phantom.noisy, phantom.bvals, LOW_BIAS_OPTIONS, b0_denoising=False, return_info=True)
     assert sorted(info.passed_through) == b0s.tolist()
 
 
@@ -343,44 +345,43 @@ def test_no_noise_estimate_means_no_blend_and_no_floor_removal(caplog):
     noisy = (signal + rng.normal(0, 30, signal.shape)).astype(np.float32)
     bvals = np.r_[0.0, np.full(11, 1000.0)]
     with caplog.at_level("WARNING"):
-        out, info = patch2self(noisy, bvals, return_info=True, **LOW_BIAS_OPTIONS)
+        out, info = patch2self(noisy, bvals, LOW_BIAS_OPTIONS, return_info=True)
     if info.noise_sigma == 0:
         assert "no noise component" in caplog.text and info.blend_weights is None
-        assert np.array_equal(out, patch2self(noisy, bvals, **{**LOW_BIAS_OPTIONS, "blend": "none",
-                                                               "noise_floor": "none"}))
+        assert np.array_equal(out, patch2self(noisy, bvals, LOW_BIAS_OPTIONS, blend="none", noise_floor="none"))
     else:
         assert all(0 <= w <= 1 for w in info.blend_weights)
     assert not np.array_equal(out[..., 1:], noisy[..., 1:])
 
 
 def test_tiles_cover_the_image_overlapping_by_half():
-    corners = patch2self_module._tile_corners((24, 24, 14), (8, 8, 7))
+    corners = patch2self_module.tile_corners((24, 24, 14), (8, 8, 7))
     assert sorted({c[0] for c in corners}) == [0, 4, 8, 12, 16] and sorted({c[2] for c in corners}) == [0, 3, 6, 7]
     covered = np.zeros((24, 24, 14), dtype=int)
     for i, j, k in corners:
         covered[i : i + 8, j : j + 8, k : k + 7] += 1
     assert covered.min() >= 1
-    assert patch2self_module._tile_edge("auto", (24, 24, 14, 27), (0, 0, 0)) == (6, 6, 6)  # 5 x 27 = 135 <= 216
-    assert patch2self_module._tile_edge("auto", (4, 30, 30, 100), (0, 0, 0)) == (4, 8, 8)  # capped at the image
+    assert patch2self_module.tile_edge("auto", (24, 24, 14, 27), (0, 0, 0)) == (6, 6, 6)  # 5 x 27 = 135 <= 216
+    assert patch2self_module.tile_edge("auto", (4, 30, 30, 100), (0, 0, 0)) == (4, 8, 8)  # capped at the image
     with pytest.raises(ValueError, match="patch_radius 0"):
         patch2self(np.ones((6, 6, 6, 12)), np.r_[0.0, np.full(11, 1000.0)], tile=4, patch_radius=1)
 
 
 def test_tiled_prediction_is_the_mean_of_the_tiles_fits(snr10_phantom):
     phantom = snr10_phantom
-    options = {**LOW_BIAS_OPTIONS, "mask": phantom.mask, "blend": "none", "noise_floor": "none"}
-    out, info = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, return_info=True,
-                           **{**options, "tile": 8})
-    whole = patch2self(phantom.noisy, phantom.bvals, out_dtype=np.float64, **{**options, "tile": None})
+    options = LOW_BIAS_OPTIONS.replace(blend="none", noise_floor="none")
+    out, info = patch2self(phantom.noisy, phantom.bvals, options, mask=phantom.mask, out_dtype=np.float64,
+                           return_info=True, tile=8)
+    whole = patch2self(phantom.noisy, phantom.bvals, options, mask=phantom.mask, out_dtype=np.float64, tile=None)
     total, count = np.zeros(out.shape), np.zeros(out.shape[:3])
     features = phantom.bvals.size
-    for corner in patch2self_module._tile_corners(out.shape[:3], (8, 8, 8)):
+    for corner in patch2self_module.tile_corners(out.shape[:3], (8, 8, 8)):
         region = tuple(slice(c, c + 8) for c in corner)
         inside = phantom.mask[region]
         if inside.sum() <= patch2self_module.TILE_MIN_FIT_RATIO * features:
             continue
-        local = patch2self(phantom.noisy[region], phantom.bvals, out_dtype=np.float64,
-                           **{**options, "mask": inside, "tile": None})
+        local = patch2self(phantom.noisy[region], phantom.bvals, options, mask=inside, out_dtype=np.float64,
+                           tile=None)
         total[region] += np.where(inside[..., None], local, 0)
         count[region] += inside
     assert info.tiles > 0 and info.tile == [8, 8, 8]
@@ -397,7 +398,7 @@ def test_tiles_keep_the_angular_contrast_a_single_shell_loses():
     phantom = make_phantom((32, 32, 20), n_b0=5, shells=((1000.0, 30),), noise_sigma=0.1, seed=0)
     reference = harm.tensor_reference(phantom)
     noisy_fa = harm.tensor_errors(phantom.noisy, phantom, reference)["fa"]
-    whole = patch2self(phantom.noisy, phantom.bvals, **{**LOW_BIAS_OPTIONS, "tile": None})
-    tiled = patch2self(phantom.noisy, phantom.bvals, **LOW_BIAS_OPTIONS)
+    whole = patch2self(phantom.noisy, phantom.bvals, LOW_BIAS_OPTIONS, tile=None)
+    tiled = patch2self(phantom.noisy, phantom.bvals, LOW_BIAS_OPTIONS)
     assert harm.tensor_errors(whole, phantom, reference)["fa"] > noisy_fa
     assert harm.tensor_errors(tiled, phantom, reference)["fa"] < 0.95 * noisy_fa

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.scaling import IntensityScale, power_of_two_exponent
 from bids_denoise.methods.mppca import mppca
-from bids_denoise.methods.networks import IntensityScale, power_of_two_exponent
 from bids_denoise.methods.noise2noise import noise2noise
 from bids_denoise.methods.noise2self import noise2self
 from bids_denoise.methods.patch2self import patch2self
@@ -137,7 +137,7 @@ def test_empty_mask_is_refused_not_zeroed(series, name):
 
 @pytest.mark.parametrize("factor", [1e-30, 1e30])
 def test_brain_mask_does_not_depend_on_the_scale(series, factor):
-    from bids_denoise.methods.masking import b0_brain_mask
+    from bids_denoise.methods.core.masking import b0_brain_mask
 
     mask = b0_brain_mask(series.noisy, series.bvals)
     assert 0 < mask.sum() < mask.size

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.core.errors import UnsuitableDataError
 from bids_denoise.methods.superres import (
     WASA,
     _patch_shape,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.core.errors import UnsuitableDataError
 
 #: Siemens scanner units: -4096..4095 stand for -pi..pi.
 SCANNER_RANGE = 4096.0

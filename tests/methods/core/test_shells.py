@@ -1,6 +1,6 @@
 import numpy as np
 
-from bids_denoise.methods.shells import cluster_shells, shell_bvalues
+from bids_denoise.methods.core.shells import cluster_shells, shell_bvalues
 
 
 def test_scanner_jitter_stays_in_one_shell():

@@ -3,9 +3,8 @@
 One set of blocks and one training loop serve Noise2Noise, Noise2Self and
 super-resolution: device placement, mixed precision on CUDA, seeding, a
 progress log, early stopping on held-out samples and a time or epoch budget
-live here once. The intensity scalings every method uses to be scale-invariant
-(:class:`IntensityScale` for the networks, :func:`power_of_two_exponent` for
-the exact methods) live here too.
+live here once, with the training options each method's options class extends
+(:class:`TrainingOptions`). The intensity scalings are in :mod:`bids_denoise.methods.core.scaling`.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from bids_denoise.methods.core.options import Options, option, positive
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,59 +60,6 @@ def neighbour_stack(slices: np.ndarray, context: int) -> np.ndarray:
          np.zeros((context,) + slices.shape[1:], slices.dtype)]
     )
     return np.stack([padded[offset : offset + n] for offset in range(2 * context + 1)], axis=1)
-
-
-#: Largest magnitudes within which the exact methods compute on the data as given (see
-#: :func:`power_of_two_exponent`): squares and Gram sums of such values stay far from float32's
-#: overflow (~3e38) and underflow (~1e-38).
-SAFE_MAGNITUDES = (1e-6, 1e6)
-
-
-def power_of_two_exponent(data, safe=SAFE_MAGNITUDES) -> int:
-    """The ``k`` for which ``data * 2**-k`` has its largest magnitude in [1, 2), or 0 to leave it as is.
-
-    The exact methods (Patch2Self, MP-PCA) are homogeneous: ``f(c x) = c f(x)``. In float32 they
-    are not at every ``c``: squares overflow above ~1.8e19 and underflow below ~1e-19. They divide
-    by ``2**k`` first and multiply back after (``np.ldexp``): a power of two changes the exponent
-    alone, so every rounding is the same as at the original scale and the result is the same
-    digits. Data whose largest magnitude is within ``safe`` (ordinary images), zero or not finite
-    are left alone (``k = 0``): their results stay bit-identical and no copy is made.
-    """
-    data = np.asarray(data)
-    if data.size == 0:
-        return 0
-    largest = max(abs(float(np.max(data))), abs(float(np.min(data))))  # two passes, no |data| copy
-    if not math.isfinite(largest) or largest == 0.0 or safe[0] <= largest <= safe[1]:
-        return 0
-    return int(np.frexp(largest)[1]) - 1
-
-
-@dataclass
-class IntensityScale:
-    """Per-run intensity normalisation: divide by a robust maximum, undone on output.
-
-    The scale is a high percentile of the positive values (of the magnitudes where no value is
-    positive), so it follows the data's own scale: ``fit(c * x)`` is ``c`` times ``fit(x)`` to
-    rounding, the networks see the same numbers at any scale, and the learned methods are
-    scale-invariant. Only all-zero data get the scale 1.
-    """
-
-    scale: float
-
-    @classmethod
-    def fit(cls, data: np.ndarray, percentile: float = 99.5) -> "IntensityScale":
-        data = np.asarray(data)
-        values = data[data > 0]
-        if not values.size:
-            values = np.abs(data[data != 0])
-        scale = float(np.percentile(values, percentile)) if values.size else 1.0
-        return cls(scale if scale > 0 and math.isfinite(scale) else 1.0)
-
-    def forward(self, data):
-        return np.asarray(data, dtype=np.float32) / np.float32(self.scale)
-
-    def inverse(self, data):
-        return np.asarray(data, dtype=np.float32) * np.float32(self.scale)
 
 
 # --------------------------------------------------------------------------- networks
@@ -202,6 +150,39 @@ class TrainingBudget:
     batch_size: int = 16
     learning_rate: float = 1e-3
     patience: int = 5
+
+
+@dataclass(frozen=True)
+class TrainingOptions(Options):
+    """The training options every learned method's options class extends (each may set its own defaults).
+
+    Attributes
+    ----------
+    epochs : int
+        Training epochs at most (early stopping may end sooner: no validation gain in
+        ``TrainingBudget.patience`` epochs).
+    max_seconds : float
+        Training time budget in seconds, checked after each epoch.
+    steps_per_epoch : int
+        Optimiser steps per epoch.
+    batch_size : int
+        Training items per optimiser step (slices, crops or patches, as the method says); also the
+        batch of inference.
+    learning_rate : float
+        Adam's learning rate (not offered by the app).
+    """
+
+    epochs: int = option(30, "training epochs at most", parse=positive(int))
+    max_seconds: float = option(600.0, "training time budget in seconds", parse=positive(float))
+    steps_per_epoch: int = option(50, "optimiser steps per epoch", parse=positive(int))
+    batch_size: int = option(16, "slices per batch", parse=positive(int))
+    learning_rate: float = option(1e-3, "Adam's learning rate", parse=positive(float), app=False)
+
+    @property
+    def budget(self) -> TrainingBudget:
+        """The :class:`TrainingBudget` of these options."""
+        return TrainingBudget(epochs=self.epochs, max_seconds=self.max_seconds, steps_per_epoch=self.steps_per_epoch,
+                              batch_size=self.batch_size, learning_rate=self.learning_rate)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bids_denoise.methods.noise_floor import (
+from bids_denoise.methods.core.noise_floor import (
     TABLE_THETA,
     floor_factor,
     magnitude_mean,

@@ -1,4 +1,4 @@
-"""The compiled MP-PCA window solver (``_mppca_kernel.c``), loaded through ctypes and called safely.
+"""The compiled MP-PCA window solver (``_localpca_kernel.c``), loaded through ctypes and called safely.
 
 The C function reads and writes raw memory: an array of the wrong dtype,
 strides or shape is not an error there but a wrong answer or a crash. So every
@@ -32,7 +32,7 @@ _INT_MAX = 2**31 - 1
 @lru_cache(maxsize=1)
 def _library():
     try:
-        return ctypes.CDLL(find_spec("bids_denoise.methods._mppca_kernel").origin)
+        return ctypes.CDLL(find_spec("bids_denoise.methods.core._localpca_kernel").origin)
     except (AttributeError, ImportError, OSError, TypeError):
         return None
 

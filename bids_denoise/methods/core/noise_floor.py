@@ -44,6 +44,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from bids_denoise.methods.core.windows import centred_window_means, slabs
+
 #: Largest SNR (theta = A / sigma) tabulated; above it the asymptotic expansion of the mean is used
 #: (its first omitted term is below 1e-7 sigma there).
 TABLE_THETA = 40.0
@@ -51,6 +53,10 @@ TABLE_THETA = 40.0
 #: Points of the table (uniform in theta). With the inverse table (``INVERSE_STEP``) the inverse is
 #: accurate to 1e-6 sigma above theta = 1 and to 1e-5 sigma below, far below any denoised image's error.
 TABLE_POINTS = 8001
+
+#: Fixed-point iterations of Koay & Basser's correction of an estimated noise map
+#: (``noise_floor="koay"``): two or three bring the brain's sigma to its limit on the phantom.
+KOAY_ITERATIONS = 3
 
 
 def floor_factor(n_coils: int = 1) -> float:
@@ -281,3 +287,35 @@ def _check_coils(n_coils) -> int:
     if isinstance(n_coils, bool) or int(n_coils) != n_coils or n_coils < 1:
         raise ValueError(f"n_coils must be an integer >= 1, got {n_coils!r}")
     return int(n_coils)
+
+
+def remove_floor_in_place(denoised, sigma, n_coils):
+    """:func:`remove_noise_floor` over slabs along x (its float64 temporaries stay small)."""
+    for part in slabs(denoised.shape, denoised.nbytes):
+        denoised[part] = remove_noise_floor(denoised[part], sigma[part], n_coils, out_dtype=denoised.dtype)
+
+
+def gaussian_noise_level(denoised, magnitude_sigma, extent, n_coils, iterations=KOAY_ITERATIONS):
+    """The Gaussian noise level behind a noise map measured on magnitude data.
+
+    MP-PCA's estimate is the spread of the magnitudes in the window, ``sigma^2 * mean(xi(theta))``
+    with ``xi`` Koay & Basser's correction factor (:func:`variance_factor`; below 1 where
+    the signal is low: 0.43 for pure Rician noise). Fixed-point iteration from ``sigma =
+    magnitude_sigma``: the signal ``A`` of every value given ``sigma`` (floor removed), ``xi`` of
+    ``A / sigma`` averaged over each voxel's volumes and then over the (border-shifted) window
+    centred on it, ``sigma = magnitude_sigma / sqrt(mean xi)``. Voxels whose map is 0 stay 0 (and are
+    left out of the window averages).
+    """
+    measured = np.asarray(magnitude_sigma, dtype=np.float64)
+    valid = measured > 0
+    count = centred_window_means(valid.astype(np.float64), extent)
+    sigma = measured.copy()
+    parts = slabs(denoised.shape, denoised.nbytes)
+    for _ in range(iterations):
+        xi = np.ones(measured.shape)
+        for part in parts:
+            safe = np.where(valid[part], sigma[part], 1.0)[..., None]
+            xi[part] = variance_factor_of_mean(denoised[part] / safe, n_coils).mean(axis=-1)
+        average = centred_window_means(np.where(valid, xi, 0.0), extent) / np.maximum(count, 1e-12)
+        sigma = np.where(valid, measured / np.sqrt(np.clip(average, 1e-3, 1.0)), 0.0)
+    return sigma.astype(np.float32)

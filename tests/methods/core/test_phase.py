@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_denoise.methods.errors import UnsuitableDataError
+from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.phase import SCANNER_RANGE, demodulate, phase_units
 from bids_denoise.methods.mppca import mppca
-from bids_denoise.methods.phase import SCANNER_RANGE, demodulate, phase_units
 from bids_denoise.testing.phantom import make_phantom
 
 
@@ -81,7 +81,7 @@ def test_complex_mppca_is_the_same_in_scanner_units_and_deterministic(complex_ph
 def test_the_noise_level_measured_in_the_imaginary_channel():
     """On a BOLD phantom whose phase background drifts over the run, the imaginary channel of the
     demodulated series gives the receiver's sigma to a few percent; a phase in scanner units the same."""
-    from bids_denoise.methods.phase import noise_level
+    from bids_denoise.methods.core.phase import noise_level
     from bids_denoise.testing.bold_phantom import make_bold_phantom
 
     for snr in (15.0, 40.0):

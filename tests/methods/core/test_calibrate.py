@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_denoise.methods import calibrate
+from bids_denoise.methods.core import calibrate, noise
 
 
 def test_calibrated_filters_are_j_invariant():
@@ -99,16 +99,16 @@ def test_noise_variance_estimates():
     grid = np.meshgrid(*[np.linspace(0, 1, 20)] * 3, indexing="ij")
     signal = 100 * (1.5 + np.sin(4 * grid[0]) * np.cos(3 * grid[1]))
     noisy = signal + rng.normal(0, 5, signal.shape)
-    assert calibrate.image_noise_variance(noisy) == pytest.approx(25, rel=0.15)
+    assert noise.image_noise_variance(noisy) == pytest.approx(25, rel=0.15)
     series = np.stack([signal * (1 + 0.1 * k) + rng.normal(0, 5, signal.shape) for k in range(8)], axis=-1)
-    assert np.median(calibrate.series_noise_variance(series)) == pytest.approx(25, rel=0.25)
+    assert np.median(noise.series_noise_variance(series)) == pytest.approx(25, rel=0.25)
 
 
 def test_angular_contrast_and_the_cap():
     from bids_denoise.testing.phantom import make_phantom
 
     phantom = make_phantom((14, 14, 8), n_b0=2, shells=((1000.0, 20),), noise_sigma=0.05, seed=1)
-    from bids_denoise.methods.shells import cluster_shells
+    from bids_denoise.methods.core.shells import cluster_shells
 
     shells = cluster_shells(phantom.bvals)
     variance = (0.05 * 1000) ** 2

@@ -8,8 +8,8 @@ best one, found without ground truth. The median filter's "donut" form (centre
 excluded) is J-invariant by construction and needs no masking.
 
 These are the generic tools (``grid_mask`` also serves the Noise2Self masker).
-The app's median method, which also weighs the filter against no filtering,
-is :mod:`bids_denoise.methods.median`.
+The median method, which also weighs the filter against no filtering, is
+:mod:`bids_denoise.methods.median`.
 
 **A calibration that can say no.** A denoiser's output ``f`` is never written
 as is by the learned methods: each volume gets ``g = a f + (1 - a) x``, with
@@ -28,8 +28,7 @@ risk ``s A / (A + s)``: below both the identity's ``s`` and the filter's
 unmasked pass, ``d`` is measured by a Monte-Carlo probe [2]_
 (:func:`monte_carlo_divergence`), and the two outputs' risks are compared on
 the same footing (:func:`choose_blend`). The noise variance comes from the
-data: MP-PCA's noise map for a series (:func:`series_noise_variance`), the
-finest Haar detail for an image (:func:`image_noise_variance`).
+data (:mod:`bids_denoise.methods.core.noise`).
 
 **A guard on the angular contrast.** Per-volume risks do not see a bias that
 all volumes of a shell share: a spatial denoiser that smooths where fibres bend
@@ -251,57 +250,6 @@ def monte_carlo_divergence(denoiser, image, epsilon, *, seed=0, axis=None):
         return float(change.mean())
     other = tuple(a for a in range(image.ndim) if a != axis % image.ndim)
     return change.mean(axis=other)
-
-
-def series_noise_variance(series):
-    """Noise variance map (X, Y, Z) of a magnitude series: MP-PCA's estimate, squared.
-
-    MP-PCA measures the spread of the values about their mean, which is the variance the blend
-    needs (in magnitude data it is below the Gaussian sigma^2 where the signal is low). Needs at
-    least 4 volumes and an image large enough for MP-PCA's window (otherwise:
-    :func:`image_noise_variance` of the volumes, pooled).
-    """
-    from bids_denoise.methods.errors import UnsuitableDataError
-    from bids_denoise.methods.mppca import mppca  # imported late: the window solver is not needed otherwise
-
-    series = np.asarray(series, dtype=np.float32)
-
-    def pooled():
-        volumes = np.moveaxis(series.reshape(series.shape[:3] + (-1,)), -1, 0)
-        return np.full(series.shape[:3], image_noise_variance(list(volumes)), np.float64)
-
-    if series.ndim != 4 or series.shape[3] < 4:
-        return pooled()
-    try:
-        return np.square(mppca(series).noise_sigma.astype(np.float64))
-    except UnsuitableDataError:  # an image too small for MP-PCA's window
-        return pooled()
-
-
-def image_noise_variance(images) -> float:
-    """Noise variance of images from the finest Haar detail coefficients (Donoho & Johnstone 1994).
-
-    ``(median |c| / 0.6745)^2`` over each disjoint 2x2x2 block's orthonormal high-pass along
-    every axis (zero for anything constant along an axis), pooled over ``images`` (an image, or a
-    sequence of images with the same noise). Blocks holding an exact zero (a zero-filled
-    background) are skipped.
-    """
-    images = [images] if isinstance(images, np.ndarray) and images.ndim <= 3 else list(images)
-    coefficients = []
-    for image in images:
-        detail = np.asarray(image, dtype=np.float64)
-        complete = detail != 0
-        for axis in range(detail.ndim):
-            if detail.shape[axis] < 2:
-                continue
-            even = 2 * (detail.shape[axis] // 2)
-            first, second = [slice(None)] * detail.ndim, [slice(None)] * detail.ndim
-            first[axis], second[axis] = slice(0, even, 2), slice(1, even, 2)
-            detail = (detail[tuple(second)] - detail[tuple(first)]) / np.sqrt(2.0)
-            complete = complete[tuple(first)] & complete[tuple(second)]
-        coefficients.append(detail[complete].ravel())
-    values = np.concatenate(coefficients) if coefficients else np.zeros(0)
-    return float((np.median(np.abs(values)) / 0.6744897501960817) ** 2) if values.size else 0.0
 
 
 # --------------------------------------------------------------------------- a guard on the angular contrast

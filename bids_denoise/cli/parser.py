@@ -1,0 +1,219 @@
+"""The command line's parser and the run configuration it builds.
+
+Every method's options come from its registry entry; a saved configuration file goes through this same
+parser (:meth:`~bids_denoise.config.RunConfig.to_args`), so what the command line refuses, the file is
+refused for, in one line (exit 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bids_denoise import __version__
+from bids_denoise.cli.errors import EXIT_USAGE, AppError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors exiting 64; ``origin`` names a configuration file the arguments came from."""
+
+    origin: str | None = None
+
+    def error(self, message):
+        if self.origin:
+            self.exit(EXIT_USAGE, f"bids-denoise: error: {self.origin}: {message}\n")
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"bids-denoise: error: {message}\n")
+
+
+def _filter_file(text) -> dict:
+    """An argparse type: a readable JSON filter file of the shape pybids takes (one-line refusal)."""
+    from bids_denoise.bids import check_filters
+
+    path = Path(text)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{path}: not a readable JSON filter file ({err})") from None
+    try:
+        return check_filters(content, origin=str(path))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser(methods) -> argparse.ArgumentParser:
+    """The parser; every method option comes from the methods' registry entries."""
+    from bids_denoise.registry import default_methods
+
+    denoisers = sorted(name for name, spec in methods.items() if spec.role == "denoise")
+    upsamplers = sorted(name for name, spec in methods.items() if spec.role == "superres")
+    defaults = default_methods()
+    parser = _Parser(prog="bids-denoise", description="Self-supervised denoising of MRI as a BIDS-App.")
+    parser.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="the derivatives dataset to write (created if absent)")
+    parser.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
+    parser.add_argument("--version", action="version", version=f"bids-denoise {__version__}")
+    parser.add_argument("--config-file", type=Path, metavar="FILE",
+                        help="a run configuration saved by an earlier run (sub-XX/log/*_config.json): every "
+                             "option it holds (selection, output layout, methods and parameters, device, seed, "
+                             "engine), unless given on this command line; BIDS_DIR, OUTPUT_DIR and the level come "
+                             "from the command line")
+
+    selection = parser.add_argument_group("Selecting data")
+    selection.add_argument("--participant-label", "--participant_label", nargs="+", dest="participant_label",
+                           metavar="LABEL", help="participants to process (with or without sub-)")
+    selection.add_argument("--session-label", "--session_label", nargs="+", dest="session_label",
+                           metavar="LABEL", help="sessions to process (with or without ses-)")
+    selection.add_argument("--bids-filter-file", type=_filter_file, metavar="FILE", dest="bids_filters",
+                           help='PyBIDS query JSON, e.g. {"dwi": {"acquisition": "multiband"}}; keys '
+                                "subject/session are refused (use the labels)")
+    selection.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                           help="do not run the BIDS validator on BIDS_DIR")
+
+    output = parser.add_argument_group("Output")
+    output.add_argument("--output-layout", choices=["derivatives", "bids"], default="derivatives",
+                        help="derivatives: a BIDS-Derivatives dataset (default); bids: a raw BIDS dataset, the "
+                             "input with each denoised run under its raw name, for fMRIPrep/QSIPrep to take as "
+                             "their bids_dir (maps, figures and reports in OUTPUT_DIR/derivatives/bids-denoise)")
+    output.add_argument("--copy-mode", choices=["link", "copy", "symlink"], default="link",
+                        help="--output-layout bids: how the input's other files are carried over (default link: "
+                             "hard links, copies across file systems)")
+    output.add_argument("--carry-over", choices=["all", "selected"], default="all",
+                        help="--output-layout bids: carry over every participant (default) or only the selected "
+                             "participants and sessions")
+
+    processing = parser.add_argument_group("Processing")
+    processing.add_argument("--methods", nargs="+", default=defaults, choices=denoisers, metavar="METHOD",
+                            help=f"methods to run (default {' '.join(defaults)}; available: {', '.join(denoisers)})")
+    processing.add_argument("--super-resolution", choices=upsamplers, default=None,
+                            help="also raise the resolution: " + "; ".join(
+                                f"{name}: {methods[name].summary}" for name in upsamplers))
+    processing.add_argument("--device", default="auto", help="auto (CUDA if torch sees a GPU), cpu, cuda or cuda:N")
+    processing.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+
+    engine = parser.add_argument_group("Engine")
+    engine.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                        help="Nipype work directory (cache); default ./work")
+    engine.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1, dest="nprocs",
+                        help="processes MultiProc may run at once")
+    engine.add_argument("--mem-gb", type=float, default=None, help="memory MultiProc may use")
+    engine.add_argument("--omp-nthreads", type=int, default=1, help="BLAS/torch threads per node (default 1)")
+    engine.add_argument("--use-plugin", type=Path, metavar="FILE",
+                        help="Nipype plugin settings (YAML, fMRIPrep's format)")
+    engine.add_argument("--plugin", help="Nipype plugin (MultiProc, Linear, SLURM, ...); overrides --use-plugin's")
+    engine.add_argument("--plugin-args", metavar="JSON",
+                        help='plugin arguments as JSON, e.g. \'{"sbatch_args": "-p cpu -c 2", '
+                             '"gpu_sbatch_args": "-p gpu --gres=gpu:1"}\' (gpu_sbatch_args go to GPU nodes only)')
+    engine.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing run")
+
+    for spec in methods.values():
+        group = parser.add_argument_group(f"{spec.name} options ({spec.title}: {spec.summary})")
+        for param in spec.params:
+            kwargs = {"dest": spec.option_dest(param), "default": param.default, "type": param.argparse_type,
+                      "help": param.help}
+            if param.choices:
+                kwargs["choices"] = param.choices
+            group.add_argument(f"--{spec.name}-{param.option}", *param.aliases, **kwargs)
+    return parser
+
+
+
+def parse_command_line(argv, methods):
+    """The parsed command line; with ``--config-file``, the file's values under the command line's."""
+    parser = build_parser(methods)
+    args = parser.parse_args(argv)
+    if args.config_file:
+        parser.set_defaults(**_defaults_from(args.config_file, methods))
+        args = parser.parse_args(argv)
+    return args
+
+
+def _defaults_from(path: Path, methods) -> dict:
+    """Parser defaults from a saved run configuration, read through the parser itself."""
+    from bids_denoise.bids import check_filters
+    from bids_denoise.config import RunConfig
+
+    try:
+        saved = RunConfig.load(path)
+        tokens = saved.to_args(methods)
+        filters = check_filters(saved.execution.bids_filters, origin=f"{path}: execution.bids_filters")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"bids-denoise: error: {path}: not a usable run configuration ({str(err).splitlines()[0]})",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    parser = build_parser(methods)
+    parser.origin = str(path)
+    given = parser.parse_args(["BIDS_DIR", "OUTPUT_DIR", "participant", *tokens])
+    defaults = {dest: value for dest, value in vars(given).items()
+                if dest not in ("bids_dir", "output_dir", "analysis_level") and value != parser.get_default(dest)}
+    defaults["bids_filters"] = filters or None
+    return defaults
+
+
+def build_config(args, methods, command_line: str):
+    """The run configuration from the parsed command line (usage errors raise AppError 64)."""
+    from bids_denoise.config import RunConfig
+
+    config = RunConfig.from_args(args, methods, nipype=nipype_settings(args), command_line=command_line,
+                                 version=__version__)
+    workflow = config.workflow
+    for name in workflow.all_methods:
+        problem = methods[name].check(workflow.parameters[name]) if methods[name].check else None
+        if problem:
+            raise AppError(EXIT_USAGE, problem)
+    if config.execution.output_layout == "bids":
+        _one_denoiser_per_modality(workflow, methods)
+    return config
+
+
+def _one_denoiser_per_modality(workflow, methods) -> None:
+    """A raw dataset holds one version of each run: one denoising method per modality."""
+    for modality in sorted({m for name in workflow.methods for m in methods[name].modalities}):
+        takers = [name for name in workflow.methods if modality in methods[name].modalities]
+        if len(takers) > 1:
+            raise AppError(EXIT_USAGE, f"--output-layout bids writes one denoised version of each run: choose one "
+                                       f"method for {modality} runs, not {' and '.join(takers)}")
+
+
+def nipype_settings(args):
+    """The engine settings of a parsed command line: plugin, its arguments (from --use-plugin, --plugin,
+    --plugin-args and the resource options), the GPU nodes' extra arguments."""
+    from bids_denoise.config import Nipype
+
+    settings = Nipype(nprocs=args.nprocs, mem_gb=args.mem_gb, omp_nthreads=args.omp_nthreads,
+                      stop_on_first_crash=args.stop_on_first_crash)
+    if args.use_plugin:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(args.use_plugin.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise AppError(EXIT_USAGE, f"{args.use_plugin}: not a readable plugin file ({err})") from None
+        if not isinstance(loaded, dict):
+            raise AppError(EXIT_USAGE, f"{args.use_plugin}: a plugin file holds 'plugin:' and 'plugin_args:'")
+        settings.plugin = loaded.get("plugin", "MultiProc")
+        settings.plugin_args = dict(loaded.get("plugin_args") or {})
+    if args.plugin:
+        settings.plugin = args.plugin
+    if args.plugin_args:
+        try:
+            extra = json.loads(args.plugin_args)
+        except ValueError as err:
+            raise AppError(EXIT_USAGE, f"--plugin-args: not valid JSON ({err})") from None
+        if not isinstance(extra, dict):
+            raise AppError(EXIT_USAGE, "--plugin-args: expected a JSON object")
+        settings.plugin_args.update(extra)
+    plugin_args = settings.plugin_args
+    if settings.plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", args.nprocs)
+        if args.mem_gb:
+            plugin_args.setdefault("memory_gb", args.mem_gb)
+        plugin_args.setdefault("raise_insufficient", False)
+        plugin_args.setdefault("maxtasksperchild", 1)
+    plugin_args.setdefault("poll_sleep_duration", 0.1 if settings.is_local else 2)
+    gpu_args = plugin_args.pop("gpu_sbatch_args", None)
+    settings.gpu_plugin_args = {"sbatch_args": gpu_args} if gpu_args else {}
+    return settings

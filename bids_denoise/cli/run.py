@@ -1,0 +1,65 @@
+"""``main``: parse the command line, build the run configuration, run the participant or group level."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+
+from bids_denoise.cli.errors import EXIT_INTERRUPTED, AppError
+
+LOGGER = logging.getLogger("bids_denoise")
+
+
+def main(argv=None) -> int:
+    from bids_denoise.engine import INTERRUPTED, handle_interrupts
+
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids-denoise"))
+    previous = handle_interrupts()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv) -> int:
+    from bids_denoise import registry
+    from bids_denoise.cli.group import run_group
+    from bids_denoise.cli.parser import build_config, parse_command_line
+    from bids_denoise.cli.participant import run_participant
+
+    methods = registry.load_all()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_command_line(argv, methods)
+    setup_logging()
+    try:
+        config = build_config(args, methods, "bids-denoise " + " ".join(shlex.quote(a) for a in argv))
+        if config.execution.analysis_level == "group":
+            return run_group(config)
+        return run_participant(config, methods)
+    except AppError as err:
+        print(f"bids-denoise: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def setup_logging():
+    """The app's log to stderr; Nipype's own quieter unless BIDS_DENOISE_VERBOSE=1."""
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks over the summary
+    if not LOGGER.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [bids-denoise] %(levelname)s: %(message)s", "%H:%M:%S"))
+        LOGGER.addHandler(handler)
+        LOGGER.setLevel(logging.INFO)
+        logging.getLogger("bids_denoise.methods").setLevel(logging.WARNING)
+    if os.environ.get("BIDS_DENOISE_VERBOSE") != "1":
+        from nipype import logging as nipype_logging
+
+        nipype_logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
+        nipype_logging.getLogger("nipype.interface").setLevel(logging.WARNING)

@@ -69,6 +69,8 @@ class Run:
     modality: str = "dwi"
     #: the ``part-phase`` image of a ``part-mag`` run (same entities), if the dataset has one
     phase: Path | None = None
+    #: the units its phase image's sidecar gives (``auto``: none, or "arbitrary": found from the values)
+    phase_units: str = "auto"
     #: why this file cannot be denoised (e.g. a phase image without its magnitude), found at selection
     problem: str | None = None
 
@@ -97,6 +99,8 @@ class Job:
     runs: list
     kind: str = "run"
     volumes: tuple = ()
+    #: the runs' grid (X, Y, Z), from their headers
+    shape: tuple = ()
 
     @property
     def subject(self) -> str:
@@ -105,6 +109,12 @@ class Job:
     @property
     def modality(self) -> str:
         return self.runs[0].modality
+
+    @property
+    def series_shape(self) -> tuple:
+        """The shape of the job's runs stacked: (X, Y, Z, all their volumes), or (X, Y, Z) for an image."""
+        volumes = sum(self.volumes)
+        return tuple(self.shape) + ((volumes,) if volumes > 1 or self.modality != "anat" else ())
 
     @property
     def label(self) -> str:
@@ -158,14 +168,20 @@ def group_jobs(runs, volumes, *, dwi_sessions=False) -> tuple[list, list]:
             else:
                 match[2].append(run)
         if kind == "echoes" and len(grids) > 1:
-            first, odd = grids[0][2][0], grids[1][2][0]
-            errors.append(f"{odd.path}: this echo's grid ({'x'.join(map(str, grids[1][0]))}) differs from echo "
-                          f"{first.source.entities['echo']}'s ({'x'.join(map(str, grids[0][0]))}, or its affine "
-                          "does): the echoes of a run are denoised together")
+            # the grid most echoes share is the run's; each echo on another one is named
+            grids.sort(key=lambda grid: -len(grid[2]))
+            shared = grids[0]
+            reference = shared[2][0]
+            for shape, _, odd_runs in grids[1:]:
+                for odd in odd_runs:
+                    errors.append(f"{odd.path}: this echo's grid ({'x'.join(map(str, shape))}) differs from echo "
+                                  f"{reference.source.entities['echo']}'s ({'x'.join(map(str, shared[0]))}, or its "
+                                  "affine does): the echoes of a run are denoised together")
             continue
-        for _, _, same_grid in grids:
+        for shape, _, same_grid in grids:
             job_kind = kind if len(same_grid) > 1 else "run"
-            jobs.append(Job(same_grid, job_kind, tuple(volumes[str(run.path)][2] for run in same_grid)))
+            jobs.append(Job(same_grid, job_kind, tuple(volumes[str(run.path)][2] for run in same_grid),
+                            tuple(shape)))
     return jobs, errors
 
 
@@ -218,9 +234,16 @@ def check_bids_root(bids_dir: Path) -> None:
             f"{bids_dir}: not a BIDS dataset (no dataset_description.json at its top)", 16
         )
     try:
-        json.loads(description.read_text())
+        content = json.loads(description.read_text())
     except (OSError, ValueError) as err:
         raise BIDSInputError(f"{description}: not valid JSON ({err})", 16) from None
+    if not isinstance(content, dict):
+        raise BIDSInputError(f"{description}: must hold a JSON object (Name, BIDSVersion ...), not a "
+                             f"{type(content).__name__}", 16)
+    for key in ("GeneratedBy", "SourceDatasets"):
+        entries = content.get(key, [])
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise BIDSInputError(f"{description}: {key} must be a list of objects, got {json.dumps(entries)}", 16)
 
 
 def find_validator() -> str | None:
@@ -320,6 +343,7 @@ def select_runs(layout, participant_labels=None, session_labels=None, bids_filte
                 continue
             for bids_file in layout.get(return_type="object", **query):
                 runs.append(_run_of(layout, bids_file, modality, suffix))
+    runs = _distinct(runs)
     if not runs:
         present = layout.get(subject=wanted, datatype=[MODALITIES[m][0] for m in modalities], return_type="filename")
         raise NothingSelectedError(
@@ -327,6 +351,51 @@ def select_runs(layout, participant_labels=None, session_labels=None, bids_filte
             + (", ".join(Path(p).name for p in present if p.endswith((".nii", ".nii.gz"))) or "none")
         )
     return runs
+
+
+#: what a sidecar's ``Units`` (BIDS) or ``PhaseUnits`` says of a phase image, in the units of
+#: :func:`bids_denoise.methods.core.phase.phase_units`
+_PHASE_UNITS = {"rad": "radians", "radian": "radians", "radians": "radians", "deg": "degrees", "degree": "degrees",
+                "degrees": "degrees", "scanner": "scanner", "scanner-unsigned": "scanner-unsigned"}
+
+
+def phase_units_of_metadata(metadata: dict) -> str:
+    """The units a phase image's sidecar states (``Units`` or ``PhaseUnits``), or ``auto``."""
+    for key in ("PhaseUnits", "Units"):
+        value = str(metadata.get(key, "")).strip().lower()
+        if value in _PHASE_UNITS:
+            return _PHASE_UNITS[value]
+    return "auto"
+
+
+def _distinct(runs) -> list:
+    """The runs, each file once: a folder linked into the dataset (a symbolic link to a parent, a loop)
+    shows the same files again under longer paths, which are dropped; two different files that would take
+    the same output names are both refused (one line each)."""
+    by_file = {}
+    for run in sorted(runs, key=lambda run: (len(run.relpath), run.relpath)):
+        if not _where_bids_puts_it(run):
+            continue  # e.g. sub-01/loop/sub-02/...: a link inside the dataset, not a run of its own
+        by_file.setdefault(Path(run.path).resolve(), run)
+    kept = list(by_file.values())
+    by_label = {}
+    for run in kept:
+        by_label.setdefault((run.modality, run.label), []).append(run)
+    for same in by_label.values():
+        if len(same) > 1:
+            for run in same:
+                others = ", ".join(other.relpath for other in same if other is not run)
+                run.problem = run.problem or (f"{run.path}: another file of the dataset has the same name and "
+                                              f"entities ({others}): their outputs would overwrite each other")
+    return sorted(kept, key=lambda run: run.relpath)
+
+
+def _where_bids_puts_it(run) -> bool:
+    """Whether the run's file lies where BIDS puts a file of its entities: sub-<label>[/ses-<label>]/<datatype>/."""
+    entities = run.source.entities
+    folders = [f"sub-{entities['subject']}"] + ([f"ses-{entities['session']}"] if entities.get("session") else [])
+    parts = Path(run.relpath).parts
+    return list(parts[: len(folders)]) == folders and len(parts) == len(folders) + 2
 
 
 def _series_runs(layout, query, modality, suffix):
@@ -352,6 +421,8 @@ def _series_runs(layout, query, modality, suffix):
                                    extension=[".nii", ".nii.gz"])
                 phase = found[0] if found else None
             run.phase = Path(phase.path) if phase is not None else None
+            if phase is not None:
+                run.phase_units = phase_units_of_metadata(_metadata(layout, phase.path))
     for key, phase in phases.items():
         if key in magnitudes:
             continue

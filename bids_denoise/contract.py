@@ -154,6 +154,28 @@ def split_volumes(array, volumes) -> list:
     return np.split(array, np.cumsum(volumes)[:-1], axis=-1)
 
 
+#: Share of negative values above which a series is not magnitude data (interpolation and rescaling leave a
+#: few small negative values in magnitudes; real, phase-corrected or demeaned data have many)
+NEGATIVE_SHARE = 0.01
+
+
+def negative_share(data) -> float:
+    """The share of a series' values below zero."""
+    data = np.asarray(data)
+    return float(np.count_nonzero(data < 0)) / max(data.size, 1)
+
+
+def floor_warning(data, noise_floor: str) -> tuple[str, str | None]:
+    """``noise_floor`` (``koay`` or ``none``) for ``data``, and a warning where removing the noise floor of
+    magnitude data is refused: a series with more than :data:`NEGATIVE_SHARE` negative values is not a
+    magnitude (its noise floor is no Rician one; the correction would set its low values to zero)."""
+    share = negative_share(data) if noise_floor == "koay" else 0.0
+    if share > NEGATIVE_SHARE:
+        return "none", (f"{100 * share:.1f}% of the values are negative: not magnitude data, so the Rician noise "
+                        "floor was not removed")
+    return noise_floor, None
+
+
 @dataclass
 class MethodInputs:
     """What a method's ``run`` receives: a checked run, loaded once.
@@ -283,12 +305,20 @@ class MethodSpec:
     uses_gpu: bool = False
     #: trains a network: slow on a CPU (the demo and quick checks leave it out)
     learned: bool = False
+    #: memory the method's node needs: ``mem_gb`` GB plus ``mem_per_input`` times the job's series in float32
+    #: (:meth:`memory_gb`; declared to Nipype, which schedules by it)
     mem_gb: float = 1.0
+    mem_per_input: float = 0.0
     joint: tuple | Callable[[dict], tuple] = ()
     session: Callable[[dict], bool] | None = None
     takes_phase: bool = False
     #: ``check(parameters)``: a one-line usage error for values that cannot go together, or None
     check: Callable[[dict], str | None] | None = None
+
+    def memory_gb(self, shape) -> float:
+        """The memory (GB) the method needs for a job whose stacked series has ``shape`` (X, Y, Z[, V])."""
+        size = float(np.prod([int(n) for n in shape])) * 4 / 2**30
+        return float(self.mem_gb + self.mem_per_input * size)
 
     @property
     def image_params(self) -> tuple:

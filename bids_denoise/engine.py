@@ -5,8 +5,12 @@
   graph with the configured plugin and returns Nipype's one-line reason where it did not complete.
 * MultiProc workers die with the app (:func:`tie_workers_to_the_app`): an app killed by its scheduler
   leaves no orphan holding memory.
-* Ctrl-C (SIGINT) ends the app at once with one line and exit 130 (:func:`handle_interrupts`). Every
-  output is written atomically and the work directory caches, so a rerun resumes.
+* A worker that dies (the kernel's out-of-memory killer, a segfault in a library) ends the run instead of
+  hanging it (:class:`GuardedMultiProcPlugin`): its node fails, Nipype writes its crash file, the run
+  stops with one line naming the node, and what finished is kept, so a rerun resumes.
+* Ctrl-C (SIGINT) and a scheduler's SIGTERM end the app at once with one line and exit 130 or 143
+  (:func:`handle_signals`). Every output is written atomically and the work directory caches, so a rerun
+  resumes.
 """
 
 from __future__ import annotations
@@ -15,8 +19,56 @@ import gc
 import os
 import signal
 import sys
+from contextlib import contextmanager
+
+from bids_denoise.machine import available_cpus, total_memory_gb  # noqa: F401  (the engine's resources)
 
 INTERRUPTED = "bids-denoise: interrupted; rerun the same command to resume"
+TERMINATED = "bids-denoise: terminated (SIGTERM); rerun the same command to resume"
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of the pool died while it ran a node."""
+
+
+class WorkDirInUse(RuntimeError):
+    """Another run holds the work directory (``holder``: its process id, or -1 where unknown)."""
+
+    def __init__(self, holder: int):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextmanager
+def holding(work_dir):
+    """Hold ``work_dir`` for the duration of a run: an advisory lock that its file system keeps while this
+    process lives (a killed run leaves nothing to clean up). Two runs in one work directory would overwrite
+    each other's nodes: the second raises :class:`WorkDirInUse`."""
+    import fcntl
+    from pathlib import Path
+
+    with open(Path(work_dir) / ".bids-denoise.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise WorkDirInUse(int(holder) if holder.isdigit() else -1) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def plugin_names() -> list[str]:
+    """The Nipype plugins ``--plugin`` may name."""
+    from nipype.pipeline import plugins
+
+    return sorted(name[: -len("Plugin")] for name in dir(plugins) if name.endswith("Plugin") and name != "Plugin")
 
 
 def configure(nipype, log_dir) -> None:
@@ -45,12 +97,13 @@ def run_workflow(workflow, nipype) -> str:
     """Run ``workflow`` (built after :func:`configure`) with the engine settings ``nipype`` (a
     :class:`~bids_denoise.config.Nipype`). Returns Nipype's error line if the graph failed, else ''."""
     plugin_args = {key: value for key, value in nipype.plugin_args.items() if key != "poll_sleep_duration"}
+    plugin = GuardedMultiProcPlugin(plugin_args=plugin_args) if nipype.plugin == "MultiProc" else nipype.plugin
     try:
         # MultiProc collects garbage at every poll: keep the long-lived heap (torch, pybids) out of those
         # collections, which otherwise cost 0.2 s each
         gc.freeze()
         try:
-            workflow.run(plugin=nipype.plugin, plugin_args=plugin_args)
+            workflow.run(plugin=plugin, plugin_args=plugin_args)
         finally:
             gc.unfreeze()
     except (RuntimeError, OSError) as err:  # OSError: Nipype could not write its own files (a full disk)
@@ -58,20 +111,81 @@ def run_workflow(workflow, nipype) -> str:
     return ""
 
 
-def handle_interrupts():
-    """Make Ctrl-C end the app at once with one line and exit 130, wherever it arrives (a KeyboardInterrupt
-    raised inside Nipype's or logging's handlers can be swallowed). Returns the previous handler (None
-    outside the main thread, where signals cannot be handled)."""
+def handle_signals() -> dict:
+    """Make Ctrl-C (SIGINT) and SIGTERM end the app at once with one line and exit 130 or 143, wherever they
+    arrive (a KeyboardInterrupt raised inside Nipype's or logging's handlers can be swallowed); the workers
+    die with the app. Returns the previous handlers, by signal (none outside the main thread, where
+    signals cannot be handled)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
-    def interrupted(signum, frame):
-        print(INTERRUPTED, file=sys.stderr, flush=True)
-        os._exit(130)
+    def ended(signum, frame):
+        print(INTERRUPTED if signum == signal.SIGINT else TERMINATED, file=sys.stderr, flush=True)
+        os._exit(128 + signum)
 
-    return signal.signal(signal.SIGINT, interrupted)
+    return {signum: signal.signal(signum, ended) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _plugin_base():
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin
+
+    return MultiProcPlugin
+
+
+class GuardedMultiProcPlugin(_plugin_base()):
+    """Nipype's MultiProc, which ends the run when a worker dies instead of waiting for it forever.
+
+    When a worker process dies (killed for memory, a crash in native code), Python's process pool breaks:
+    every future of the pool fails with ``BrokenProcessPool``. Nipype's MultiProc reads a future's result
+    in its done-callback, where that exception is lost, so the node's result never arrives and the
+    scheduler polls on. Here the callback turns it into the node's failure (Nipype then writes the node's
+    crash file and skips what depends on it) and the next scheduling step stops the run with
+    :class:`WorkerDied`, naming the node(s) the dead pool was running.
+    """
+
+    def __init__(self, plugin_args=None):
+        super().__init__(plugin_args=plugin_args)
+        self._task_of_future = {}
+        self._lost = []
+
+    def _submit_job(self, node, updatehash=False):
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self._lost:
+            raise self._worker_died()
+        try:
+            taskid = super()._submit_job(node, updatehash=updatehash)
+        except BrokenProcessPool:  # it broke before any running node reported: name those still running
+            self._lost += [name for future, (_, name) in self._task_of_future.items() if not future.done()
+                           or future.exception() is not None] or ["no node (an idle worker)"]
+            raise self._worker_died() from None
+        self._task_of_future[self._task_obj[taskid]] = (taskid, node.fullname)
+        return taskid
+
+    def _async_callback(self, args):
+        try:
+            result = args.result()
+        except BaseException as err:  # noqa: BLE001 - the pool broke: this node's worker (or another) died
+            taskid, name = self._task_of_future.get(args, (None, "a node"))
+            self._lost.append(name)
+            if taskid is not None:
+                message = (f"the worker process running {name} died ({type(err).__name__}: {err}); the system may "
+                           "have killed it for memory (see --mem-gb, --nprocs)")
+                self._taskresult[taskid] = {"taskid": taskid, "result": None, "traceback": [message]}
+            return
+        self._taskresult[result["taskid"]] = result
+
+    def _send_procs_to_workers(self, updatehash=False, graph=None):
+        if self._lost:
+            raise self._worker_died()
+        return super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
+
+    def _worker_died(self) -> WorkerDied:
+        names = ", ".join(sorted(set(self._lost)))
+        return WorkerDied(f"a worker process died while running {names} (killed by the system, for memory?); the "
+                          "run stopped: what finished is kept, rerun the same command to resume")
 
 
 def tie_workers_to_the_app() -> None:
@@ -90,6 +204,7 @@ def _worker_initializer(cwd):
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the app's to handle; workers die with it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a broken pool ends its workers quietly
     original = getattr(multiproc.process_initializer, "__wrapped__", multiproc.process_initializer)
     original(cwd)
 

@@ -135,6 +135,18 @@ def _require_gradients(dwi_file, bval_file, bvec_file):
         raise InputDataError(f"{dwi_file}: no .bvec file found for this DWI run")
 
 
+def _check_fits_in_memory(path, shape) -> None:
+    """Refuse an image whose header declares more voxels than this machine could hold (a corrupt header, or an
+    image no method here can take): InputDataError before anything is read."""
+    from bids_denoise.machine import total_memory_gb
+
+    gigabytes = float(np.prod([int(n) for n in shape], dtype=np.float64)) * 4 / 2**30
+    total = total_memory_gb()
+    if gigabytes > total:
+        raise InputDataError(f"{path}: its header declares a {'x'.join(map(str, shape))} image ({gigabytes:,.0f} GB "
+                             f"as float32), more than this machine's memory ({total:.0f} GB)")
+
+
 def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi", phase_file=None) -> tuple:
     """Check a run from its header and gradient files, without reading its voxels.
 
@@ -146,6 +158,7 @@ def check_run(in_file, bval_file=None, bvec_file=None, modality="dwi", phase_fil
         _require_gradients(in_file, bval_file, bvec_file)
     image = _open_nifti(in_file)
     _check_ndim(in_file, image.shape, 4 if modality in ("dwi", "bold") else 3)
+    _check_fits_in_memory(in_file, image.shape)
     if modality == "dwi":
         read_bvals(bval_file, int(image.shape[3]))
         read_bvecs(bvec_file, int(image.shape[3]))
@@ -180,12 +193,15 @@ def load_run(in_file, bval_file=None, bvec_file=None, modality="dwi"):
     return image, data, read_bvals(bval_file, n_volumes), read_bvecs(bvec_file, n_volumes)
 
 
-def load_job(in_files, bval_files=None, bvec_files=None, phase_files=None, modality="dwi"):
+def load_job(in_files, bval_files=None, bvec_files=None, phase_files=None, modality="dwi", phase_units=None):
     """Load the runs of a job (one run, a run's echoes, a session's DWI runs) stacked along the volumes.
+
+    ``phase_units`` are the units each phase image's sidecar states (``auto`` where it does not): the
+    phase is returned in radians.
 
     Returns
     -------
-    data, bvals (or None), bvecs (or None), phase (or None: given only when every run has one)
+    data, bvals (or None), bvecs (or None), phase in radians (or None: given only when every run has one)
     """
     count = len(in_files)
     bval_files, bvec_files = bval_files or [None] * count, bvec_files or [None] * count
@@ -198,12 +214,13 @@ def load_job(in_files, bval_files=None, bvec_files=None, phase_files=None, modal
         parts.append(data)
         bvals.append(run_bvals)
         bvecs.append(run_bvecs)
-    for phase_file, magnitude in zip(phase_files or [], parts):
+    phase_units = list(phase_units or []) + ["auto"] * (len(phase_files or []) - len(phase_units or []))
+    for phase_file, magnitude, units in zip(phase_files or [], parts, phase_units):
         _, phase = load_nifti(phase_file, ndim=magnitude.ndim)
         if phase.shape != magnitude.shape:
             raise InputDataError(f"{phase_file}: a phase image of shape {phase.shape} for a magnitude of shape "
                                  f"{magnitude.shape}")
-        phases.append(phase)
+        phases.append(phase_in_radians(phase_file, phase, units))
     stack = parts[0] if count == 1 else np.concatenate(parts, axis=3)
     phase = None
     if phases and len(phases) == count:
@@ -211,6 +228,25 @@ def load_job(in_files, bval_files=None, bvec_files=None, phase_files=None, modal
     if bvals[0] is None:
         return stack, None, None, phase
     return stack, np.concatenate(bvals), np.concatenate(bvecs, axis=1), phase
+
+
+def phase_in_radians(path, phase, units="auto") -> np.ndarray:
+    """A phase image in radians (float32): its units as its sidecar states them, else from its values' range;
+    InputDataError naming the file where the values fit no known units (or not those stated)."""
+    from bids_denoise.methods.core.errors import UnsuitableDataError
+    from bids_denoise.methods.core.phase import TURNS, in_radians, phase_units
+
+    if units != "auto":
+        span = float(np.max(phase) - np.min(phase)) if phase.size else 0.0
+        if span > TURNS[units] * 1.01:
+            raise InputDataError(f"{path}: its sidecar says the phase is in {units}, but its values span {span:g}, "
+                                 f"more than a full turn ({TURNS[units]:g})")
+        return in_radians(phase, units).astype(np.float32)
+    try:
+        found = phase_units(phase, "auto")
+    except UnsuitableDataError as err:
+        raise InputDataError(f"{path}: {err}") from None
+    return in_radians(phase, found).astype(np.float32)
 
 
 def run_warnings(data, bvals=None, bvecs=None, *, b0_threshold=50.0) -> list[str]:
@@ -241,9 +277,10 @@ def atomic_path(destination, *, mode=0o644):
     destination = Path(destination)
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(destination.suffixes) or ".tmp"
+        suffix = "".join(destination.suffixes)[-16:] or ".tmp"
         handle, temporary = tempfile.mkstemp(
-            prefix=f".{destination.name}.{_HOST}~{os.getpid()}~", suffix=f".part{suffix}", dir=destination.parent
+            prefix=f".{_short(destination.name)}.{_HOST[:32]}~{os.getpid()}~", suffix=f".part{suffix}",
+            dir=destination.parent,
         )
     except OSError as err:
         raise OSError(err.errno, err.strerror, str(destination)) from None
@@ -267,6 +304,14 @@ _HOST = re.sub(r"[^0-9A-Za-z-]", "-", os.uname().nodename) if hasattr(os, "uname
 _TEMPORARY = re.compile(r"^\..+\.(?P<host>[0-9A-Za-z-]+)~(?P<pid>\d+)~[^/]*\.part[^/]*$")
 
 
+def _short(name: str, keep: int = 64) -> str:
+    """A file name cut to ``keep`` characters, with a digest of the whole: a temporary name beside a long output
+    name stays within the file system's limit whenever the output's own name does."""
+    if len(name) <= keep:
+        return name
+    return f"{name[: keep - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def stale_temporaries(folder, max_age_seconds=86400.0) -> list[Path]:
     """Temporary files under ``folder`` that a killed run left behind.
 
@@ -280,7 +325,7 @@ def stale_temporaries(folder, max_age_seconds=86400.0) -> list[Path]:
         match = _TEMPORARY.match(path.name)
         if not match or not path.is_file():
             continue
-        if match["host"] == _HOST:
+        if match["host"] == _HOST[:32]:
             if not _alive(int(match["pid"])):
                 stale.append(path)
         elif time.time() - path.stat().st_mtime > max_age_seconds:
@@ -298,12 +343,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def save_nifti(data, reference, destination, dtype=np.float32, affine=None):
+def save_nifti(data, reference, destination, dtype=None, affine=None):
     """Save ``data`` with the header (affine, qform/sform codes, zooms, units) of ``reference``.
 
     ``affine`` replaces the reference's (a new grid, e.g. after super-resolution); the voxel sizes
-    follow from it and the qform/sform codes stay the reference's.
+    follow from it and the qform/sform codes stay the reference's. ``dtype``: float32 by default, float64
+    where float64 data hold values float32 cannot (squares of intensities near 1e30).
     """
+    if dtype is None:
+        data = np.asarray(data)
+        beyond = data.dtype == np.float64 and data.size and np.nanmax(np.abs(data)) > np.finfo(np.float32).max
+        dtype = np.float64 if beyond else np.float32
     header = reference.header.copy()
     header.set_data_dtype(dtype)
     zooms = list(reference.header.get_zooms())

@@ -91,6 +91,11 @@ BIDSIGNORE_LINES = (
     GROUP_FIGURE,
 )
 
+#: the longest names of a map (``stat-<name>``) and of figures (their suffix) a method's outputs take, for the
+#: check of file names' lengths before a run
+LONGEST_MAP = "removed"
+LONGEST_FIGURES = ("calibration", "residualmap", "removedmap")
+
 #: suffixes of the images a method writes (maps and QC tables are derived from the source suffix)
 IMAGE_SUFFIXES = ("dwi", "T1w", "T2w", "bold")
 
@@ -229,6 +234,14 @@ class OutputLayout:
 
     def prov_record(self, source: Source, desc: str, *, extra=None) -> Path:
         return self.root / build("prov", dict(self._entities(source, desc, extra), suffix="prov"))
+
+    def names_of(self, source: Source, desc: str) -> list[str]:
+        """The file names a method's outputs of ``source`` can take (its image, sidecar, maps, QC table,
+        figures, provenance record), for checking them against the file system's limit before a run."""
+        paths = [self.image(source, desc), self.sidecar(self.image(source, desc)), self.qc_table(source, desc),
+                 self.prov_record(source, desc), self.map(source, desc, LONGEST_MAP)]
+        paths += [self.figure(source, desc, kind) for kind in LONGEST_FIGURES]
+        return [path.name for path in paths]
 
     # -- per participant -------------------------------------------------------------------
     def log_dir(self, subject: str) -> Path:

@@ -248,3 +248,40 @@ def test_two_noise_levels_for_nordic_are_a_usage_error(bold_dataset, tmp_path, c
     err = capsys.readouterr().err
     assert "--nordic-noise-map and --nordic-noise-volumes both set the noise level" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_phase_units_come_from_the_values_or_the_sidecar_and_an_unknown_range_is_refused(dataset, tmp_path, capsys):
+    """The same complex run with its phase in radians, degrees, scanner units 0..4095 (where radians, or a
+    signed range, used to be assumed) gives the same NORDIC result; a range that fits no unit is one line
+    naming the phase file (exit 65); a sidecar's Units is what the values are read in."""
+    from bids_denoise.testing.bold_phantom import make_bold_phantom, write_bold_run
+
+    raw, _ = dataset
+    phantom = make_bold_phantom((16, 16, 8), 30, snr=15, complex_data=True, seed=4)
+    (relpath,) = write_bold_run(raw, phantom, "01", "post")
+    phase_path = raw / relpath.replace("part-mag", "part-phase")
+    sidecar = phase_path.with_name(phase_path.name.replace(".nii.gz", ".json"))
+    metadata = json.loads(sidecar.read_text())
+    assert metadata["Units"] == "rad"
+    sidecar.write_text(json.dumps(dict(metadata, Units="arbitrary")))  # the values say what they are
+    image = nib.load(phase_path)
+    radians = image.get_fdata()
+    stored = {"radians": radians, "degrees": np.degrees(radians),
+              "unsigned": np.mod(radians, 2 * np.pi) * 4096 / (2 * np.pi)}
+    results = {}
+    for name, values in stored.items():
+        nib.save(nib.Nifti1Image(values.astype(np.float32), image.affine), phase_path)
+        code = run_app(raw, tmp_path, "--methods", "nordic", out=f"out_{name}")
+        assert code == 0, capsys.readouterr().err
+        (output,) = (tmp_path / f"out_{name}").rglob("*_desc-nordic_bold.nii.gz")
+        results[name] = nib.load(output).get_fdata()
+    for name in ("degrees", "unsigned"):
+        assert np.allclose(results[name], results["radians"], rtol=1e-4, atol=1e-3), name
+    nib.save(nib.Nifti1Image((radians * 3000).astype(np.float32), image.affine), phase_path)
+    code = run_app(raw, tmp_path, "--methods", "nordic", out="out_unknown")
+    err = capsys.readouterr().err
+    assert code == 65 and f"{phase_path}: phase values from" in err and "no units known here" in err, err
+    sidecar.write_text(json.dumps(dict(metadata, Units="rad")))
+    code = run_app(raw, tmp_path, "--methods", "nordic", out="out_stated")
+    err = capsys.readouterr().err
+    assert code == 65 and "its sidecar says the phase is in radians, but its values span" in err, err

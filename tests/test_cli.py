@@ -479,8 +479,14 @@ def test_learned_and_calibrated_methods_in_the_app(dataset, tmp_path, capsys):
     pairs = n2n["Details"]["pairs"]
     assert pairs and all(bvals[pair["volume"]] == bvals[pair["partner"]] == 0 for pair in pairs)
     assert len(n2n["Details"]["history"]["epochs"]) == 2
-    n2s = json.loads((folder / f"{stem}_desc-noise2self_dwi.json").read_text())["Provenance"]
+    n2s_sidecar = json.loads((folder / f"{stem}_desc-noise2self_dwi.json").read_text())
+    n2s = n2s_sidecar["Provenance"]
     assert n2s["Parameters"]["context"] == "series"
+    # every figure of every method was made (Noise2Self's used to fail: KeyError 'thetas')
+    for method in ("noise2noise", "noise2self", "median"):
+        sidecar = json.loads((folder / f"{stem}_desc-{method}_dwi.json").read_text())
+        assert not [w for w in sidecar.get("Warnings", []) if "could not be made" in w], (method, sidecar["Warnings"])
+    assert len(n2s["Details"]["blend"]["blend_weights"]) == len(n2s["Details"]["blend"]["choices"])
     median = json.loads((folder / f"{stem}_desc-median_dwi.json").read_text())["Provenance"]["Details"]
     assert median["calibration"]["best"] == median["radius"]
     # a DWI series: the profile-guided median, radius 1 or 2
@@ -488,6 +494,7 @@ def test_learned_and_calibrated_methods_in_the_app(dataset, tmp_path, capsys):
     figures = out / "sub-02" / "figures"
     assert_figure(figures / f"{stem}_desc-noise2noise_training.png")
     assert_figure(figures / f"{stem}_desc-median_calibration.png")
+    assert_figure(figures / f"{stem}_desc-noise2self_blend.png")
     check_report(out / "sub-02.html", out, expected_sections=3)
     assert "Volume pairs used for training" in (out / "sub-02.html").read_text()
     assert "Noise2" in (out / "logs" / "CITATION.md").read_text()

@@ -13,6 +13,7 @@ from bids_denoise.cli import build_config, build_parser
 from bids_denoise.cli.parser import parse_command_line
 from bids_denoise.cli.run import _main as cli_main_inner
 from bids_denoise.config import SECTIONS, RunConfig
+from bids_denoise.machine import available_cpus
 from bids_denoise.registry import load_all
 
 #: a command line that sets every restorable option to something other than its default
@@ -20,7 +21,7 @@ EVERY_OPTION = [
     "--participant-label", "01", "02", "--session-label", "pre", "--skip-bids-validation",
     "--output-layout", "bids", "--copy-mode", "symlink", "--carry-over", "selected",
     "--methods", "mppca", "--super-resolution", "wasa", "--device", "cpu", "--seed", "3",
-    "--nprocs", "3", "--mem-gb", "5.5", "--omp-nthreads", "2", "--stop-on-first-crash",
+    "--nprocs", "1", "--mem-gb", "5.5", "--omp-nthreads", str(min(2, available_cpus())), "--stop-on-first-crash",
     "--plugin", "Linear", "--plugin-args", '{"gpu_sbatch_args": "--gres=gpu:1"}',
     "--mppca-extent", "5,3,1", "--mppca-estimator", "Exp1", "--mppca-noise-map", "4.5",
     "--wasa-scale", "4",

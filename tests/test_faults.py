@@ -50,6 +50,8 @@ def rewrite(path, function):
 # -- the data ------------------------------------------------------------------------------------
 
 def test_a_negative_series_keeps_its_derivatives_and_figures(dataset, tmp_path, capsys):
+    """Mostly negative values: no magnitude data, so the default noise-floor removal (which sets values at or
+    below the Rician floor to zero: 99.6% of this output) is not applied, and the sidecar says why."""
     raw, _ = dataset
     rewrite(post_dwi(raw), lambda data: data - 0.7 * data.max())
     code = run_app(raw, tmp_path, *SELECT, "--methods", "patch2self", "mppca")
@@ -57,6 +59,14 @@ def test_a_negative_series_keeps_its_derivatives_and_figures(dataset, tmp_path, 
     out = tmp_path / "out"
     assert len(list(out.rglob("*_desc-*_dwi.nii.gz"))) == 2
     assert list((out / "sub-01" / "figures").glob("*_desc-*_mosaic.png"))
+    noisy = nib.load(post_dwi(raw)).get_fdata()
+    for method in ("patch2self", "mppca"):
+        (image,) = out.rglob(f"*_desc-{method}_dwi.nii.gz")
+        denoised = nib.load(image).get_fdata()
+        assert np.mean(denoised == 0) < 0.01, method
+        assert np.corrcoef(denoised.ravel(), noisy.ravel())[0, 1] > 0.9, method
+        sidecar = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+        assert any("not magnitude data" in warning for warning in sidecar["Warnings"]), method
 
 
 def test_extreme_intensities_give_the_scaled_result(dataset, tmp_path, capsys):
@@ -81,6 +91,20 @@ def test_extreme_intensities_give_the_scaled_result(dataset, tmp_path, capsys):
         # rounding into larger changes for a few values at the floor, and only there
         assert close.mean() > 0.995, (scale, close.mean())  # measured 0.9985
         assert np.all(np.abs(expected[~close]) < 0.02 * np.abs(expected).max()), scale
+
+
+def test_intensities_near_1e30_give_mppca_finite_maps_and_no_warnings(dataset, tmp_path, capsys):
+    """MP-PCA's variance-removed map holds squares (1e60 here): it used to overflow float32 to infinity, and the
+    report, reading it, blamed a work-directory file as bad input (exit 65)."""
+    raw, _ = dataset
+    rewrite(post_dwi(raw), lambda data: data * np.float32(1e30))
+    code = run_app(raw, tmp_path, *SELECT, "--methods", "mppca")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Warning" not in err and "overflow" not in err and str(tmp_path / "work") not in err, err
+    for path in (tmp_path / "out").rglob("*_desc-mppca_*.nii.gz"):
+        values = nib.load(path).get_fdata()
+        assert np.isfinite(values).all() and values.max() > 0, path.name
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2)])
@@ -339,3 +363,192 @@ def test_interrupt_is_one_line_and_exit_130(dataset, tmp_path):
     assert "interrupted; rerun the same command to resume" in output
     assert "Traceback" not in output
     assert tree_digest(raw) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and signals to a worker (Linux)")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSEGV], ids=["out-of-memory kill", "segfault"])
+def test_a_dead_worker_ends_the_run_naming_its_node_and_a_rerun_resumes(dataset, tmp_path, how):
+    """What the kernel's out-of-memory killer (SIGKILL) or a crash in native code (SIGSEGV) does to a
+    MultiProc worker: the run must end (exit 1, one line naming the node), not wait for it forever."""
+    raw, _ = dataset
+    out, work = tmp_path / "out", tmp_path / "work"
+    before = tree_digest(raw)
+    process = _start(raw, out, work)
+    # a worker running a method's node: Nipype runs each node in its own folder of the work directory
+    deadline, busy = time.time() + 120, None
+    while busy is None and time.time() < deadline and process.poll() is None:
+        for pid in _children(process.pid):
+            try:
+                folder = Path(os.readlink(f"/proc/{pid}/cwd"))
+            except OSError:
+                continue
+            if folder.name.endswith("_denoise") and work in folder.parents:
+                busy = (pid, folder.name)
+                break
+        time.sleep(0.02)
+    assert busy, process.communicate()[0]
+    os.kill(busy[0], how)
+    output, _ = process.communicate(timeout=180)  # a hang fails here
+    assert process.returncode == 1, output
+    lines = [line for line in output.splitlines() if line.startswith("bids-denoise: error:")]
+    assert len(lines) == 1 and "a worker process died while running" in lines[0], output
+    assert busy[1] in lines[0], (busy, lines[0])
+    assert "Traceback" not in output and tree_digest(raw) == before
+    rerun = subprocess.run([sys.executable, "-m", "bids_denoise", str(raw), str(out), "participant", "-w", str(work),
+                            *SELECT, "--methods", "patch2self", "mppca"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(list(out.rglob("*_desc-*_dwi.nii.gz"))) == 2 and _no_temporaries(out)
+
+
+def test_sigterm_is_one_line_and_exit_143(dataset, tmp_path):
+    raw, _ = dataset
+    process = _start(raw, tmp_path / "out", tmp_path / "work")
+    assert _wait_for_workers(process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    assert output.strip().splitlines()[-1] == "bids-denoise: terminated (SIGTERM); rerun the same command to resume"
+    assert "Traceback" not in output
+
+
+# -- round 3: what the command line refuses before anything runs ----------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--nprocs", "0"], "--nprocs must be from 1 to"),
+    (["--nprocs", "-4"], "--nprocs must be from 1 to"),
+    (["--nprocs", "100000"], "--nprocs must be from 1 to"),
+    (["--omp-nthreads", "100000"], "--omp-nthreads must be from 1 to"),
+    (["--mem-gb", "0.001"], "--mem-gb must be from 0.1 to"),
+    (["--mem-gb", "-5"], "--mem-gb must be from 0.1 to"),
+    (["--plugin", "Bogus"], "--plugin Bogus: not a Nipype plugin (available:"),
+    (["--plugin-args", '{"n_procs": "x"}'], "--plugin-args: n_procs must be a whole number"),
+    (["--plugin-args", '{"memory_gb": -1}'], "--plugin-args: memory_gb must be a number of gigabytes"),
+    (["--plugin-args", "[1]"], "--plugin-args: expected a JSON object"),
+    (["--participant-label", "snr10ü日本"], "is not a BIDS label (ASCII letters and digits only)"),
+    (["--session-label", "pre/post"], "is not a BIDS label"),
+    (["--mppca-noise-map=inf"], "a noise map value must be a finite number above zero"),
+])
+def test_resources_plugins_and_labels_are_checked_before_anything_runs(dataset, tmp_path, capsys, args, message):
+    """Each used to hang (hundreds of thousands of processes, a memory limit no node fits), crash a worker
+    (OpenBLAS on 100000 threads), print a traceback, or treat 'snr10ü日本' as 'snr10'."""
+    raw, _ = dataset
+    before = tree_digest(raw)
+    try:
+        code = run_app(raw, tmp_path, "--skip-bids-validation", *args)
+    except SystemExit as exit_info:  # argparse's refusal
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 64, err
+    assert "Traceback" not in err and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    assert tree_digest(raw) == before
+
+
+def test_a_node_that_cannot_fit_in_memory_is_one_line_naming_run_method_and_need(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    code = run_app(raw, tmp_path, *SELECT, "--methods", "patch2self", "--mem-gb", "0.5")
+    one_error_line(capsys, code, 64, "sub-01_ses-post_acq-multiband_dwi: patch2self needs about",
+                   "more than --mem-gb 0.5")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_work_directory_in_use_by_another_run_is_refused(dataset, tmp_path, capsys):
+    """Two runs sharing one -w used to overwrite each other's nodes ("graph failed: RuntimeError: ...")."""
+    from bids_denoise.engine import holding
+
+    raw, _ = dataset
+    (tmp_path / "work").mkdir()
+    held = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom bids_denoise.engine import holding\n"
+                             f"with holding({str(tmp_path / 'work')!r}):\n    print('held', flush=True)\n"
+                             "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "held"
+        code = run_app(raw, tmp_path, *SELECT, "--methods", "mppca")
+        one_error_line(capsys, code, 64, f"{tmp_path / 'work'}: the work directory is in use by another "
+                                         f"bids-denoise run (process {held.pid})")
+        assert not list((tmp_path / "out").rglob("*_desc-*"))
+    finally:
+        held.kill()
+        held.wait()
+    with holding(tmp_path / "work"):  # free again once that run is gone
+        pass
+    assert run_app(raw, tmp_path, *SELECT, "--methods", "mppca") == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"Name": "x", "BIDSVersion": "1.10.0", "GeneratedBy": "a tool"}', "GeneratedBy must be a list of objects"),
+])
+def test_a_dataset_description_of_the_wrong_shape_is_one_line(dataset, tmp_path, capsys, content, message):
+    raw, _ = dataset
+    (raw / "dataset_description.json").write_text(content)
+    code = run_app(raw, tmp_path, *SELECT)
+    one_error_line(capsys, code, 16, "dataset_description.json", message)
+
+
+def test_a_header_larger_than_the_machine_is_refused_before_reading(dataset, tmp_path, capsys):
+    raw, _ = dataset
+    image = nib.load(post_dwi(raw))
+    header = image.header.copy()
+    header.set_data_shape((32767, 32767, 32767, 32767))
+    import gzip
+
+    post_dwi(raw).write_bytes(gzip.compress(header.binaryblock + b"\0" * 68))  # a header, and almost no data
+    code = run_app(raw, tmp_path, *SELECT)
+    err = one_error_line(capsys, code, 65, f"{post_dwi(raw)}: its header declares a 32767x32767x32767x32767 image",
+                         "more than this machine's memory")
+    assert "MemoryError" not in err
+
+
+def test_a_folder_linked_into_the_dataset_is_no_run_of_its_own(dataset, tmp_path, capsys):
+    """A symbolic link to a parent folder (a loop) shows every file again under longer paths: they used to
+    be runs of their own ("Duplicate node name"), and sub-02's files came in under sub-01."""
+    raw, _ = dataset
+    (raw / "sub-01" / "loop").symlink_to("..")
+    code = run_app(raw, tmp_path, "--participant-label", "01", "--skip-bids-validation", "--methods", "mppca")
+    assert code == 0, capsys.readouterr().err
+    written = sorted(path.relative_to(tmp_path / "out") for path in (tmp_path / "out").rglob("*_desc-mppca_dwi.nii.gz"))
+    assert written and all(path.parts[0] == "sub-01" and "loop" not in path.parts for path in written), written
+    assert not (tmp_path / "out" / "sub-02").exists()
+
+
+def test_an_unreadable_folder_is_one_line(dataset, tmp_path, capsys, monkeypatch):
+    """pybids' traceback on a folder it cannot read. Tests run as root, who reads every folder, so the index's
+    refusal is raised where it builds the layout, as pybids raises it for an unreadable folder."""
+    from bids_denoise import bids
+
+    raw, _ = dataset
+    folder = raw / "sub-02"
+
+    def unreadable(bids_dir, database_dir=None):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(bids, "build_layout", unreadable)
+    code = run_app(raw, tmp_path, *SELECT)
+    one_error_line(capsys, code, 66, f"{folder}: cannot be read while indexing BIDS_DIR (Permission denied)")
+
+
+def test_a_home_that_cannot_be_written_is_one_note(dataset, tmp_path):
+    raw, _ = dataset
+    done = subprocess.run([sys.executable, "-m", "bids_denoise", str(raw), str(tmp_path / "out"), "participant",
+                           "-w", str(tmp_path / "work"), *SELECT, "--methods", "mppca"],
+                          capture_output=True, text=True, env=dict(os.environ, HOME="/dev/null/home"))
+    assert done.returncode == 0, done.stderr
+    assert "HOME (/dev/null/home) cannot be written" in done.stderr
+    assert "Traceback" not in done.stderr and "matplotlib" not in done.stderr.lower()
+
+
+def test_labels_too_long_for_file_names_are_refused_before_the_run(tmp_path, capsys):
+    from bids_denoise.testing.phantom import make_bids_dataset
+
+    raw = tmp_path / "ds"
+    make_bids_dataset(raw, shape=(10, 10, 6), shells=((1000.0, 8),), n_b0=2, subjects=("01",), sessions=None,
+                      runs_in_first_session=1)
+    (dwi,) = raw.rglob("*_dwi.nii.gz")
+    long = dwi.with_name(dwi.name.replace("acq-multiband", f"acq-{'a' * 228}"))  # 250 characters: it fits
+    dwi.rename(long)
+    code = main([str(raw), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
+                 "--skip-bids-validation", "--methods", "mppca"])
+    err = one_error_line(capsys, code, 65, f"{long}: its outputs' names would be up to",
+                         "more than the file system allows")
+    assert "File name too long" not in err

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from bids_denoise import __version__
 from bids_denoise.cli.errors import EXIT_USAGE, AppError
+from bids_denoise.engine import plugin_names
+from bids_denoise.machine import available_cpus, total_memory_gb
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,9 +65,9 @@ def build_parser(methods) -> argparse.ArgumentParser:
 
     selection = parser.add_argument_group("Selecting data")
     selection.add_argument("--participant-label", "--participant_label", nargs="+", dest="participant_label",
-                           metavar="LABEL", help="participants to process (with or without sub-)")
+                           metavar="LABEL", type=_label("sub-"), help="participants to process (with or without sub-)")
     selection.add_argument("--session-label", "--session_label", nargs="+", dest="session_label",
-                           metavar="LABEL", help="sessions to process (with or without ses-)")
+                           metavar="LABEL", type=_label("ses-"), help="sessions to process (with or without ses-)")
     selection.add_argument("--bids-filter-file", type=_filter_file, metavar="FILE", dest="bids_filters",
                            help='PyBIDS query JSON, e.g. {"dwi": {"acquisition": "multiband"}}; keys '
                                 "subject/session are refused (use the labels)")
@@ -97,10 +98,12 @@ def build_parser(methods) -> argparse.ArgumentParser:
     engine = parser.add_argument_group("Engine")
     engine.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
                         help="Nipype work directory (cache); default ./work")
-    engine.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1, dest="nprocs",
+    engine.add_argument("--nprocs", "--n-cpus", type=_cpus("--nprocs"), default=available_cpus(), dest="nprocs",
                         help="processes MultiProc may run at once")
-    engine.add_argument("--mem-gb", type=float, default=None, help="memory MultiProc may use")
-    engine.add_argument("--omp-nthreads", type=int, default=1, help="BLAS/torch threads per node (default 1)")
+    engine.add_argument("--mem-gb", type=_memory, default=None,
+                        help="memory (GB) MultiProc may give its nodes at once (default: 90%% of the machine's)")
+    engine.add_argument("--omp-nthreads", type=_cpus("--omp-nthreads"), default=1,
+                        help="BLAS/torch threads per node (default 1)")
     engine.add_argument("--use-plugin", type=Path, metavar="FILE",
                         help="Nipype plugin settings (YAML, fMRIPrep's format)")
     engine.add_argument("--plugin", help="Nipype plugin (MultiProc, Linear, SLURM, ...); overrides --use-plugin's")
@@ -153,6 +156,51 @@ def _defaults_from(path: Path, methods) -> dict:
     return defaults
 
 
+def _label(prefix: str):
+    """An argparse type: a BIDS label (ASCII letters and digits), with or without its ``prefix``."""
+    import re
+
+    def parse(text):
+        label = text[len(prefix):] if text.startswith(prefix) else text
+        if not re.fullmatch(r"[A-Za-z0-9]+", label):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a BIDS label (ASCII letters and digits only)")
+        return text
+
+    parse.__name__ = "label"
+    return parse
+
+
+def _cpus(option: str):
+    """An argparse type: a number of processes or threads from 1 to the CPUs this process may use."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        cpus = available_cpus()
+        if not 1 <= value <= cpus:
+            raise argparse.ArgumentTypeError(f"{option} must be from 1 to {cpus} (the CPUs this process may use), "
+                                             f"got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _memory(text) -> float:
+    """An argparse type: gigabytes above zero and at most the memory this process may use."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of gigabytes, got {text!r}") from None
+    total = total_memory_gb()
+    if not 0.1 <= value <= total:
+        raise argparse.ArgumentTypeError(f"--mem-gb must be from 0.1 to {total:.1f} (this machine's memory), "
+                                         f"got {text}")
+    return value
+
+
 def build_config(args, methods, command_line: str):
     """The run configuration from the parsed command line (usage errors raise AppError 64)."""
     from bids_denoise.config import RunConfig
@@ -198,6 +246,9 @@ def nipype_settings(args):
         settings.plugin_args = dict(loaded.get("plugin_args") or {})
     if args.plugin:
         settings.plugin = args.plugin
+    if settings.plugin not in plugin_names():
+        raise AppError(EXIT_USAGE, f"--plugin {settings.plugin}: not a Nipype plugin (available: "
+                                   f"{', '.join(plugin_names())})")
     if args.plugin_args:
         try:
             extra = json.loads(args.plugin_args)
@@ -207,6 +258,7 @@ def nipype_settings(args):
             raise AppError(EXIT_USAGE, "--plugin-args: expected a JSON object")
         settings.plugin_args.update(extra)
     plugin_args = settings.plugin_args
+    _check_plugin_args(plugin_args)
     if settings.plugin == "MultiProc":
         plugin_args.setdefault("n_procs", args.nprocs)
         if args.mem_gb:
@@ -217,3 +269,27 @@ def nipype_settings(args):
     gpu_args = plugin_args.pop("gpu_sbatch_args", None)
     settings.gpu_plugin_args = {"sbatch_args": gpu_args} if gpu_args else {}
     return settings
+
+
+#: plugin arguments whose values the engine reads, with what each must be
+_PLUGIN_ARGS = {
+    "n_procs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= available_cpus(),
+                "a whole number from 1 to the CPUs this process may use"),
+    "memory_gb": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= total_memory_gb(),
+                  "a number of gigabytes above zero, at most this machine's memory"),
+    "n_gpu_procs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number from 0"),
+    "raise_insufficient": (lambda v: isinstance(v, bool), "true or false"),
+    "maxtasksperchild": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number from 1"),
+    "poll_sleep_duration": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 600,
+                            "seconds, above zero"),
+    "sbatch_args": (lambda v: isinstance(v, str), "a string"),
+    "gpu_sbatch_args": (lambda v: isinstance(v, str), "a string"),
+    "max_jobs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number from 1"),
+}
+
+
+def _check_plugin_args(plugin_args: dict) -> None:
+    for key, value in plugin_args.items():
+        check, what = _PLUGIN_ARGS.get(key, (None, None))
+        if check is not None and not check(value):
+            raise AppError(EXIT_USAGE, f"--plugin-args: {key} must be {what}, got {json.dumps(value)}")

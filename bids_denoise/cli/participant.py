@@ -20,6 +20,7 @@ from bids_denoise.cli.errors import (
     EXIT_FAILURE,
     EXIT_INVALID_BIDS,
     EXIT_IOERR,
+    EXIT_NOINPUT,
     EXIT_NOTHING_SELECTED,
     EXIT_OK,
     EXIT_USAGE,
@@ -36,11 +37,13 @@ def run_participant(config, methods) -> int:
     specs = [methods[name] for name in config.workflow.all_methods]
     runs = select_runs(config, specs)
     jobs, bad_runs = check_runs(config, runs, specs)
+    check_memory(config, jobs, specs)
     failures = []
     if jobs:
         prepare_work_dir(config)
-        layout = prepare_output(config)
-        failures = run_graph(config, jobs, specs, device, layout)
+        with holding_work_dir(config):
+            layout = prepare_output(config)
+            failures = run_graph(config, jobs, specs, device, layout)
     return summarize(config, [run for job in jobs for run in job.runs], bad_runs, failures)
 
 
@@ -110,6 +113,10 @@ def select_runs(config, specs):
                                 config.execution.bids_filters, modalities)
     except bids.NothingSelectedError as err:
         raise AppError(EXIT_NOTHING_SELECTED, str(err)) from None
+    except OSError as err:  # an unreadable folder or file of BIDS_DIR, found while indexing it
+        where = err.filename or config.execution.bids_dir
+        raise AppError(EXIT_NOINPUT, f"{where}: cannot be read while indexing BIDS_DIR "
+                                     f"({err.strerror or err})") from None
 
 
 def check_runs(config, runs, specs):
@@ -120,6 +127,7 @@ def check_runs(config, runs, specs):
     """
     from bids_denoise.bids import group_jobs
     from bids_denoise.io import InputDataError, check_run
+    from bids_denoise.outputs import layout_for
 
     good, bad, grids = [], [], {}
 
@@ -129,11 +137,19 @@ def check_runs(config, runs, specs):
         print(f"bids-denoise: error: {message}", file=sys.stderr)
         bad.append(message)
 
+    layout = layout_for(config.execution.output_dir, config.execution.output_layout)
+    name_max = _name_max(config.execution.output_dir)
     for run in runs:
         try:
             if run.problem:
                 raise InputDataError(run.problem)
             grids[str(run.path)] = check_run(run.path, run.bval, run.bvec, run.modality, phase_file=run.phase)
+            longest = max((name for spec in specs if run.modality in spec.modalities
+                           for name in layout.names_of(run.source, spec.name)), key=len, default="")
+            if len(longest.encode()) > name_max:
+                raise InputDataError(f"{run.path}: its outputs' names would be up to {len(longest.encode())} bytes "
+                                     f"long ({longest[:40]}...), more than the file system allows ({name_max}): "
+                                     "shorten its labels")
         except InputDataError as err:
             refuse(str(err))
         else:
@@ -146,9 +162,55 @@ def check_runs(config, runs, specs):
     return jobs, bad
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name the file system of ``folder`` (or its nearest existing parent) takes."""
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            try:
+                return int(os.pathconf(parent, "PC_NAME_MAX"))
+            except (OSError, ValueError):
+                break
+    return 255
+
+
+def check_memory(config, jobs, specs) -> None:
+    """Each method's node fits in the memory the engine may give it (else it would wait forever for memory
+    that never frees): one line naming the run, the method and what it needs, exit 64."""
+    from bids_denoise.machine import total_memory_gb
+
+    if not config.nipype.is_local:
+        return  # a batch plugin asks the cluster for each node's memory
+    given = config.nipype.plugin_args.get("memory_gb")
+    limit = float(given) if given else 0.9 * total_memory_gb()
+    where = f"--mem-gb {limit:g}" if given else f"90% of this machine's memory, {limit:.1f} GB"
+    for job in jobs:
+        for spec in specs:
+            if job.modality not in spec.modalities:
+                continue
+            need = spec.memory_gb(job.series_shape)
+            if need > limit:
+                raise AppError(EXIT_USAGE, f"{job.label}: {spec.name} needs about {need:.1f} GB for its "
+                                           f"{'x'.join(map(str, job.series_shape))} series, more than {where}")
+
+
 def prepare_work_dir(config) -> None:
     """The work directory exists and is writable (checked before anything is written to OUTPUT_DIR)."""
     _probe_writable(config.execution.work_dir, "the work directory (-w)")
+
+
+@contextmanager
+def holding_work_dir(config):
+    """The work directory is this run's alone while it runs (one line, exit 64, where another run holds it)."""
+    from bids_denoise.engine import WorkDirInUse, holding
+
+    work_dir = config.execution.work_dir
+    try:
+        with holding(work_dir):
+            yield
+    except WorkDirInUse as err:
+        who = f" (process {err.holder})" if err.holder > 0 else ""
+        raise AppError(EXIT_USAGE, f"{work_dir}: the work directory is in use by another bids-denoise run{who}; "
+                                   "give each run its own -w") from None
 
 
 def prepare_output(config):
@@ -252,11 +314,17 @@ def _crash_file(log_dir: Path, record: dict, since: float) -> str | None:
     from bids_denoise.workflows.base import node_safe
 
     run = node_safe(record.get("run", ""))
+    # the node of each stage (workflows/base.py): "<method>" its _denoise node, "<method> report" its _report
+    # node, "<method> output" its _sink or _run<i> node, "load" the load_run node
+    stage = record.get("stage", "")
+    method, _, part = stage.partition(" ")
+    node = {"": f"{method}_denoise", "report": f"{method}_report", "output": f"{method}_",
+            "report output": f"{method}_report_sink"}.get(part, "") if stage != "load" else "load_run"
     for path in sorted(log_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime, reverse=True):
         if path.stat().st_mtime < since - 1:
             continue
         head = path.read_text(errors="replace")[:2000]
-        if f"{run}_wf." in head:
+        if f"{run}_wf.{node}" in head:
             return str(path)
     return None
 

@@ -14,19 +14,40 @@ LOGGER = logging.getLogger("bids_denoise")
 
 
 def main(argv=None) -> int:
-    from bids_denoise.engine import INTERRUPTED, handle_interrupts
+    from bids_denoise.engine import INTERRUPTED, handle_signals
 
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids-denoise"))
-    previous = handle_interrupts()
+    _writable_home()
+    previous = handle_signals()
     try:
         return _main(argv)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _writable_home() -> None:
+    """Nipype, matplotlib and torch keep settings and caches under HOME; where it cannot be written (a
+    container run as another user, a read-only or missing home), give this process a private one."""
+    import tempfile
+    from pathlib import Path
+
+    home = Path(os.environ.get("HOME") or "/nonexistent")
+    if home.is_dir() and os.access(home, os.W_OK | os.X_OK):
+        return
+    import atexit
+    import shutil
+
+    private = tempfile.mkdtemp(prefix="bids-denoise-home-")
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    os.environ["HOME"] = private
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(private) / "matplotlib"))
+    print(f"bids-denoise: note: HOME ({home}) cannot be written; using {private} for this run's settings and caches",
+          file=sys.stderr)
 
 
 def _main(argv) -> int:

@@ -26,13 +26,14 @@ class LoadRunInputSpec(RecordedInputSpec):
     bval_files = InputMultiObject(File(exists=True), desc="FSL-style b-values (DWI), one per run")
     bvec_files = InputMultiObject(File(exists=True), desc="FSL-style b-vectors (DWI), one per run")
     phase_files = InputMultiObject(File(exists=True), desc="the runs' part-phase images (complex data), one per run")
+    phase_units = traits.List(traits.Str, desc="the units each phase image's sidecar states, or auto")
     modality = traits.Enum("dwi", "anat", "bold", usedefault=True)
 
 
 class LoadRunOutputSpec(TraitedSpec):
     data_file = File(exists=True, desc="the checked voxel data (.npy, float32 or float64), the runs stacked")
     gradients_file = File(exists=True, desc="bvals and bvecs (.npz), DWI only")
-    phase_file = File(exists=True, desc="the phase (.npy), stacked as the data, for complex runs")
+    phase_file = File(exists=True, desc="the phase in radians (.npy), stacked as the data, for complex runs")
     digests = traits.Dict(desc="SHA-256 of the raw files, by file name")
     warnings = traits.List(traits.Str, desc="what is odd about the run (zero image, odd b-vectors ...)")
 
@@ -56,7 +57,7 @@ class LoadRun(RecordedInterface):
         in_files, bval_files, bvec_files, phase_files = (given(name) for name in
                                                          ("in_files", "bval_files", "bvec_files", "phase_files"))
         data, bvals, bvecs, phase = load_job(in_files, bval_files or None, bvec_files or None, phase_files or None,
-                                             modality=self.inputs.modality)
+                                             modality=self.inputs.modality, phase_units=given("phase_units"))
         cwd = Path(runtime.cwd)
         np.save(cwd / "data.npy", data)
         self._results["data_file"] = str(cwd / "data.npy")

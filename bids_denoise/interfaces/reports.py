@@ -24,6 +24,8 @@ CAPTIONS = {
     "volumes": "Residual RMS of each volume inside the brain; red circles mark outliers within their shell.",
     "training": "Training and held-out validation loss per epoch.",
     "calibration": "Self-supervised (J-invariant) loss of each candidate parameter; the least is chosen.",
+    "blend": "Weight of the network's output in each volume's blend with the input, chosen by the self-supervised "
+             "risk (0: the input kept as it was).",
     "superres": "Input and super-resolved output: central crops of the same region in three orientations.",
     "tsnr": "Temporal SNR (mean over time / standard deviation over time) before and after, and their ratio. "
             "A ratio far above what thermal noise explains may mean signal was removed: read it with the carpet.",
@@ -63,7 +65,7 @@ class RunReport(RecordedInterface):
         self._figures, self._warnings = [], []
         noisy, bvals, _ = read_loaded_run(self.inputs.data_file, self.inputs.gradients_file)
         main = records.main_image(records.read(self.inputs.derivatives))
-        _, denoised = load_nifti(main.path)
+        _, denoised = load_nifti(main.path, check_finite=False)  # our own output: its figures show what it is
         if noisy.ndim == 3:  # an anatomical image: one "volume"
             noisy, denoised = noisy[..., None], denoised.reshape(denoised.shape[:3] + (1,))
         if noisy.shape[:3] != denoised.shape[:3]:  # super-resolution: a new grid, no residual
@@ -130,7 +132,7 @@ class RunReport(RecordedInterface):
         for item in records.read(self.inputs.derivatives):
             if item.is_image:
                 continue
-            _, values = load_nifti(item.path, ndim=3)
+            _, values = load_nifti(item.path, ndim=3, check_finite=False)
             if item.summary_key and mask.any():
                 summary[item.summary_key] = round(float(np.median(values[mask])), 4)
             self._figure(f"{item.name}map", lambda path, values=values, item=item: figures.map_figure(
@@ -154,3 +156,6 @@ class RunReport(RecordedInterface):
         if details.get("calibration"):
             self._figure("calibration", lambda path: figures.calibration_curve(
                 details["calibration"], path, f"{method}: self-supervised calibration"))
+        if details.get("blend", {}).get("blend_weights"):
+            self._figure("blend", lambda path: figures.blend_figure(
+                details["blend"], path, f"{method}: each volume's blend with the input"))

@@ -178,7 +178,7 @@ class MPPCAOptions(Options):
         SENSE/GRAPPA reconstructions with one effective channel, 1.
     phase_filter_width : float, optional
         Smoothness of the slowly varying phase removed from a complex series (k-space window power).
-    phase_units : {"auto", "radians", "scanner"}, optional
+    phase_units : {"auto", "radians", "degrees", "scanner", "scanner-unsigned"}, optional
         Units of ``phase`` (see :func:`bids_denoise.methods.core.phase.phase_units`).
     """
 
@@ -212,7 +212,8 @@ class MPPCAOptions(Options):
     precision: str = option("float64", "arithmetic of the eigendecompositions", choices=("float64", "float32"),
                             app=False)
     solver: str = option("auto", "window solver", choices=("auto", "tridiagonal", "eigh"), app=False)
-    phase_units: str = option("auto", "units of the phase", choices=("auto", "radians", "scanner"), app=False)
+    phase_units: str = option("auto", "units of the phase", choices=("auto", "radians", "degrees", "scanner",
+                                                                           "scanner-unsigned"), app=False)
 
     def check(self):
         if isinstance(self.n_coils, (bool, np.bool_)) or int(self.n_coils) != self.n_coils or self.n_coils < 1:

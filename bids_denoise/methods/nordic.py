@@ -100,9 +100,9 @@ class NordicOptions(Options):
     phase_filter_width : float, optional
         Power ``w`` of the in-plane k-space window of the phase estimate (default 10; larger is
         smoother). 0 removes the whole phase (the data become their magnitude).
-    phase_units : {"auto", "radians", "scanner"}, optional
-        ``auto`` (default): radians if no value exceeds pi, scanner units if none exceeds 4096,
-        refused otherwise.
+    phase_units : {"auto", "radians", "degrees", "scanner", "scanner-unsigned"}, optional
+        ``auto`` (default): from the values' range
+        (:func:`bids_denoise.methods.core.phase.phase_units`).
     joint : bool, optional
         Several echoes: decompose them together (default) or one by one.
     """
@@ -114,7 +114,8 @@ class NordicOptions(Options):
                                    "from the output", parse=integers(minimum=0))
     phase_filter_width: float = option(10.0, "smoothness of the slowly varying phase removed from complex runs "
                                              "(k-space window power)", parse=positive(float))
-    phase_units: str = option("auto", "units of the phase", choices=("auto", "radians", "scanner"), app=False)
+    phase_units: str = option("auto", "units of the phase", choices=("auto", "radians", "degrees", "scanner",
+                                                                           "scanner-unsigned"), app=False)
     joint: bool = option(True, "several echoes: one decomposition (true) or one each (false)", app=False)
 
 

@@ -11,6 +11,7 @@ from bids_denoise.contract import (
     OutputMap,
     Param,
     auto_or,
+    floor_warning,
     params_from,
 )
 from bids_denoise.methods.mppca import MPPCAOptions, demean_mode, mppca
@@ -65,8 +66,10 @@ def run(inputs, parameters) -> MethodResult:
         else:
             warnings.append("a noise level was given: the phase image was not used")
     # complex data have no noise floor: their real part is denoised (see methods/core/phase.py)
-    options = MPPCAOptions.from_values(dict(parameters, demean=demean, noise_floor="none" if phase is not None
-                                            else parameters["noise_floor"]))
+    noise_floor, refused = floor_warning(inputs.data, "none" if phase is not None else parameters["noise_floor"])
+    if refused:
+        warnings.append(refused)
+    options = MPPCAOptions.from_values(dict(parameters, demean=demean, noise_floor=noise_floor))
 
     def denoise(data, bvals, phase, sigma):
         return mppca(data, options, mask=mask, noise_sigma=sigma, bvals=bvals if demean == "shell" else None,
@@ -112,9 +115,11 @@ def run(inputs, parameters) -> MethodResult:
 
 
 def _variance_removed(before, after):
-    """The mean over volumes of (before - after)^2, slice by slice (no full-size float64 temporary)."""
-    return np.stack([np.mean((before[:, :, z].astype(np.float64) - after[:, :, z]) ** 2, axis=-1)
-                     for z in range(before.shape[2])], axis=2).astype(np.float32)
+    """The mean over volumes of (before - after)^2, slice by slice (no full-size float64 temporary); float32,
+    or float64 where the squares pass float32's range (intensities near 1e20 and above)."""
+    removed = np.stack([np.mean((before[:, :, z].astype(np.float64) - after[:, :, z]) ** 2, axis=-1)
+                        for z in range(before.shape[2])], axis=2)
+    return removed if removed.max(initial=0.0) > np.finfo(np.float32).max else removed.astype(np.float32)
 
 
 def describe(parameters) -> str:

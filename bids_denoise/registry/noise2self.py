@@ -17,8 +17,8 @@ def run(inputs, parameters) -> MethodResult:
     details = {"context": result.context, "history": result.history, "final_validation_loss": result.final_loss,
                "weights": save_weights(result.state_dict, inputs.work_dir),
                "volume_context_volumes": list(result.volume_context_volumes),
-               "calibration": {"choices": result.choices, "blend_weights": result.blend_weights,
-                               "blends": result.blends, "contrast_guard": result.guard}}
+               "blend": {"choices": result.choices, "blend_weights": result.blend_weights,
+                         "blends": result.blends, "contrast_guard": result.guard}}
     warnings = []
     if result.choices and all(choice == "identity" for choice in result.choices):
         warnings.append("the network did not lower the estimated error of any volume: the input was returned "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_denoise.contract import MethodResult, MethodSpec, Param, params_from
+from bids_denoise.contract import MethodResult, MethodSpec, Param, floor_warning, params_from
 from bids_denoise.methods.patch2self import LOW_BIAS_OPTIONS, Patch2SelfOptions, patch2self
 from bids_denoise.registry import register
 from bids_denoise.registry._references import BATSON2019, CORDEROGRANDE2019, FADNAVIS2020, KOAY2006
@@ -17,7 +17,9 @@ def run(inputs, parameters) -> MethodResult:
     common = {key: parameters[key] for key in COMMON}
     if parameters["backend"] == "dipy":
         return _run_dipy(inputs, parameters, common)
-    denoised, info = patch2self(inputs.data, inputs.bvals, Patch2SelfOptions.from_values(parameters),
+    noise_floor, refused = floor_warning(inputs.data, parameters["noise_floor"])
+    denoised, info = patch2self(inputs.data, inputs.bvals,
+                                Patch2SelfOptions.from_values(dict(parameters, noise_floor=noise_floor)),
                                 device=inputs.device, return_info=True)
     details = {
         "backend": "bids-denoise",
@@ -32,7 +34,7 @@ def run(inputs, parameters) -> MethodResult:
         "tile": info.tile,
         "tiles_fitted": info.tiles,
     }
-    warnings, description = [], "DWI series denoised with Patch2Self"
+    warnings, description = [refused] if refused else [], "DWI series denoised with Patch2Self"
     if info.noise_sigma == 0:
         warnings.append("no noise component found in the fitted voxels: no blend with the input, "
                         "no noise-floor removal")

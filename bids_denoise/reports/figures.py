@@ -217,6 +217,23 @@ def calibration_curve(calibration, path, title):
     return _save(figure, path)
 
 
+def blend_figure(blend, path, title):
+    """The weight of a learned method's output in each volume's blend with the input, by the choice the
+    self-supervised risk made (identity: the input kept)."""
+    weights = np.asarray(blend["blend_weights"], dtype=float)
+    choices = list(blend.get("choices") or ["blend"] * weights.size)
+    figure, ax = plt.subplots(figsize=(6, 2.6))
+    for choice in dict.fromkeys(choices):
+        volumes = [v for v, c in enumerate(choices) if c == choice]
+        ax.bar(volumes, weights[volumes], label=choice)
+    ax.set_xlabel("volume")
+    ax.set_ylabel("weight of the output")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(figure, path)
+
+
 def superres_figure(source, result, path, title):
     """Input and super-resolved output, central crops of the same region, each plane shown
     in world proportions (the input's thick voxels stretched)."""

@@ -53,8 +53,9 @@ def init_job_wf(job, methods: list, config: RunConfig, *, device: str, failure_d
     with_phase = any(spec.takes_phase for spec in specs) and all(run.phase for run in job.runs)
     if with_phase:
         load.inputs.phase_files = [str(run.phase) for run in job.runs]
+        load.inputs.phase_units = [run.phase_units for run in job.runs]
     for spec in specs:
-        denoise = _method_node(spec, config, device, record)
+        denoise = _method_node(spec, config, device, record, spec.memory_gb(job.series_shape))
         denoise.inputs.reference_files = [str(run.path) for run in job.runs]
         if several:
             denoise.inputs.members, denoise.inputs.job = list(job.volumes), job.kind
@@ -115,12 +116,12 @@ def _connect_outputs(workflow, spec, run, config, versions, record, load, source
         ])
 
 
-def _method_node(spec, config: RunConfig, device: str, record: dict):
-    """The node of one method, set from its registry entry: parameters, device, threads, GPU."""
+def _method_node(spec, config: RunConfig, device: str, record: dict, mem_gb: float):
+    """The node of one method, set from its registry entry: parameters, device, threads, GPU, memory."""
     on_gpu = spec.uses_gpu and device.startswith("cuda")
     omp_nthreads = config.nipype.omp_nthreads
     node = pe.Node(RunMethod(method=spec.name, stage=spec.name, **record), name=f"{spec.name}_denoise",
-                   n_procs=1 if on_gpu else omp_nthreads, mem_gb=spec.mem_gb)
+                   n_procs=1 if on_gpu else omp_nthreads, mem_gb=mem_gb)
     parameters = config.workflow.parameters.get(spec.name, spec.defaults())
     node.inputs.parameters = parameters
     node.inputs.image_files = {param.name: parameters[param.name] for param in spec.image_params

@@ -606,3 +606,17 @@ def test_a_complex_bold_run_gains_from_the_noise_level_of_its_phase():
     assert error(measured) < 0.9 * error(magnitude)
     assert np.median(task_t(measured.denoised, phantom)) > 1.05 * np.median(task_t(magnitude.denoised, phantom))
     assert physiology_kept(measured.denoised, phantom) > physiology_kept(magnitude.denoised, phantom) - 0.03
+
+
+@pytest.mark.parametrize("aggregate", ["centre", "overcomplete"])
+def test_more_volumes_than_window_voxels_with_window_demeaning(aggregate):
+    """1000 volumes of a 4x4x4 image (a 3x3x3 window of 27 voxels): removing each window's mean leaves a zero
+    eigenvalue that is no noise. It used to stop the Marchenko-Pastur scan: no noise found anywhere, the input
+    returned as it was, a zero noise map."""
+    rng = np.random.default_rng(0)
+    signal = np.linspace(80, 120, 64).reshape(4, 4, 4)[..., None] * (1 + 0.1 * np.sin(np.arange(1000) / 50))
+    noisy = (signal + rng.normal(0, 5, signal.shape)).astype(np.float32)
+    result = mppca(noisy, aggregate=aggregate, demean=True)
+    assert result.solver == "eigh" and result.parameters["solver"] == "eigh"
+    assert np.median(result.noise_sigma) == pytest.approx(5.0, rel=0.05)
+    assert rmse(result.denoised, signal) < 0.4 * rmse(noisy, signal)

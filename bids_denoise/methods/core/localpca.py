@@ -116,11 +116,16 @@ def local_pca(data, *, extent=None, exp1=False, aggregate="centre", stride=(1, 1
     noise_variance = None if sigma_map is None else sigma_map.astype(np.float64) ** 2
     spatial = gaussian_weights(extent, gaussian_width) if aggregate == "gaussian" else None
 
+    # the compiled solver's Marchenko-Pastur scan takes every eigenvalue of the voxels' Gram matrix; where window
+    # demeaning leaves one of them zero (more volumes than window voxels), the eigh path leaves it out (a given
+    # noise level's cut-off already counts one voxel fewer)
+    voxel_side = data.shape[3] >= int(np.prod(extent)) and sigma_map is None
+
     def denoise(series, demean_windows, course_weights=None, out_volumes=None):
         windows = WindowSolver(
             np.ascontiguousarray(series), extent, exp1, device, dtype, out_dtype,
-            demean_windows, use_kernel, shrinkage=shrinkage, noise_variance=noise_variance,
-            course_weights=course_weights,
+            demean_windows, use_kernel and not (demean_windows and voxel_side), shrinkage=shrinkage,
+            noise_variance=noise_variance, course_weights=course_weights,
         )
         if aggregate == "centre":
             return windows.centre_voxels(mask, out_volumes)
@@ -161,7 +166,9 @@ def local_pca(data, *, extent=None, exp1=False, aggregate="centre", stride=(1, 1
             sigma[~mask] = 0
     if exponent:
         denoised, sigma = np.ldexp(denoised, exponent), np.ldexp(sigma, exponent)
-    return LocalPCAResult(denoised, sigma, rank, extent, "tridiagonal" if use_kernel else "eigh")
+    solver = "tridiagonal" if use_kernel and not ((demean or basis is not None and basis.mode == "shell")
+                                                  and voxel_side) else "eigh"
+    return LocalPCAResult(denoised, sigma, rank, extent, solver)
 
 
 class VolumeBasis:
@@ -426,6 +433,14 @@ class WindowSolver:
             variance = self.window_variance[corners[:, 0], corners[:, 1], corners[:, 2]]
             sigma2 = torch.from_numpy(variance).to(self.device, torch.float64)
             n_noise = known_sigma_cutoff(eigenvalues, sigma2, self.q_noise, self.r_noise)
+        elif self.demean and self.n_volumes >= self.n_voxels:
+            # the Gram matrix is the voxels' (n x n): removing the window mean took one dimension, whose zero
+            # eigenvalue is not noise to fit; the Marchenko-Pastur scan sees the n - 1 others
+            eigenvalues, eigenvectors = torch.linalg.eigh(self._gram(matrix))
+            n_noise, sigma2 = marchenko_pastur_cutoff(
+                eigenvalues[:, 1:], self.n_volumes, self.n_voxels - 1, self.exp1
+            )
+            n_noise = n_noise + 1
         else:
             eigenvalues, eigenvectors = torch.linalg.eigh(self._gram(matrix))
             n_noise, sigma2 = marchenko_pastur_cutoff(

@@ -31,33 +31,45 @@ from bids_denoise.methods.core.errors import UnsuitableDataError
 
 #: Siemens scanner units: -4096..4095 stand for -pi..pi.
 SCANNER_RANGE = 4096.0
-#: A phase whose largest magnitude is at most pi times this is in radians.
+#: The units a phase image may be stored in, with the span of one full turn (2 pi) in each.
+TURNS = {"radians": 2 * np.pi, "degrees": 360.0, "scanner": 2 * SCANNER_RANGE, "scanner-unsigned": SCANNER_RANGE}
+#: Relative slack on the ranges (rounding of stored values).
 _TOLERANCE = 1.0 + 1e-4
 
 
 def phase_units(phases, requested="auto") -> str:
-    """The units of phase images: ``"radians"`` or ``"scanner"`` (-4096..4096).
+    """The units of phase images, from ``requested`` or (``auto``) from the range of their values.
 
-    ``requested`` ``auto``: radians if no value exceeds pi, scanner units if none exceeds 4096;
-    anything else is an :class:`UnsuitableDataError`.
+    A phase wraps: stored over a full turn, its values span 2 pi in radians (-pi..pi or 0..2 pi), 360 in
+    degrees (-180..180 or 0..360), 8192 in Siemens' signed scanner units (-4096..4095) or 4096 in their
+    unsigned form (0..4095). The range tells them apart: values within a turn of radians are radians;
+    a span beyond 2 pi within -180..360 is degrees; beyond 360, within -4096..4096, scanner units (unsigned
+    where no value is negative). Anything else is an :class:`UnsuitableDataError` that gives the range
+    seen (a sidecar's ``Units`` can say what the values cannot).
     """
-    if requested in ("radians", "scanner"):
+    if requested in TURNS:
         return requested
     if requested != "auto":
-        raise ValueError(f"phase_units must be 'auto', 'radians' or 'scanner', not {requested!r}")
+        raise ValueError(f"phase_units must be 'auto' or one of {', '.join(TURNS)}, not {requested!r}")
     phases = phases if isinstance(phases, (list, tuple)) else [phases]
-    largest = max(float(np.max(np.abs(p))) if np.size(p) else 0.0 for p in phases)
-    if largest <= np.pi * _TOLERANCE:
+    low = min(float(np.min(p)) if np.size(p) else 0.0 for p in phases)
+    high = max(float(np.max(p)) if np.size(p) else 0.0 for p in phases)
+    span, t = high - low, _TOLERANCE
+    if low >= -np.pi * t and high <= 2 * np.pi * t and span <= 2 * np.pi * t:
         return "radians"
-    if largest <= SCANNER_RANGE * _TOLERANCE:
-        return "scanner"
-    raise UnsuitableDataError(f"phase values up to {largest:g} are neither radians (pi) nor scanner units (4096)")
+    if low >= -180.0 * t and high <= 360.0 * t and span <= 360.0 * t:
+        return "degrees"
+    if low >= -SCANNER_RANGE * t and high <= SCANNER_RANGE * t:
+        return "scanner-unsigned" if low >= 0 else "scanner"
+    raise UnsuitableDataError(
+        f"phase values from {low:g} to {high:g} are in no units known here (radians -pi..pi or 0..2pi, degrees, "
+        "scanner units -4096..4095 or 0..4095): give the phase image's Units in its sidecar")
 
 
 def in_radians(phase, units) -> np.ndarray:
-    """The phase in radians (float64)."""
+    """The phase in radians (float64): a full turn of ``units`` (:data:`TURNS`) is 2 pi."""
     phase = np.asarray(phase, dtype=np.float64)
-    return phase * (np.pi / SCANNER_RANGE) if units == "scanner" else phase
+    return phase if units == "radians" else phase * (2 * np.pi / TURNS[units])
 
 
 def slow_phase(values, width) -> np.ndarray:

@@ -11,14 +11,32 @@ from bids_denoise.methods.mppca import mppca
 from bids_denoise.testing.phantom import make_phantom
 
 
-def test_units_are_found_from_the_values_and_refused_when_neither():
+def test_units_are_found_from_the_values_and_refused_when_none_fits():
     rng = np.random.default_rng(0)
     radians = rng.uniform(-np.pi, np.pi, (6, 6, 4, 3))
     assert phase_units(radians) == "radians"
+    assert phase_units(radians + np.pi) == "radians"  # 0..2 pi
+    assert phase_units(radians * 180 / np.pi) == "degrees"
+    assert phase_units(radians * 180 / np.pi + 180) == "degrees"  # 0..360
     assert phase_units(radians * SCANNER_RANGE / np.pi) == "scanner"
-    with pytest.raises(UnsuitableDataError, match="neither radians"):
+    assert phase_units((radians + np.pi) * SCANNER_RANGE / (2 * np.pi)) == "scanner-unsigned"  # 0..4095
+    with pytest.raises(UnsuitableDataError, match="from -9.*to 9.*no units known here"):
         phase_units(radians * 3000)
     assert phase_units(radians * 3000, "radians") == "radians"  # what the user says wins
+
+
+@pytest.mark.parametrize("units", ["degrees", "scanner", "scanner-unsigned"])
+def test_every_unit_gives_the_radians_result(units):
+    """The same phase stored in each unit demodulates to the same complex series as in radians."""
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in (20, 20, 4)], indexing="ij")
+    magnitude = np.repeat((100 + 20 * grid[0])[..., None], 3, axis=3)
+    wrapped = np.angle(np.exp(1j * ((2.5 * grid[0] + grid[1] ** 2)[..., None] + np.array([0.0, 1.0, -2.0]))))
+    stored = {"degrees": np.degrees(wrapped), "scanner": wrapped * SCANNER_RANGE / np.pi,
+              "scanner-unsigned": np.mod(wrapped, 2 * np.pi) * SCANNER_RANGE / (2 * np.pi)}[units]
+    reference, _, _ = demodulate(magnitude, wrapped)
+    values, _, found = demodulate(magnitude, stored)
+    assert found == units
+    assert np.allclose(values, reference, atol=1e-6 * magnitude.max())
 
 
 def test_a_slowly_varying_phase_is_removed_and_the_signal_becomes_real():

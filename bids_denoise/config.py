@@ -44,8 +44,8 @@ class Execution:
     #: ``derivatives`` (a derivatives dataset) or ``bids`` (a raw dataset for the next pipeline)
     output_layout: str = _opt("--output-layout", default="derivatives")
     #: raw layout: how input files are carried over and which participants
-    copy_mode: str = _opt("--copy-mode", default="link")
-    carry_over: str = _opt("--carry-over", default="all")
+    copy_mode: str = _opt("--copy-mode", default="copy")
+    carry_over: str = _opt("--carry-over", default="selected")
     command_line: str = _opt(default="")
     version: str = _opt(default="")
 

@@ -96,6 +96,15 @@ BIDSIGNORE_LINES = (
 LONGEST_MAP = "removed"
 LONGEST_FIGURES = ("calibration", "residualmap", "removedmap")
 
+#: the raw layout: the records of denoised runs in its nested derivatives dataset describe images that are the
+#: enclosing dataset's (the validator would call them sidecars without a data file)
+#: (bids-validator-deno 3.0.2 does not match "*_desc-*_dwi.json": every such sidecar there is a record anyway)
+RAW_RECORD_LINES = ("*_dwi.json", "*_bold.json", "*_T1w.json", "*_T2w.json")
+#: the raw layout: what it holds (its source, the method of each modality), relative to the nested dataset
+RAW_LAYOUT_STATE = f"{LOGS_DIR}/raw_layout.json"
+#: the raw layout: the commands to run next, relative to OUTPUT_DIR
+NEXT_STEPS = "code/bids-denoise/next_steps.md"
+
 #: suffixes of the images a method writes (maps and QC tables are derived from the source suffix)
 IMAGE_SUFFIXES = ("dwi", "T1w", "T2w", "bold")
 
@@ -292,7 +301,7 @@ class OutputLayout:
         """The dataset-level files of OUTPUT_DIR."""
         from bids_denoise.provenance import dataset_description
 
-        self._write_description_and_ignore(dataset_description(bids_dir), BIDSIGNORE_LINES)
+        self._write_description_and_ignore(dataset_description(bids_dir, self.root), BIDSIGNORE_LINES)
 
     def _write_description_and_ignore(self, description: dict, ignore_lines) -> None:
         """dataset_description.json and .bidsignore, safe under concurrent participant jobs.
@@ -346,23 +355,58 @@ class RawBIDSLayout(OutputLayout):
 
     def write_dataset_files(self, bids_dir: Path) -> None:
         """The raw dataset's description (the source's, with GeneratedBy and SourceDatasets added)
-        and the nested derivatives dataset's files."""
+        and the nested derivatives dataset's files: its description, whose raw dataset is the one around
+        it, and a ``.bidsignore`` that also leaves out the records of the denoised runs (their images are
+        the enclosing dataset's)."""
         from bids_denoise.provenance import dataset_description, raw_dataset_description
 
         raw = OutputLayout(self.dataset_root)
-        raw._write_description_and_ignore(raw_dataset_description(bids_dir), ())
-        description = dataset_description(bids_dir)
+        raw._write_description_and_ignore(raw_dataset_description(bids_dir, self.dataset_root), ())
+        description = dataset_description(bids_dir, self.root)
         description["DatasetLinks"] = {"raw": "../../"}
-        description["SourceDatasets"] = [{"URL": "../../"}] + description["SourceDatasets"]
-        self._write_description_and_ignore(description, BIDSIGNORE_LINES)
+        description["SourceDatasets"] = [{"URL": "../../"}]
+        self._write_description_and_ignore(description, BIDSIGNORE_LINES + RAW_RECORD_LINES)
 
-    def carry_over(self, bids_dir: Path, *, subjects=None, sessions=None, mode="link") -> list[Path]:
+    def check_owner(self, bids_dir: Path, methods: dict) -> str | None:
+        """Whether OUTPUT_DIR may hold this run's raw layout: empty, or written by bids-denoise for the same
+        input with the same method for each modality (a raw dataset holds one version of each run). Returns
+        why not, or None."""
+        entries = [path for path in self.dataset_root.iterdir()] if self.dataset_root.is_dir() else []
+        if not entries:
+            return None
+        state = _read_json(self.path(RAW_LAYOUT_STATE))
+        if not state:
+            return (f"{self.dataset_root}: not empty, and not a raw layout bids-denoise wrote: choose an empty or new "
+                    "OUTPUT_DIR (it would mix another dataset's files with the denoised runs)")
+        if state.get("source") != str(Path(bids_dir).resolve()):
+            return (f"{self.dataset_root}: the raw layout of another dataset ({state.get('source')}): choose an "
+                    "empty or new OUTPUT_DIR")
+        changed = {modality: (state["methods"].get(modality), method) for modality, method in methods.items()
+                   if state["methods"].get(modality) not in (None, method)}
+        if changed:
+            said = "; ".join(f"{modality} runs denoised with {old}, not {new}" for modality, (old, new) in
+                             sorted(changed.items()))
+            return (f"{self.dataset_root}: {said}: a raw dataset holds one denoised version of each run; write this "
+                    "run to a new OUTPUT_DIR, or rerun with the same methods")
+        return None
+
+    def record_owner(self, bids_dir: Path, methods: dict) -> None:
+        """Record what this raw layout holds: its source and the method of each modality."""
+        from bids_denoise.io import write_json
+
+        state = _read_json(self.path(RAW_LAYOUT_STATE)) or {"methods": {}}
+        state.update(source=str(Path(bids_dir).resolve()))
+        state["methods"].update(methods)
+        write_json(state, self.path(RAW_LAYOUT_STATE))
+
+    def carry_over(self, bids_dir: Path, *, subjects=None, sessions=None, mode="copy") -> list[Path]:
         """Bring every file of BIDS_DIR that is not already in OUTPUT_DIR (denoised runs replace theirs).
 
-        ``subjects``/``sessions`` limit the participants' folders carried (None: all);
-        ``derivatives/`` and hidden entries (but ``.bidsignore``) are left out. A file
-        already present is kept, so participant jobs may run in any order. ``mode``:
-        ``link`` (a hard link; a copy across file systems), ``copy`` or ``symlink``.
+        ``subjects``/``sessions`` limit the participants' folders carried (None: all); ``derivatives/`` and
+        hidden entries (but ``.bidsignore``) are left out. A file already present is kept, so participant
+        jobs may run in any order. ``mode`` (see :func:`carry`): ``copy`` (a copy-on-write clone where the
+        file system makes one, else a copy), ``link`` (a hard link: the same file as the input's) or
+        ``symlink`` (a relative symbolic link).
         """
         carried = []
         for source in _dataset_files(Path(bids_dir), subjects, sessions):
@@ -370,9 +414,87 @@ class RawBIDSLayout(OutputLayout):
             destination = self.dataset_root / relative
             if destination.exists() or destination.is_symlink():
                 continue
-            _place(source, destination, mode)
+            carry(source, destination, mode, root=Path(bids_dir))
             carried.append(destination)
         return carried
+
+    def write_next_steps(self, methods: dict) -> Path:
+        """``code/bids-denoise/next_steps.md``: the commands that take this dataset on, with the options that keep
+        it from being denoised twice (BIDS keeps ``code/`` for such notes)."""
+        from bids_denoise.io import write_text
+
+        lines = ["# What to run next on this denoised dataset", "",
+                 "Each run of this dataset is denoised under its raw name "
+                 f"({', '.join(f'{modality}: {method}' for modality, method in sorted(methods.items()))}); "
+                 "what was done to each run is recorded in `derivatives/bids-denoise` (its sidecar, provenance "
+                 "and figures). Give this folder to the next pipeline as its `bids_dir`:", ""]
+        if "bold" in methods:
+            lines += ["```bash", "fmriprep <this dataset> <output> participant --participant-label <label> \\",
+                      "    --fs-license-file <license.txt>", "```",
+                      "fMRIPrep does not denoise thermal noise itself, so nothing is done twice.", ""]
+        if "dwi" in methods:
+            lines += ["```bash", "qsiprep <this dataset> <output> participant --participant-label <label> \\",
+                      "    --denoise-method none --output-resolution <mm>", "```",
+                      "`--denoise-method none`: QSIPrep denoises DWI with `dwidenoise` by default; these runs are "
+                      "already denoised, and denoising twice removes signal.", ""]
+        return write_text("\n".join(lines), self.dataset_root / NEXT_STEPS)
+
+
+def carry(source: Path, destination: Path, mode: str, *, root: Path) -> Path:
+    """Put a file of the input dataset (under ``root``) at ``destination``, atomically, never exposing the input.
+
+    ``copy``: a copy-on-write clone (``FICLONE``: Btrfs, XFS, ...) where the file system makes one, else a
+    copy; either way a file of its own, so a later tool that writes into the output cannot change the input;
+    it keeps the source's permission bits (never wider). ``link``: a hard link, the same file as the input's
+    (writing into it writes into the raw data: on explicit request only). ``symlink``: a relative symbolic
+    link (valid while the two datasets keep their places relative to each other). A source that is itself a
+    symbolic link to a file outside ``root`` is carried as a link to the same target: its content is never read
+    into the output (it may be a file its owner keeps private).
+    """
+    import os
+    import stat
+
+    from bids_denoise.io import atomic_path
+
+    target = source.resolve()
+    outside = source.is_symlink() and root.resolve() not in target.parents
+    with atomic_path(destination, mode=None) as temporary:
+        if outside:
+            temporary.unlink()
+            os.symlink(os.readlink(source), temporary)
+        elif mode == "symlink":
+            temporary.unlink()
+            os.symlink(os.path.relpath(target, destination.parent), temporary)
+        elif mode == "link":
+            temporary.unlink()
+            try:
+                os.link(target, temporary)
+            except OSError as err:
+                import errno
+
+                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                _clone_or_copy(target, temporary)
+        else:
+            _clone_or_copy(target, temporary)
+        if not (outside or mode == "symlink") and not (mode == "link" and os.path.samefile(target, temporary)):
+            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
+    return destination
+
+
+def _clone_or_copy(source: Path, destination: Path) -> None:
+    """A copy-on-write clone where the file system makes one (Linux ``FICLONE``), else a copy of the bytes."""
+    import shutil
+
+    try:
+        import fcntl
+
+        with open(source, "rb") as reader, open(destination, "wb") as writer:
+            fcntl.ioctl(writer.fileno(), 0x40049409, reader.fileno())  # FICLONE
+        return
+    except (OSError, ImportError, AttributeError):
+        pass
+    shutil.copyfile(source, destination)
 
 
 def _same_output(entities: dict, of: dict) -> bool:
@@ -402,31 +524,6 @@ def _dataset_files(bids_dir: Path, subjects, sessions):
             yield path
 
 
-def _place(source: Path, destination: Path, mode: str) -> None:
-    """A hard link, copy or symbolic link of ``source`` at ``destination`` (atomically)."""
-    import errno
-    import os
-
-    from bids_denoise.io import atomic_path, copy_atomic
-
-    if mode == "copy":
-        copy_atomic(source, destination)
-        return
-    with atomic_path(destination, mode=None) as temporary:
-        temporary.unlink()
-        if mode == "symlink":
-            os.symlink(source.resolve(), temporary)
-            return
-        try:
-            os.link(source, temporary)
-        except OSError as err:
-            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            import shutil
-
-            shutil.copyfile(source, temporary)
-
-
 def detect_layout(output_dir) -> OutputLayout:
     """The layout an earlier participant run wrote in OUTPUT_DIR (for the group level)."""
     nested = Path(output_dir) / RawBIDSLayout.NESTED / DESCRIPTION
@@ -436,6 +533,14 @@ def detect_layout(output_dir) -> OutputLayout:
 def layout_for(output_dir, kind: str = "derivatives") -> OutputLayout:
     """The layout of OUTPUT_DIR: ``derivatives`` (default) or ``bids`` (a raw dataset)."""
     return RawBIDSLayout(output_dir) if kind == "bids" else OutputLayout(output_dir)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def _valid_json(path: Path) -> bool:

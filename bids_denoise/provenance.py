@@ -28,40 +28,47 @@ def generated_by(**extra) -> dict:
     return entry
 
 
-def dataset_description(bids_dir: Path) -> dict:
-    """The derivatives dataset's description."""
-    raw = {}
-    try:
-        raw = json.loads((bids_dir / "dataset_description.json").read_text())
-    except (OSError, ValueError):
-        pass
-    source = {"URL": bids_dir.resolve().as_uri()}
+def _source(bids_dir: Path, root: Path, raw: dict) -> dict:
+    """The input dataset as a ``SourceDatasets`` entry: its path relative to ``root`` (a relative URL, valid
+    wherever the two are moved or mounted together; never a host path) and its DOI where it has one."""
+    source = {"URL": os.path.relpath(Path(bids_dir).resolve(), Path(root).resolve())}
     if raw.get("DatasetDOI"):
         source["DOI"] = raw["DatasetDOI"]
+    return source
+
+
+def _read_description(bids_dir: Path) -> dict:
+    try:
+        content = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def dataset_description(bids_dir: Path, root: Path) -> dict:
+    """The description of the derivatives dataset at ``root``."""
+    raw = _read_description(bids_dir)
+    source = _source(bids_dir, root, raw)
     return {
-        "Name": f"bids-denoise derivatives of {raw.get('Name', bids_dir.name)}",
+        "Name": f"bids-denoise derivatives of {raw.get('Name', Path(bids_dir).name)}",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by()],
         "SourceDatasets": [source],
-        "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
+        "DatasetLinks": {"raw": source["URL"]},
     }
 
 
-def raw_dataset_description(bids_dir: Path) -> dict:
-    """The source's description for the denoised raw dataset: its name and fields kept, bids-denoise
+def raw_dataset_description(bids_dir: Path, root: Path) -> dict:
+    """The source's description for the denoised raw dataset at ``root``: its name and fields kept, bids-denoise
     added to ``GeneratedBy`` (after the source's own entries) and the source in ``SourceDatasets``."""
-    raw = {}
-    try:
-        raw = json.loads((bids_dir / "dataset_description.json").read_text())
-    except (OSError, ValueError):
-        pass
-    ours = generated_by(Description="thermal noise removed; see derivatives/bids-denoise for what was done")
-    source = {"URL": bids_dir.resolve().as_uri()}
-    if raw.get("DatasetDOI"):
-        source["DOI"] = raw["DatasetDOI"]
+    raw = _read_description(bids_dir)
+    ours = generated_by(Description="thermal noise removed from the runs recorded in derivatives/bids-denoise "
+                                    "(each run's record, provenance and figures); the other files carried over as "
+                                    "they were")
+    source = _source(bids_dir, root, raw)
     description = dict(raw)
-    description.setdefault("Name", bids_dir.name)
+    description.setdefault("Name", Path(bids_dir).name)
     description.setdefault("BIDSVersion", BIDS_VERSION)
     description["DatasetType"] = "raw"
     description["GeneratedBy"] = [entry for entry in raw.get("GeneratedBy", []) if entry.get("Name") != "bids-denoise"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,35 +60,49 @@ def test_a_denoised_raw_dataset(denoised_dataset):
     assert code == 0
     assert tree_digest(raw) == before  # the input is never modified (links are replaced, not written)
 
-    # every input file is there; the denoised runs are under their raw names, the rest carried over;
-    # each denoised run has its own sidecar (here the input's metadata is inherited from dwi.json)
+    # the dataset-level files and the selected participant's are there (--carry-over selected, the default: no
+    # raw run passes for a denoised one); the denoised runs under their raw names with their metadata, the
+    # rest carried over as files of their own (copies: writing into them cannot reach the input)
     denoised_runs = {str(p.relative_to(raw)) for p in (raw / "sub-01").rglob("*.nii.gz") if "fmap" not in p.parts}
     sidecars = {relpath.replace(".nii.gz", ".json") for relpath in denoised_runs}
-    assert set(raw_part(out)) == {str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file()} | sidecars
+    expected = {str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file() and not p.relative_to(raw).parts[0]
+                .startswith("sub-")} | {str(p.relative_to(raw)) for p in (raw / "sub-01").rglob("*") if p.is_file()}
+    assert set(raw_part(out)) == expected | sidecars | {"code/bids-denoise/next_steps.md"}
+    assert not (out / "sub-02").exists()
+    nested = out / "derivatives" / "bids-denoise"
     for relpath in (DWI, T1W):
         denoised, source = out / relpath, raw / relpath
         assert not np.array_equal(nib.load(denoised).get_fdata(), nib.load(source).get_fdata())
         assert np.allclose(nib.load(denoised).affine, nib.load(source).affine)
         sidecar = json.loads(denoised.with_name(denoised.name.replace(".nii.gz", ".json")).read_text())
-        assert sidecar["Denoising"]["Method"] == "median"
-        record = out / sidecar["Denoising"]["Record"].removeprefix("bids::")
+        assert "Denoising" not in sidecar  # no key the next pipeline does not know
+        record = nested / relpath.replace(".nii.gz", ".json").replace(f"_{relpath.split('_')[-1].split('.')[0]}.",
+                                                                     f"_desc-median_{relpath.split('_')[-1].split('.')[0]}.")
         assert json.loads(record.read_text())["Provenance"]["Method"] == "median"
+        assert json.loads(record.read_text())["Image"] == f"bids::{relpath}"
     assert json.loads((out / DWI.replace(".nii.gz", ".json")).read_text())["PhaseEncodingDirection"] == "j-"
-    carried = out / "sub-02" / "ses-post" / "anat" / "sub-02_ses-post_T1w.nii.gz"
-    assert carried.stat().st_ino == (raw / carried.relative_to(out)).stat().st_ino  # a hard link
+    carried = out / "sub-01" / "ses-post" / "fmap" / "sub-01_ses-post_dir-PA_epi.nii.gz"  # not denoised
+    source = raw / carried.relative_to(out)
+    assert carried.stat().st_ino != source.stat().st_ino and carried.read_bytes() == source.read_bytes()
+    assert carried.stat().st_mode == source.stat().st_mode
     assert (out / "dwi.bval").read_text() == (raw / "dwi.bval").read_text()
+    next_steps = (out / "code" / "bids-denoise" / "next_steps.md").read_text()
+    assert "--denoise-method none" in next_steps
 
     description = json.loads((out / "dataset_description.json").read_text())
     source_description = json.loads((raw / "dataset_description.json").read_text())
     assert description["Name"] == source_description["Name"] and description["DatasetType"] == "raw"
     assert description["GeneratedBy"][-1]["Name"] == "bids-denoise"
-    assert description["SourceDatasets"][-1]["URL"] == raw.resolve().as_uri()
-    nested = out / "derivatives" / "bids-denoise"
+    # a relative URL: valid wherever the two datasets move together; no host path
+    assert description["SourceDatasets"][-1]["URL"] == os.path.relpath(raw.resolve(), out.resolve())
+    assert str(raw.resolve()) not in (out / "dataset_description.json").read_text()
     assert json.loads((nested / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     assert list(nested.rglob("*_desc-median_*.png")) and "--denoise-method none" in (nested / "sub-01.html").read_text()
 
     if find_validator():
         n_errors, errors = validate_dataset(out)  # as a raw dataset (IntendedFor still resolves)
+        assert n_errors == 0, errors
+        n_errors, errors = validate_dataset(nested)  # the records of denoised runs have no image here: ignored
         assert n_errors == 0, errors
 
 
@@ -112,7 +127,8 @@ def test_fmriprep_and_qsiprep_queries_take_it(denoised_dataset):
     assert found == [str(out / DWI)]
     assert Path(layout.get_bval(found[0])).read_text() == (raw / "dwi.bval").read_text()
     assert Path(layout.get_bvec(found[0])).exists()
-    assert layout.get_metadata(found[0])["Denoising"]["Method"] == "median"
+    raw_layout = BIDSLayout(str(raw), validate=False, derivatives=False)
+    assert layout.get_metadata(found[0]) == raw_layout.get_metadata(str(raw / DWI))  # the same metadata
 
 
 def test_two_jobs_make_the_dataset_one_run_makes_and_reruns_change_nothing(dataset, tmp_path, capsys):
@@ -137,6 +153,7 @@ def test_copies_symlinks_and_selected_participants(dataset, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert not (out / "sub-02").exists() and not (out / "sub-01" / "ses-pre").exists()
     assert (out / T1W).is_symlink() and (out / T1W).resolve() == (raw / T1W).resolve()
+    assert not os.path.isabs(os.readlink(out / T1W))  # relative: valid where the two datasets move together
     assert not (out / DWI).is_symlink()  # the denoised run replaced its link
     assert not (raw / DWI).is_symlink() and nib.load(raw / DWI).shape == nib.load(out / DWI).shape
     copied = tmp_path / "copied"
@@ -167,3 +184,51 @@ def test_an_uncompressed_run_keeps_its_name(dataset, tmp_path, capsys):
     assert written.exists() and not written.with_name(written.name + ".gz").exists()
     assert written.read_bytes()[:4] != b"\x1f\x8b\x08\x00"[:4]  # not gzip under a .nii name
     assert nib.load(written).shape == nib.load(plain).shape
+
+
+def test_an_output_dir_holding_another_dataset_is_refused(dataset, tmp_path, capsys):
+    """The raw layout used to merge into whatever OUTPUT_DIR held: the denoised DWI beside another dataset's
+    bval."""
+    raw, _ = dataset
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dataset_description.json").write_text('{"Name": "another", "BIDSVersion": "1.10.0"}')
+    (other / "dwi.bval").write_text("0 3000 3000\n")
+    before = tree_digest(other)
+    code = run_app(raw, other, tmp_path / "w", "--participant-label", "01", "--methods", "mppca")
+    err = capsys.readouterr().err
+    assert code == 64 and f"{other}: not empty, and not a raw layout bids-denoise wrote" in err, err
+    assert tree_digest(other) == before
+
+
+def test_a_rerun_with_another_method_is_refused(dataset, tmp_path, capsys):
+    """A rerun into the same raw layout with another method used to swap the DWI runs while the first
+    method's maps and report sections stayed."""
+    raw, _ = dataset
+    out = tmp_path / "out"
+    select = ("--participant-label", "01", "--session-label", "post")
+    assert run_app(raw, out, tmp_path / "w", *select, "--methods", "mppca") == 0, capsys.readouterr().err
+    before = tree_digest(out)
+    code = run_app(raw, out, tmp_path / "w2", *select, "--methods", "median")
+    err = capsys.readouterr().err
+    assert code == 64 and "dwi runs denoised with mppca, not median" in err, err
+    assert tree_digest(out) == before
+    assert run_app(raw, out, tmp_path / "w", *select, "--methods", "mppca") == 0  # the same methods: fine
+
+
+def test_a_link_out_of_the_input_is_never_read_into_the_output(dataset, tmp_path, capsys):
+    """--copy-mode copy followed an input symlink to a private (0600) file and wrote its content as 0644."""
+    raw, _ = dataset
+    secret = tmp_path / "private.txt"
+    secret.write_text("not for everyone")
+    secret.chmod(0o600)
+    (raw / "sub-01" / "notes.txt").symlink_to(secret)
+    readable = raw / "README"
+    readable.chmod(0o640)
+    out = tmp_path / "out"
+    code = run_app(raw, out, tmp_path / "w", "--participant-label", "01", "--session-label", "post",
+                   "--methods", "mppca", "--copy-mode", "copy")
+    assert code == 0, capsys.readouterr().err
+    carried = out / "sub-01" / "notes.txt"
+    assert carried.is_symlink() and os.readlink(carried) == str(secret)  # a link, its target's mode unchanged
+    assert (out / "README").stat().st_mode & 0o777 == 0o640  # the source's mode bits, never wider

@@ -79,12 +79,16 @@ def build_parser(methods) -> argparse.ArgumentParser:
                         help="derivatives: a BIDS-Derivatives dataset (default); bids: a raw BIDS dataset, the "
                              "input with each denoised run under its raw name, for fMRIPrep/QSIPrep to take as "
                              "their bids_dir (maps, figures and reports in OUTPUT_DIR/derivatives/bids-denoise)")
-    output.add_argument("--copy-mode", choices=["link", "copy", "symlink"], default="link",
-                        help="--output-layout bids: how the input's other files are carried over (default link: "
-                             "hard links, copies across file systems)")
-    output.add_argument("--carry-over", choices=["all", "selected"], default="all",
-                        help="--output-layout bids: carry over every participant (default) or only the selected "
-                             "participants and sessions")
+    output.add_argument("--copy-mode", choices=["copy", "link", "symlink"], default="copy",
+                        help="--output-layout bids: how the input's other files are carried over: copy (default: "
+                             "copy-on-write clones where the file system makes them, else copies; files of their own, "
+                             "so nothing written into the output reaches the input), link (hard links: the input's "
+                             "own files, which a later tool writing into the output would change) or symlink "
+                             "(relative symbolic links)")
+    output.add_argument("--carry-over", choices=["selected", "all"], default="selected",
+                        help="--output-layout bids: carry over only the selected participants and sessions "
+                             "(default: every run in the output is denoised) or every participant (the others "
+                             "raw, as their records in derivatives/bids-denoise show)")
 
     processing = parser.add_argument_group("Processing")
     processing.add_argument("--methods", nargs="+", default=defaults, choices=denoisers, metavar="METHOD",

@@ -42,7 +42,8 @@ def run_participant(config, methods) -> int:
     if jobs:
         prepare_work_dir(config)
         with holding_work_dir(config):
-            layout = prepare_output(config)
+            layout = prepare_output(config, {modality: spec.name for spec in specs if spec.role == "denoise"
+                                             for modality in spec.modalities})
             failures = run_graph(config, jobs, specs, device, layout)
     return summarize(config, [run for job in jobs for run in job.runs], bad_runs, failures)
 
@@ -213,26 +214,40 @@ def holding_work_dir(config):
                                    "give each run its own -w") from None
 
 
-def prepare_output(config):
+def prepare_output(config, raw_methods=None):
     """OUTPUT_DIR writable, stale temporary files of killed runs removed, dataset-level files written;
-    for the raw layout, the input's other files carried over."""
+    for the raw layout (``raw_methods``: the method of each modality), OUTPUT_DIR empty or this layout's own,
+    the input's other files carried over, the next steps written."""
     from bids_denoise.bids import strip_prefix
     from bids_denoise.outputs import layout_for
 
     execution = config.execution
-    _probe_writable(execution.output_dir, "OUTPUT_DIR")
     layout = layout_for(execution.output_dir, execution.output_layout)
+    raw_layout = execution.output_layout == "bids"
+    if raw_layout:
+        refused = layout.check_owner(execution.bids_dir, raw_methods)
+        if refused:
+            raise AppError(EXIT_USAGE, refused)
+    _probe_writable(execution.output_dir, "OUTPUT_DIR")
     for path in layout.remove_stale_temporaries():
         LOGGER.info("removed %s, left by an interrupted run", path)
     with io_errors():
         layout.write_dataset_files(execution.bids_dir)
-        if execution.output_layout == "bids":
+        if raw_layout:
+            layout.record_owner(execution.bids_dir, raw_methods)
+            layout.write_next_steps(raw_methods)
             selected = execution.carry_over == "selected"
             subjects = {strip_prefix(s, "sub-") for s in execution.participant_label or []} or None
             sessions = {strip_prefix(s, "ses-") for s in execution.session_label or []} or None
             carried = layout.carry_over(execution.bids_dir, subjects=subjects if selected else None,
                                         sessions=sessions if selected else None, mode=execution.copy_mode)
             LOGGER.info("carried over %d file(s) of %s (%s)", len(carried), execution.bids_dir, execution.copy_mode)
+            if execution.copy_mode == "link":
+                LOGGER.warning("--copy-mode link: the carried files are the input's own (hard links): a tool that "
+                               "writes into them changes the input dataset")
+            if not selected and (subjects or sessions):
+                LOGGER.warning("--carry-over all: participants and sessions not selected are carried over raw; "
+                               "derivatives/bids-denoise records which runs were denoised")
     return layout
 
 

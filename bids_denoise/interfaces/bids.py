@@ -201,10 +201,11 @@ class DerivativesSink(_Sink):
                 if warnings:
                     sidecar["Warnings"] = warnings
             record = layout.record(source, method, extra=item.entities) if is_image else layout.sidecar(destination)
-            if raw_sidecar is not None:  # the raw layout: the run's own sidecar, and the record beside the maps
+            if raw_sidecar is not None:
+                # the raw layout: the run keeps its metadata under its raw name (what the next pipeline reads:
+                # nothing it does not know), and the record of what was done goes beside the maps
                 sidecar["Image"] = f"bids::{layout.relpath(destination)}"
-                write_json(_raw_sidecar(self.inputs.source_metadata, method, provenance, digest,
-                                        layout.relpath(record)), raw_sidecar)
+                write_json(dict(self.inputs.source_metadata), raw_sidecar)
                 written.append(str(raw_sidecar))
             write_json(sidecar, record)
             written += [str(destination), str(record)]
@@ -216,20 +217,6 @@ class DerivativesSink(_Sink):
                    layout.prov_record(source, method, extra=main.entities))
         self._results["out_files"] = written
         return runtime
-
-
-def _raw_sidecar(metadata: dict, method: str, provenance: dict, digest: str, record: str) -> dict:
-    """The raw sidecar of a denoised run: the source's metadata and a short record of what was done."""
-    sidecar = dict(metadata)
-    sidecar["Denoising"] = {
-        "Method": method,
-        "Parameters": provenance.get("Parameters", {}),
-        "Software": f"bids-denoise {provenance.get('SoftwareVersions', {}).get('bids-denoise')}",
-        "SourceDigests": provenance.get("InputDigests", {}),
-        "OutputDigest": digest,
-        "Record": f"bids::{record}",
-    }
-    return sidecar
 
 
 class ReportSinkInputSpec(SinkInputSpec):

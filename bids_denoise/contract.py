@@ -309,6 +309,9 @@ class MethodSpec:
     #: (:meth:`memory_gb`; declared to Nipype, which schedules by it)
     mem_gb: float = 1.0
     mem_per_input: float = 0.0
+    #: where the need is not linear in the series: ``memory(shape)``, GB beyond ``mem_gb`` (replaces
+    #: ``mem_per_input``)
+    memory: Callable[[tuple], float] | None = None
     joint: tuple | Callable[[dict], tuple] = ()
     session: Callable[[dict], bool] | None = None
     takes_phase: bool = False
@@ -317,6 +320,8 @@ class MethodSpec:
 
     def memory_gb(self, shape) -> float:
         """The memory (GB) the method needs for a job whose stacked series has ``shape`` (X, Y, Z[, V])."""
+        if self.memory is not None:
+            return float(self.mem_gb + self.memory(tuple(int(n) for n in shape)))
         size = float(np.prod([int(n) for n in shape])) * 4 / 2**30
         return float(self.mem_gb + self.mem_per_input * size)
 

@@ -8,7 +8,7 @@ with its default, choices and help, and nothing is copied by hand::
     python -m bids_denoise.usage --check docs/options.md    # exit 1 if the page is stale
 
 ``make docs`` runs the first; ``tests/test_docs.py`` fails when the page is stale. The output
-depends on the parser alone: a default that depends on the machine (``--nprocs``: its CPU count) or
+depends on the parser alone: a default that depends on the machine (``--nprocs``, ``--omp-nthreads``: its CPUs) or
 on where the app is installed (an absolute path) is written in words.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REGENERATE = "python -m bids_denoise.usage docs/options.md (or make docs)"
 
 #: defaults that depend on the machine the parser was built on, by destination, written in words
-MACHINE_DEFAULTS = {"nprocs": "the machine's CPU count"}
+MACHINE_DEFAULTS = {"nprocs": "the CPUs this process may use", "omp_nthreads": "those CPUs, at most 8"}
 
 #: how a value's type is written where the option has no choices and no metavar
 _TYPE_WORDS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def test_end_to_end(dataset, tmp_path, capsys):
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "bids-denoise"
-    assert description["DatasetLinks"]["raw"].startswith("file://")
+    # the source as a path relative to the output (no host path), which the BIDS URIs of the sidecars resolve by
+    assert description["DatasetLinks"]["raw"] == os.path.relpath(raw.resolve(), out.resolve())
+    assert (out / description["DatasetLinks"]["raw"] / "dataset_description.json").exists()
 
     for relpath, truth_path in truths.items():
         source = raw / relpath

@@ -106,8 +106,10 @@ def build_parser(methods) -> argparse.ArgumentParser:
                         help="processes MultiProc may run at once")
     engine.add_argument("--mem-gb", type=_memory, default=None,
                         help="memory (GB) MultiProc may give its nodes at once (default: 90%% of the machine's)")
-    engine.add_argument("--omp-nthreads", type=_cpus("--omp-nthreads"), default=1,
-                        help="BLAS/torch threads per node (default 1)")
+    engine.add_argument("--omp-nthreads", type=_cpus("--omp-nthreads"), default=min(8, available_cpus()),
+                        help="threads per method node (MP-PCA's windows, BLAS, torch); MultiProc runs a node only "
+                             "where that many of --nprocs are free, so nothing is oversubscribed (default: the "
+                             "CPUs this process may use, at most 8)")
     engine.add_argument("--use-plugin", type=Path, metavar="FILE",
                         help="Nipype plugin settings (YAML, fMRIPrep's format)")
     engine.add_argument("--plugin", help="Nipype plugin (MultiProc, Linear, SLURM, ...); overrides --use-plugin's")

@@ -79,6 +79,7 @@ def setup_logging():
         LOGGER.addHandler(handler)
         LOGGER.setLevel(logging.INFO)
         logging.getLogger("bids_denoise.methods").setLevel(logging.WARNING)
+        logging.getLogger("bids_denoise.methods.progress").setLevel(logging.INFO)  # how far, how long still
     if os.environ.get("BIDS_DENOISE_VERBOSE") != "1":
         from nipype import logging as nipype_logging
 

@@ -257,7 +257,7 @@ def median_denoise(data, options: MedianOptions | None = None, **changes) -> Med
     largest = float(np.max(np.abs(series)))
     exponent = int(np.frexp(largest)[1]) if largest > 0 else 0  # largest * 2**-exponent in [0.5, 1)
     if guided:
-        denoised, details = _guided_denoise(np.ldexp(series.astype(np.float64), -exponent), thetas, picks,
+        denoised, details = _guided_denoise(np.ldexp(series, -exponent, dtype=np.float64), thetas, picks,
                                             min_gain, float(options.guide_threshold), exponent)
         return MedianResult(denoised, details)
 
@@ -448,15 +448,18 @@ def _series_noise_variance(series, picks):
 
 
 def _guided_median(guide, v):
-    """The donut median of volume ``v`` over the neighbours ``guide`` keeps, and where none is kept."""
+    """The donut median of volume ``v`` over the neighbours ``guide`` keeps, and where none is kept (slab by slab
+    of x-planes: the neighbours of the whole volume are never held at once)."""
     image = guide.series[..., v]
-    neighbours, keep = guide.neighbours(v)
-    ordered = np.sort(np.where(keep, neighbours, np.inf), axis=0)
-    count = keep.sum(axis=0)
-    low = np.take_along_axis(ordered, np.maximum(count - 1, 0)[None] // 2, axis=0)[0]
-    high = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
-    none = count == 0
-    filtered = np.where(none, image, 0.5 * (low + np.where(none, 0.0, high)))
+    filtered, none = np.empty(image.shape), np.empty(image.shape, dtype=bool)
+    for rows in guide.slabs:
+        neighbours, keep = guide.neighbours(v, rows)
+        ordered = np.sort(np.where(keep, neighbours, np.inf), axis=0)
+        count = keep.sum(axis=0)
+        low = np.take_along_axis(ordered, np.maximum(count - 1, 0)[None] // 2, axis=0)[0]
+        high = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
+        none[rows] = count == 0
+        filtered[rows] = np.where(none[rows], image[rows], 0.5 * (low + np.where(none[rows], 0.0, high)))
     return filtered, none
 
 
@@ -536,4 +539,5 @@ def _guided_denoise(series, thetas, picks, min_gain, threshold, exponent):
         "noise_sigma": sigma,
         "calibration": calibration,
     }
-    return np.ldexp(denoised.astype(np.float64), exponent).astype(np.float32), details
+    del guide  # its neighbour distances: the largest array here
+    return np.ldexp(denoised, exponent, out=denoised), details  # in place, exact (a power of two)

@@ -615,7 +615,9 @@ def _predict_in_tiles(series, denoised, groups, ridge, mask, edge, n_features, d
     """
     shape = series.shape[:3]
     fitted = np.ones(shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    total = np.zeros(series.shape, dtype=np.float64)
+    # the sums of at most 8 overlapping tiles' predictions, in the output's precision: one more series in
+    # memory, not two (float64) and their masked copies
+    total = np.zeros(series.shape, dtype=denoised.dtype)
     count = np.zeros(shape, dtype=np.int32)
     tiles = 0
     for corner in tile_corners(shape, edge):
@@ -626,11 +628,13 @@ def _predict_in_tiles(series, denoised, groups, ridge, mask, edge, n_features, d
         local = np.empty(inside.shape + (series.shape[3],), dtype=denoised.dtype)
         rows = None if inside.all() else np.flatnonzero(inside.ravel())
         _denoise_voxelwise(np.ascontiguousarray(series[region]), local, groups, ridge, rows, device, compute_dtype)
-        total[region] += np.where(inside[..., None], local, 0.0)
+        local[~inside] = 0
+        total[region] += local
         count[region] += inside
         tiles += 1
-    covered = count > 0
-    denoised[covered] = (total[covered] / count[covered][:, None]).astype(denoised.dtype)
+    for x in range(shape[0]):  # plane by plane: no full-size temporaries
+        covered = count[x] > 0
+        denoised[x][covered] = total[x][covered] / count[x][covered][:, None]
     return tiles
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bids_denoise.contract import MethodResult, MethodSpec, params_from
 from bids_denoise.methods.median import MedianOptions, median_denoise
 from bids_denoise.registry import register
@@ -28,6 +30,16 @@ def run(inputs, parameters) -> MethodResult:
     return MethodResult(result.denoised, description, details=details, warnings=warnings)
 
 
+def median_memory(shape) -> float:
+    """GB the median needs beyond its fixed 0.5: about 8 times the series in float32 (the series in float64, the
+    output, MP-PCA's noise estimate, the calibration's volumes), and the profile guide's neighbour distances, 124
+    float32 values a voxel for its largest radius (2); the rest goes slab by slab (measured:
+    tests/methods/test_memory.py, benchmarks/scale.py)."""
+    voxels = float(np.prod(shape[:3]))
+    volumes = shape[3] if len(shape) > 3 else 1
+    return (voxels * volumes * 4 * 8 + voxels * 124 * 4 * (volumes >= 3)) / 2**30 + 0.25
+
+
 def describe(parameters) -> str:
     guided = ("Series of at least 8 volumes were filtered with a median over the neighbours whose signal in the "
               "other volumes matched the voxel's (the voxel itself left out), blended with the input per volume; "
@@ -51,6 +63,7 @@ SPEC = register(MethodSpec(
     describe=describe,
     references=(BATSON2019, STEIN1981, VERAART2016),
     modalities=("dwi", "anat"),
-    mem_gb=3.0,
+    mem_gb=0.5,
+    memory=median_memory,
     params=params_from(MedianOptions),
 ))

@@ -185,7 +185,9 @@ SPEC = register(MethodSpec(
     # windows a second on one core here, while torch's batched CUDA eigh did about 1,000 68x68
     # matrices a second on an H100 (reported in the MP-PCA issue): MP-PCA runs on CPU threads
     uses_gpu=False,
-    mem_gb=2.0,
+    mem_gb=0.5,
+    # measured: 1.5-1.7x the series in extra memory for DWI, 2.6-3.2x for BOLD (benchmarks/scale.py)
+    mem_per_input=3.5,
     params=params_from(
         MPPCAOptions,
         defaults={"aggregate": "auto", "demean": "auto", "shrinkage": "auto", "noise_floor": "auto"},

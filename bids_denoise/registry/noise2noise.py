@@ -57,7 +57,9 @@ SPEC = register(MethodSpec(
     modalities=("dwi",),
     uses_gpu=True,
     learned=True,
-    mem_gb=4.0,
+    mem_gb=1.0,
+    # measured: 12-14x the series in extra memory (benchmarks/scale.py)
+    mem_per_input=14.0,
     params=params_from(Noise2NoiseOptions, helps={
         "pairing": "pair repeated measurements (repeats: b0s, directions within --noise2noise-max-angle) or each "
                    "volume with the nearest direction of its shell (nearest: biases FA)"}),

@@ -48,7 +48,9 @@ SPEC = register(MethodSpec(
     modalities=("dwi", "anat"),
     uses_gpu=True,
     learned=True,
-    mem_gb=4.0,
+    mem_gb=1.0,
+    # measured: 16-20x the series in extra memory (benchmarks/scale.py)
+    mem_per_input=20.0,
     # the app's default context is the series (the function's, the volume: it needs no b-values)
     params=params_from(Noise2SelfOptions, defaults={"context": "series"}),
 ))

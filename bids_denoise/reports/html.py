@@ -61,6 +61,10 @@ def render_participant_report(layout, subject: str) -> str:
         ]
         if "NoiseSigmaMedian" in qc:
             rows.append(("Median noise sigma (brain)", qc["NoiseSigmaMedian"]))
+        history = provenance.get("Details", {}).get("history") or {}
+        if history.get("epochs") is not None and history.get("planned"):
+            rows.append(("Training", f"{len(history['epochs'])} of {history['planned']} epochs planned"
+                                     + (f" ({history['stopped']})" if history.get("stopped") else "")))
         outliers = qc.get("OutlierVolumes", [])
         notes = [f'<p class="flag">Outlier volumes: {outliers}</p>' if outliers else "<p>No outlier volume.</p>"]
         notes += [f'<p class="flag">Warning: {html.escape(str(w))}</p>' for w in payload.get("Warnings", [])]

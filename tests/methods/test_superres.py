@@ -124,3 +124,22 @@ def test_patch_shape_fits_both_orientations():
 def test_too_narrow_an_image_is_unsuitable():
     with pytest.raises(UnsuitableDataError, match="in-plane size of at least 2"):
         super_resolve(np.ones((1, 1, 6), np.float32), np.eye(4), axis=2, scale=2, epochs=1)
+
+
+def test_a_target_voxel_size_chooses_the_scale():
+    """A 1x1x4 mm image asked for 1 mm gets x4 along its thick axis (the scale used to default to x2: 2 mm)."""
+    from bids_denoise import registry
+    from bids_denoise.contract import MethodInputs
+    from bids_denoise.registry.wasa import scale_for
+
+    assert (scale_for(4.0, 1.0), scale_for(3.0, 1.0), scale_for(2.0, 1.0), scale_for(1.0, 1.0)) == (4, 4, 2, None)
+    spec = registry.load_all()["wasa"]
+    rng = np.random.default_rng(0)
+    image = (100 + 10 * rng.standard_normal((24, 24, 6))).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    parameters = spec.parse({"target": "1", "epochs": "1", "steps_per_epoch": "2", "batch_size": "2"})
+    result = spec.run(MethodInputs(data=image, affine=affine), parameters)
+    assert np.allclose(np.linalg.norm(result.affine[:3, :3], axis=0), [1.0, 1.0, 1.0])
+    assert result.image.shape == (24, 24, 24) and result.details["scales"] == [4]
+    with pytest.raises(Exception, match="already at most 4 mm"):
+        spec.run(MethodInputs(data=image, affine=affine), spec.parse({"target": "4"}))

@@ -35,6 +35,7 @@ import torch
 from bids_denoise.methods.core import _localpca_solver
 from bids_denoise.methods.core.device import resolve_device
 from bids_denoise.methods.core.errors import UnsuitableDataError
+from bids_denoise.methods.core.progress import Progress
 from bids_denoise.methods.core.randmat import (
     MIN_EIGENVALUES,
     frobenius_shrinkage,
@@ -560,12 +561,18 @@ class WindowSolver:
         """
         apply = apply or (lambda payload: None)
         starts = list(range(0, count, self.batch))
+        progress = Progress("local PCA", count, "windows")
+
+        def applied(payload):
+            apply(payload)
+            progress.done(self.batch)
+
         # the batches create only short-lived tensors: cyclic garbage collection would walk the
         # interpreter's whole object graph again and again (a few % of the run)
         collecting = gc.isenabled()
         gc.disable()
         try:
-            self._run_starts(solve, starts, apply)
+            self._run_starts(solve, starts, applied)
         finally:
             if collecting:
                 gc.enable()

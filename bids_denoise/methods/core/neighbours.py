@@ -77,15 +77,38 @@ class ProfileGuide:
     threshold : float
     """
 
+    #: bytes of temporaries per slab of x-planes (the distances of one slab, its neighbours in one volume)
+    SLAB_BYTES = 64 * 2**20
+
     def __init__(self, series, variance, radius, threshold):
         self.series, self.radius, self.offsets = series, radius, offsets(radius)
         n_volumes = series.shape[3]
-        self.total = np.stack([np.sum((shifted(series, o) - series) ** 2, axis=3) for o in self.offsets])
+        plane = int(np.prod(series.shape[1:3]))
+        per_plane = plane * 8 * max(3 * n_volumes, 4 * len(self.offsets))
+        step = max(1, self.SLAB_BYTES // per_plane)
+        self.slabs = [slice(start, min(start + step, series.shape[0])) for start in range(0, series.shape[0], step)]
+        # float32: one series' worth for 26 offsets at 13 volumes and more (a sum of squares compared with a limit
+        # far above float32's rounding)
+        self.total = np.empty((len(self.offsets),) + series.shape[:3], dtype=np.float32)
+        for rows in self.slabs:
+            block = series[rows]
+            for k, offset in enumerate(self.offsets):
+                difference = self._shifted(series, offset, rows) - block
+                self.total[k, rows] = np.einsum("...v,...v->...", difference, difference)
         self.limit = (1.0 + threshold * np.sqrt(2.0 / (n_volumes - 1))) * 2.0 * variance * (n_volumes - 1)
 
-    def neighbours(self, v):
-        """Volume ``v``'s neighbours of every voxel, (n_offsets, X, Y, Z), and which of them are kept."""
+    @staticmethod
+    def _shifted(array, offset, rows):
+        """``array[i + offset]`` for the x-planes ``rows`` (edges replicated), over the first three axes."""
+        index = [np.clip(np.arange(rows.start, rows.stop) + offset[0], 0, array.shape[0] - 1)]
+        index += [np.clip(np.arange(n) + o, 0, n - 1) for o, n in zip(offset[1:], array.shape[1:3])]
+        return array[np.ix_(*index)] if array.ndim == 3 else array[np.ix_(*index, np.arange(array.shape[3]))]
+
+    def neighbours(self, v, rows=slice(None)):
+        """Volume ``v``'s neighbours of the voxels of x-planes ``rows``, (n_offsets, x, Y, Z), and which of them
+        are kept."""
         image = self.series[..., v]
-        values = np.stack([shifted(image, o) for o in self.offsets])
-        keep = (self.total - (values - image) ** 2) < self.limit
+        rows = slice(*rows.indices(image.shape[0]))
+        values = np.stack([self._shifted(image, o, rows) for o in self.offsets])
+        keep = (self.total[:, rows] - (values - image[rows]) ** 2) < self.limit
         return values, keep

@@ -21,8 +21,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from bids_denoise.methods.core.options import Options, option, positive
+from bids_denoise.methods.core.progress import duration
 
 LOGGER = logging.getLogger(__name__)
+PROGRESS = logging.getLogger("bids_denoise.methods.progress")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -189,9 +191,10 @@ class TrainingOptions(Options):
 class TrainingHistory:
     epochs: list = field(default_factory=list)  # dicts: epoch, train_loss, val_loss, seconds
     stopped: str = ""
+    planned: int = 0  # the epoch budget
 
     def as_dict(self):
-        return {"epochs": self.epochs, "stopped": self.stopped}
+        return {"epochs": self.epochs, "stopped": self.stopped, "planned": self.planned}
 
 
 def train(model, sample_batch, loss_fn, validation_batches, *, budget: TrainingBudget, device, generator,
@@ -210,7 +213,7 @@ def train(model, sample_batch, loss_fn, validation_batches, *, budget: TrainingB
     optimiser = torch.optim.Adam(model.parameters(), lr=budget.learning_rate)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    history = TrainingHistory()
+    history = TrainingHistory(planned=budget.epochs)
     best, best_state, waited = math.inf, None, 0
     start = time.perf_counter()
     for epoch in range(1, budget.epochs + 1):
@@ -235,8 +238,9 @@ def train(model, sample_batch, loss_fn, validation_batches, *, budget: TrainingB
         elapsed = time.perf_counter() - start
         history.epochs.append({"epoch": epoch, "train_loss": running / budget.steps_per_epoch,
                                "val_loss": val, "seconds": round(elapsed, 2)})
-        LOGGER.info("%s: epoch %d/%d train %.5f val %.5f (%.0f s)", label, epoch, budget.epochs,
-                    running / budget.steps_per_epoch, val, elapsed)
+        left = min(elapsed / epoch * (budget.epochs - epoch), max(budget.max_seconds - elapsed, 0.0))
+        PROGRESS.info("%s: epoch %d of %d, train %.5f, held-out %.5f, %s so far, at most %s left", label, epoch,
+                      budget.epochs, running / budget.steps_per_epoch, val, duration(elapsed), duration(left))
         if val < best:
             best, waited = val, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -70,7 +70,7 @@ def main():
     device = args.device
     methods = {
         "noisy input": lambda d: d,
-        "MP-PCA (app default)": lambda d: mppca(d, aggregate="overcomplete", demean=True, shrinkage="frobenius",
+        "MP-PCA (app default)": lambda d: mppca(d, aggregate="overcomplete", demean=True, shrinkage="hard",
                                                 noise_floor="koay").denoised,
         "Noise2Self volume": lambda d: noise2self(d, bvals, bvecs, context="volume", seed=args.seed, device=device,
                                                   steps_per_epoch=25, **budget).denoised,

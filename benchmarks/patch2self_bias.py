@@ -33,7 +33,7 @@ def variants(bvals, n_fit_voxels, noise_sigma, seed):
     dipy_mode = DIPY_OPTIONS
     rows = {
         "noisy input": lambda data: data,
-        "MP-PCA (app default)": lambda data: mppca(data, aggregate="overcomplete", demean=True, shrinkage="frobenius",
+        "MP-PCA (app default)": lambda data: mppca(data, aggregate="overcomplete", demean=True, shrinkage="hard",
                                                    noise_floor="koay").denoised,
     }
     try:

@@ -1,8 +1,6 @@
 """Allow ``python -m bids_denoise``."""
 
-import sys
-
-from bids_denoise.cli import main
+from bids_denoise.cli.run import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

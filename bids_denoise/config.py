@@ -81,6 +81,8 @@ class Workflow:
     parameters: dict = _opt(kind="parameters", factory=dict)
     device: str = _opt("--device", default="auto")
     seed: int = _opt("--seed", default=0)
+    #: score each method on each run, leak-free (bids_denoise.evaluate)
+    evaluate: bool = _opt("--evaluate", kind="flag", default=False)
 
     @property
     def all_methods(self) -> list:

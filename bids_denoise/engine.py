@@ -97,6 +97,8 @@ def run_workflow(workflow, nipype) -> str:
     """Run ``workflow`` (built after :func:`configure`) with the engine settings ``nipype`` (a
     :class:`~bids_denoise.config.Nipype`). Returns Nipype's error line if the graph failed, else ''."""
     plugin_args = {key: value for key, value in nipype.plugin_args.items() if key != "poll_sleep_duration"}
+    if nipype.plugin == "MultiProc":
+        plugin_args.setdefault("mp_context", worker_start_method())
     plugin = GuardedMultiProcPlugin(plugin_args=plugin_args) if nipype.plugin == "MultiProc" else nipype.plugin
     try:
         # MultiProc collects garbage at every poll: keep the long-lived heap (torch, pybids) out of those
@@ -109,6 +111,24 @@ def run_workflow(workflow, nipype) -> str:
     except (RuntimeError, OSError) as err:  # OSError: Nipype could not write its own files (a full disk)
         return str(err).splitlines()[0] if str(err) else "the workflow did not complete"
     return ""
+
+
+_FRESH_PROCESS = False
+
+
+def mark_fresh_process() -> None:
+    """Called by the command line's entry point: this process has run no parallel native code yet."""
+    global _FRESH_PROCESS
+    _FRESH_PROCESS = True
+
+
+def worker_start_method() -> str:
+    """How MultiProc starts its workers: ``fork`` from the command line (fast: the workers share the app's
+    imports); a fork server when the app runs inside a Python session (a notebook, a test session). A
+    process that has already run multithreaded OpenMP code (any torch computation) cannot safely fork:
+    GNU libgomp's thread pool does not survive a fork and the worker's first parallel region waits
+    forever for threads that are not there."""
+    return "fork" if _FRESH_PROCESS else "forkserver"
 
 
 def handle_signals() -> dict:

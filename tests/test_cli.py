@@ -378,7 +378,7 @@ def test_mppca_defaults_options_and_noise_map(dataset, tmp_path, capsys):
     (sidecar,) = (tmp_path / "out").rglob("*_desc-mppca_dwi.json")
     configuration = json.loads(sidecar.read_text())["Provenance"]["Details"]["configuration"]
     assert (configuration["shrinkage"], configuration["noise_floor"], configuration["aggregate"]) == \
-        ("frobenius", "koay", "overcomplete")
+        ("hard", "koay", "overcomplete")
     (denoised,) = (tmp_path / "out").rglob("*_desc-mppca_dwi.nii.gz")
     relpath = str(denoised.relative_to(tmp_path / "out")).replace("_desc-mppca", "")
     signal, noisy = nib.load(truths[relpath]).get_fdata(), nib.load(raw / relpath).get_fdata()

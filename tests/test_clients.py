@@ -34,7 +34,7 @@ from bids_denoise.bids import find_validator, validate_dataset
 from tests.clients import harness
 from tests.conftest import tree_digest
 
-pytestmark = pytest.mark.clients
+pytestmark = [pytest.mark.clients, pytest.mark.timeout(3600)]  # installs fMRIPrep and QSIPrep
 
 SUB = f"sub-{harness.SUBJECT}"
 DWI = f"{SUB}/dwi/{SUB}_dwi.nii.gz"

@@ -26,7 +26,7 @@ from tests.conftest import rmse, tree_digest
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "localhost/bids-denoise:ci"
 USER = "4321:4321"
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]  # the image build alone may take 30 minutes
 
 CONTAINERS_CONF = """\
 [containers]

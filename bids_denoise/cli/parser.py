@@ -98,6 +98,12 @@ def build_parser(methods) -> argparse.ArgumentParser:
                                 f"{name}: {methods[name].summary}" for name in upsamplers))
     processing.add_argument("--device", default="auto", help="auto (CUDA if torch sees a GPU), cpu, cuda or cuda:N")
     processing.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    processing.add_argument("--evaluate", action="store_true",
+                            help="also score each method on each run without ground truth: the run is split into "
+                                 "folds, the method denoises it without each fold and a model predicts the fold's raw "
+                                 "volumes (DWI: spherical harmonics per shell; BOLD: neighbours in time), against the "
+                                 "same without denoising; costs about one run of the method per fold (5 for DWI, 2 for "
+                                 "BOLD); the scores go into the sidecar and the report")
 
     engine = parser.add_argument_group("Engine")
     engine.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
@@ -218,6 +224,12 @@ def build_config(args, methods, command_line: str):
         problem = methods[name].check(workflow.parameters[name]) if methods[name].check else None
         if problem:
             raise AppError(EXIT_USAGE, problem)
+    if "auto" in workflow.methods:
+        beside = [name for name in workflow.methods if name != "auto"
+                  and set(methods[name].modalities) & set(methods["auto"].modalities)]
+        if beside:
+            raise AppError(EXIT_USAGE, f"--methods auto writes the method it chooses for each DWI and BOLD run: run "
+                                       f"{' and '.join(beside)} apart from it (or add them to a separate OUTPUT_DIR)")
     if config.execution.output_layout == "bids":
         _one_denoiser_per_modality(workflow, methods)
     return config

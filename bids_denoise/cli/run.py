@@ -30,6 +30,15 @@ def main(argv=None) -> int:
             signal.signal(signum, handler)
 
 
+def console() -> None:
+    """The ``bids-denoise`` command and ``python -m bids_denoise``: a fresh process, whose MultiProc workers
+    may be forked (:func:`bids_denoise.engine.worker_start_method`)."""
+    from bids_denoise.engine import mark_fresh_process
+
+    mark_fresh_process()
+    sys.exit(main())
+
+
 def _writable_home() -> None:
     """Nipype, matplotlib and torch keep settings and caches under HOME; where it cannot be written (a
     container run as another user, a read-only or missing home), give this process a private one."""

@@ -168,7 +168,7 @@ class DerivativesSink(_Sink):
         from bids_denoise.provenance import generated_by, provenance_record
 
         layout, source, derivatives, main = self._target()
-        method = self.inputs.method
+        method = main.entities.get("desc", self.inputs.method)  # auto writes the method it chose
         digests = dict(self.inputs.input_digests)  # the run's files and the image parameters' files
         digests.update({Path(item["File"]).name: item["SHA256"]
                         for item in self.inputs.provenance.get("ParameterFiles", {}).values()})
@@ -238,7 +238,7 @@ class ReportSink(_Sink):
         from bids_denoise.io import copy_atomic, write_json
 
         layout, source, _, main = self._target()
-        method = self.inputs.method
+        method = main.entities.get("desc", self.inputs.method)
         written = []
         for figure in self.inputs.figures or []:
             target = layout.figure(source, method, figure["kind"], extra=main.entities)

@@ -32,6 +32,7 @@ class RunMethodInputSpec(RecordedInputSpec):
     device = traits.Str("cpu", usedefault=True, desc="torch device: cpu, cuda, cuda:N")
     use_gpu = traits.Bool(False, usedefault=True, desc="tells Nipype this node holds a GPU")
     seed = traits.Int(0, usedefault=True, desc="seed for every random choice")
+    evaluate = traits.Bool(False, usedefault=True, desc="score the method on the run (leak-free; folds rerun it)")
     omp_nthreads = traits.Int(1, usedefault=True, desc="BLAS/torch threads for this node")
 
 
@@ -90,11 +91,13 @@ class RunMethod(RecordedInterface):
         try:
             with threadpool_limits(self.inputs.omp_nthreads):
                 results = [spec.run(inputs, parameters) for inputs in jobs]
+                duration = time.perf_counter() - clock
+                evaluation = (evaluate_job(spec, parameters, jobs, results, runtime.cwd) if self.inputs.evaluate
+                              else None)
         except UnsuitableDataError as err:  # name the file: the method cannot
             raise UnsuitableDataError(f"{self.inputs.reference_files[0]}: {err}") from None
         finally:
             torch.set_num_threads(previous_threads)
-        duration = time.perf_counter() - clock
 
         cwd = Path(runtime.cwd)
         derivatives = []
@@ -134,9 +137,42 @@ class RunMethod(RecordedInterface):
             "StartTime": started.isoformat(),
             "EndTime": datetime.now(timezone.utc).isoformat(),
             "DurationSeconds": round(duration, 3),
+            **({"Evaluation": evaluation} if evaluation else {}),
             "Host": os.uname().nodename,
         }
         return runtime
+
+
+def evaluate_job(spec, parameters, jobs, results, work_dir) -> dict:
+    """The leak-free score of ``spec`` on each run of the job (:mod:`bids_denoise.evaluate`): the method reruns on
+    each fold's remaining volumes; for DWI also the change of white-matter FA from the raw run to the output."""
+    from dataclasses import replace
+
+    from bids_denoise import evaluate
+
+    scores = []
+    for number, (inputs, result) in enumerate(zip(jobs, results)):
+        if not inputs.is_series:
+            scores.append({"note": "an image, not a series: nothing to hold out"})
+            continue
+        if inputs.members:
+            scores.append({"note": f"not scored: its {inputs.job} are denoised together"})
+            continue
+        folder = Path(work_dir) / f"evaluation-{number}"
+        folder.mkdir(exist_ok=True)
+
+        def denoise(data, bvals=None, bvecs=None, inputs=inputs, folder=folder):
+            part = replace(inputs, data=data, bvals=bvals, bvecs=bvecs, phase=None, work_dir=folder)
+            return spec.run(part, parameters).image
+
+        if inputs.bvals is not None:
+            score = evaluate.dwi_score(denoise, inputs.data, inputs.bvals, inputs.bvecs, seed=inputs.seed)
+            fa = evaluate.fa_change(inputs.data, result.image, inputs.bvals, inputs.bvecs) \
+                if result.image.shape == inputs.data.shape else {}
+        else:
+            score, fa = evaluate.bold_score(lambda data: denoise(data), inputs.data), {}
+        scores.append(dict(score.as_dict(), helps=score.helps, **fa))
+    return scores[0] if len(scores) == 1 else {"runs": scores}
 
 
 def _member(job, index):

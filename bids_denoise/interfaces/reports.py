@@ -112,7 +112,8 @@ class RunReport(RecordedInterface):
         mask = b0_brain_mask(noisy, bvals)
         rms, outlier, shells = figures.residual_statistics(noisy, denoised, bvals, mask)
         method, title = self.inputs.method, self.inputs.title
-        representative = figures.representative_volumes(bvals, shells)
+        kind = "series" if time_series else ("dwi" if series else "image")
+        representative = figures.representative_volumes(bvals, shells, kind)
         residual_map = np.sqrt(np.mean((noisy - denoised) ** 2, axis=3))
         self._figure("mosaic", lambda path: figures.mosaic(noisy, denoised, representative, path, f"{title}: {method}"))
         self._figure("residualmap", lambda path: figures.map_figure(residual_map, path, f"{method}: residual RMS map"))

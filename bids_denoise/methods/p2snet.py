@@ -77,7 +77,7 @@ from bids_denoise.methods.core.networks import TrainingOptions, seed_everything,
 from bids_denoise.methods.core.noise import series_noise_variance
 from bids_denoise.methods.core.options import option, positive, resolve_options
 from bids_denoise.methods.core.scaling import IntensityScale
-from bids_denoise.methods.core.shells import cluster_shells
+from bids_denoise.methods.core.shells import cluster_shells, even_sh_basis
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,19 +93,6 @@ LINEAR_CHANNELS = 6
 CONDITION_CHANNELS = 7
 #: Ridge penalty of the spherical-harmonic fits, relative to the number of directions fitted.
 SH_RIDGE = 1e-4
-
-
-def even_sh_basis(directions, order):
-    """Real, even spherical-harmonic basis of ``order`` (0, 2 or 4) at unit ``directions`` (N, 3).
-
-    Spans the homogeneous polynomials of degree ``order`` restricted to the sphere (1, 6 or 15
-    functions): monomials ``x^i y^j z^k`` with ``i + j + k = order``, which on the sphere span
-    the even harmonics up to ``order``. Even, so ``g`` and ``-g`` give the same row.
-    """
-    directions = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
-    columns = [directions[:, 0] ** i * directions[:, 1] ** j * directions[:, 2] ** (order - i - j)
-               for i in range(order + 1) for j in range(order + 1 - i)]
-    return np.stack(columns, axis=1)
 
 
 def _ridge_predictor(fit_directions, eval_direction, order):

@@ -41,8 +41,14 @@ def residual_statistics(noisy, denoised, bvals, mask, b0_threshold=50.0):
     return rms, outlier, shells
 
 
-def representative_volumes(bvals, shells):
-    """The first b0 and the first volume of each shell, as (label, index) pairs."""
+def representative_volumes(bvals, shells, kind="dwi"):
+    """As (label, index) pairs: the first b0 and the first volume of each shell of a DWI series; the first, middle
+    and last volumes of another series (``kind`` ``"series"``); the image (``kind`` ``"image"``)."""
+    if kind == "image":
+        return [("image", 0)]
+    if kind == "series":
+        last = len(shells) - 1
+        return [(f"volume {index}", index) for index in dict.fromkeys((0, last // 2, last))]
     picks = []
     for label in np.unique(shells):
         members = np.flatnonzero(shells == label)

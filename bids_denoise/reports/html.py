@@ -47,10 +47,12 @@ def render_participant_report(layout, subject: str) -> str:
     from bids_denoise.outputs import CITATION_MD
 
     root = layout.root
-    sections = []
-    for sidecar in layout.main_sidecars(subject):
+    sections, summary = [], []
+    for number, sidecar in enumerate(layout.main_sidecars(subject)):
         payload = json.loads(sidecar.read_text())
         provenance, qc = payload.get("Provenance", {}), payload.get("QC", {})
+        name = layout.image_of(sidecar).name.removesuffix(".nii.gz")
+        summary.append(_summary_row(number, name, payload))
         rows = [
             ("Method", provenance.get("Method")),
             ("Parameters", json.dumps(provenance.get("Parameters", {}), sort_keys=True)),
@@ -81,11 +83,19 @@ def render_participant_report(layout, subject: str) -> str:
         ]
         for caption, table_rows in provenance.get("Details", {}).get("tables", {}).items():
             blocks.append(f"<details><summary>{html.escape(caption)}</summary>{_rows_table(table_rows)}</details>")
+        evaluation = provenance.get("Evaluation") or {}
+        if "r2" in evaluation:
+            rows.append(("Held-out prediction (R², leak-free)", f"{evaluation['r2']:.3f} denoised, "
+                                                                f"{evaluation['r2_without']:.3f} without denoising "
+                                                                f"({evaluation.get('model', '')}, "
+                                                                f"{evaluation.get('folds', '')} folds)"))
         sections.append(
-            f"<h2>{html.escape(layout.image_of(sidecar).name.removesuffix('.nii.gz'))}</h2>\n{_table(rows)}\n{''.join(notes)}\n{''.join(blocks)}\n"
+            f'<h2 id="run-{number}">{html.escape(name)}</h2>\n{_table(rows)}\n{"".join(notes)}\n{"".join(blocks)}\n'
             f"<details><summary>Files</summary><ul>{link_list}</ul></details>"
         )
     body = "\n".join(sections) or "<p>No denoised run found.</p>"
+    if summary:
+        body = _summary_table(summary) + "\n" + body
     if layout.kind == "bids":
         body = DOWNSTREAM + body
     if (root / CITATION_MD).exists():
@@ -93,11 +103,43 @@ def render_participant_report(layout, subject: str) -> str:
     return _page(f"bids-denoise: sub-{subject}", body)
 
 
+def _summary_row(number: int, name: str, payload: dict) -> dict:
+    """One run's line of the summary: what ran on it, whether it helped (where scored), how long it took."""
+    provenance = payload.get("Provenance", {})
+    details = provenance.get("Details", {})
+    evaluation = provenance.get("Evaluation") or {}
+    if "r2" in evaluation:
+        score = f"{evaluation['r2']:.3f} against {evaluation['r2_without']:.3f} without"
+        verdict = "helped" if evaluation.get("helps") else "did not help"
+    elif "chosen" in details and details.get("scores"):
+        best = details["scores"][0] if details["chosen"] == "none" else next(
+            (row for row in details["scores"] if row["method"] == details["chosen"]), details["scores"][0])
+        score = f"{best['r2']:.3f} against {best['r2_without']:.3f} without"
+        verdict = "chose none" if details["chosen"] == "none" else f"chose {details['chosen']}"
+    else:
+        score, verdict = "not scored (--evaluate)", ""
+    fa = (evaluation.get("fa_change") if isinstance(evaluation, dict) else None)
+    return {"number": number, "name": name, "method": provenance.get("Method", ""), "score": score,
+            "verdict": verdict, "fa": "" if fa is None else f"{fa:+.3f}",
+            "seconds": provenance.get("DurationSeconds", ""), "warnings": len(payload.get("Warnings", []))}
+
+
+def _summary_table(rows) -> str:
+    """The page's opening: each run, its method, its held-out score against no denoising, time, warnings."""
+    lines = "".join(
+        f'<tr><td><a href="#run-{row["number"]}">{html.escape(row["name"])}</a></td><td>{html.escape(str(row["method"]))}'
+        f'</td><td>{html.escape(row["score"])}</td><td>{html.escape(row["verdict"])}</td><td>{html.escape(row["fa"])}'
+        f'</td><td>{html.escape(str(row["seconds"]))}</td><td>{row["warnings"] or ""}</td></tr>'
+        for row in rows)
+    return ("<h2>Summary</h2>\n<table><tr><th>Run</th><th>Method</th><th>Held-out prediction R² (leak-free)</th>"
+            "<th></th><th>WM FA change</th><th>Seconds</th><th>Warnings</th></tr>" + lines + "</table>")
+
+
 def _rows_table(rows) -> str:
-    header = list(rows[0]) if rows else []
+    header = list(dict.fromkeys(key for row in rows for key in row))  # every row's columns, first seen first
     cells = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
     for row in rows:
-        cells += "<tr>" + "".join(f"<td>{html.escape(str(row[h]))}</td>" for h in header) + "</tr>"
+        cells += "<tr>" + "".join(f"<td>{html.escape(str(row.get(h, '')))}</td>" for h in header) + "</tr>"
     return f"<table>{cells}</table>"
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bids_denoise.evaluate import cross_validation_folds
 from bids_denoise.methods.core.shells import cluster_shells
 
 #: b-values up to this are b0 volumes.
@@ -179,24 +180,6 @@ class CrossValidation:
     r2_map_denoised: np.ndarray
     r2_map_raw: np.ndarray
     folds: list[list[int]]
-
-
-def cross_validation_folds(bvals, folds=5, seed=0) -> list[np.ndarray]:
-    """Split the diffusion-weighted volumes into ``folds`` held-out sets, every shell spread over all.
-
-    The volumes of each shell are shuffled (seeded) and dealt to the folds in turn, continuing
-    where the previous shell stopped, so each fold holds a share of every shell; b0s are never held
-    out (the fit needs them for S0).
-    """
-    rng = np.random.default_rng(seed)
-    shell_of_volume = cluster_shells(bvals, b0_threshold=B0_THRESHOLD)
-    dealt = [[] for _ in range(folds)]
-    position = 0
-    for label in np.unique(shell_of_volume[shell_of_volume > 0]):
-        for volume in rng.permutation(np.flatnonzero(shell_of_volume == label)):
-            dealt[position % folds].append(int(volume))
-            position += 1
-    return [np.array(sorted(held_out), dtype=int) for held_out in dealt if held_out]
 
 
 def cross_validated_prediction(denoise, data, bvals, bvecs, mask, folds=5, seed=0, *,

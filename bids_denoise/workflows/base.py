@@ -129,6 +129,7 @@ def _method_node(spec, config: RunConfig, device: str, record: dict, mem_gb: flo
     node.inputs.device = device if spec.uses_gpu else "cpu"
     node.inputs.use_gpu = on_gpu
     node.inputs.seed = config.workflow.seed
+    node.inputs.evaluate = config.workflow.evaluate
     node.inputs.omp_nthreads = omp_nthreads
     if spec.uses_gpu and config.nipype.gpu_plugin_args and device != "cpu":
         # batch plugins: GPU nodes ask for a GPU, CPU nodes keep the plugin's own arguments

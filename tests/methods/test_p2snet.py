@@ -8,11 +8,11 @@ import torch
 
 from bids_denoise.methods.core.errors import UnsuitableDataError
 from bids_denoise.methods.core.noise import series_noise_variance
+from bids_denoise.methods.core.shells import even_sh_basis
 from bids_denoise.methods.p2snet import (
     AngularCNN,
     angular_weights,
     conditions,
-    even_sh_basis,
     local_subspace_predictions,
     p2snet,
 )

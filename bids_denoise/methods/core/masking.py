@@ -46,3 +46,23 @@ def b0_brain_mask(data, bvals, *, b0_threshold=50.0) -> np.ndarray:
         sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
         mask = labels == (1 + int(np.argmax(sizes)))
     return mask
+
+
+def tissue_mask(data, bvals, *, b0_threshold=50.0) -> np.ndarray:
+    """:func:`b0_brain_mask`, or every voxel with signal where the field of view has no background.
+
+    On a crop inside the head (no air in the field), Otsu's threshold splits tissue from CSF instead of the
+    head from the air and the b0 mask keeps only the CSF. That is seen from the two classes: with air in the
+    field the lower class sits near zero (well under a quarter of the upper class's mean); without, it is
+    tissue, and the whole field is kept but for voxels under half that class's mean (dropouts, padding).
+    """
+    bvals = np.asarray(bvals, dtype=float).ravel()
+    b0 = bvals <= b0_threshold
+    reference = data[..., b0].mean(axis=3) if b0.any() else data.mean(axis=3)
+    values = reference[np.isfinite(reference)]
+    if values.size:
+        threshold = otsu_threshold(values)
+        low, high = values[values <= threshold], values[values > threshold]
+        if low.size and high.size and low.mean() > 0.25 * high.mean():
+            return np.isfinite(reference) & (reference > 0.5 * low.mean())
+    return b0_brain_mask(data, bvals, b0_threshold=b0_threshold)

@@ -48,3 +48,16 @@ def shell_bvalues(bvals, shell_of_volume) -> dict[int, float]:
         int(label): float(np.round(bvals[shell_of_volume == label].mean(), 1))
         for label in np.unique(shell_of_volume)
     }
+
+
+def even_sh_basis(directions, order):
+    """Real, even spherical-harmonic basis of ``order`` (0, 2, 4, ...) at unit ``directions`` (N, 3).
+
+    Spans the homogeneous polynomials of degree ``order`` restricted to the sphere ((order + 1)(order + 2) / 2
+    functions: 1, 6, 15 ...): monomials ``x^i y^j z^k`` with ``i + j + k = order``, which on the sphere span
+    the even harmonics up to ``order``. Even, so ``g`` and ``-g`` give the same row.
+    """
+    directions = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    columns = [directions[:, 0] ** i * directions[:, 1] ** j * directions[:, 2] ** (order - i - j)
+               for i in range(order + 1) for j in range(order + 1 - i)]
+    return np.stack(columns, axis=1)

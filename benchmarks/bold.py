@@ -27,8 +27,10 @@ echoes (14, 35, 56 ms; metrics averaged over echoes). Columns:
 Rows: MRtrix3 ``dwidenoise`` (Debian's ``mrtrix3``; left out where it is not installed) on the
 magnitude series with its default window, as the fMRIPrep pull request runs it; our MP-PCA in its
 ``dwidenoise`` mode (centre voxel, hard threshold, the same window: the parity line after each block
-compares the two) and with the app's BOLD default (the same with each voxel's temporal mean removed and
-the window's average course kept, ``--mppca-demean time``) on the magnitude and with the phase; NORDIC.
+compares the two) and with the app's BOLD default (a 3x3x3 window averaged with Gaussian weights, each
+voxel's temporal mean removed and the window's average course kept) on the magnitude and with the phase;
+NORDIC (withdrawn from the app: ``benchmarks/bold_glm.py``). The GLM a user fits, false positives by
+distance from activation and null runs are ``benchmarks/bold_glm.py``'s.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ def main():
         return [run(m).denoised for m in p.magnitude]
 
     def mppca_app(phase="ignore", joint=False, dwi=False):
-        """The app's defaults for BOLD (registry/mppca.py: centre voxel, hard threshold, each voxel's
-        temporal mean removed and the window's average course kept, echo by echo; for a complex run the
+        """The app's defaults for BOLD (registry/mppca.py's AUTO: a 3x3x3 window, Gaussian averaging, hard
+        threshold, each voxel's temporal mean removed and the window's average course kept, echo by echo;
+        for a complex run the
         magnitude at the noise level of the phase's imaginary channel, ``phase="noise"``), with the
         magnitude alone (``"ignore"``), the complex series (``"use"``) or the echoes side by side, or with
         ``dwi`` its DWI configuration (overcomplete, demeaned, Frobenius shrinkage, the Koay noise-floor
@@ -128,8 +131,9 @@ def main():
         def run(p):
             from bids_denoise.methods.core.phase import noise_level
             from bids_denoise.methods.mppca import mppca as denoise
+            from bids_denoise.registry.mppca import AUTO
 
-            options = {"demean": "time"}
+            options = {key: value for key, value in AUTO["bold"].items() if key != "phase"}
             if dwi:
                 options = {"aggregate": "overcomplete", "demean": True, "shrinkage": "frobenius",
                            "noise_floor": "none" if phase == "use" else "koay"}

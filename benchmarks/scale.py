@@ -17,7 +17,8 @@ Columns:
   140x140x90x100 (0.7 GB), HCP-like 145x174x145x288 (4.2 GB), and multiband BOLD 104x104x72x600 (1.9 GB).
   Time per voxel grows with the window for MP-PCA (its window holds at least as many voxels as volumes:
   cost per voxel ~ volumes x window voxels x components), which the extrapolation takes into account for
-  MP-PCA (the ratio of the windows' matrix sizes); the others are extrapolated linearly.
+  MP-PCA on DWI (the ratio of the windows' matrix sizes); the others, and BOLD MP-PCA (its window is 3x3x3 at
+  any length), are extrapolated linearly.
 
 ``--dwidenoise`` adds MRtrix3's ``dwidenoise`` (Debian's ``mrtrix3``) on the same data, ``-nthreads`` as given.
 """
@@ -43,7 +44,7 @@ REAL = {  # name: (shape, volumes, modality)
     "multiband BOLD 104x104x72x600": ((104, 104, 72), 600, "bold"),
 }
 DWI_METHODS = ("mppca", "patch2self", "median", "noise2self", "p2snet", "noise2noise")
-BOLD_METHODS = ("mppca", "nordic")
+BOLD_METHODS = ("mppca",)
 LEARNED_BUDGET = {"epochs": 1, "max_seconds": 60.0, "steps_per_epoch": 3}
 
 
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
                 continue
             grow = float(np.prod(shape)) * real_volumes / (float(np.prod(large)) * volumes)
             time_grow = grow * (window_cost(real_volumes) / window_cost(volumes) / (real_volumes / volumes)
-                                if method in ("mppca", "dwidenoise") else 1.0)
+                                if method in ("mppca", "dwidenoise") and modality == "dwi" else 1.0)
             real_gb = float(np.prod(shape)) * real_volumes * 4 / 2**30
             memory = f"{m1 / s1 * real_gb:.1f} GB" if m1 == m1 else ""
             row.append(f"{t1 * time_grow / 3600:.2f} h, {memory}")

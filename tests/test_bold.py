@@ -46,10 +46,18 @@ def test_a_bold_run_is_denoised_with_its_maps_metadata_and_report(bold_dataset, 
     assert sidecar["QC"]["TSNRMedianAfter"] > sidecar["QC"]["TSNRMedianBefore"]
     configuration = sidecar["Provenance"]["Details"]["configuration"]  # BOLD's auto: dwidenoise's mode, demeaned
     assert (configuration["aggregate"], configuration["shrinkage"], configuration["demean"],
-            configuration["noise_floor"]) == ("centre", "hard", "time", "none")
+            configuration["noise_floor"]) == ("gaussian", "hard", "time", "none")
+    assert sidecar["Provenance"]["Details"]["extent"] == [3, 3, 3]
     assert sidecar["Provenance"]["Parameters"]["aggregate"] == "auto"
-    for name in ("noise", "rank"):
+    for name in ("noise", "rank", "edf"):
         assert nib.load(out / f"{stem}_desc-mppca_stat-{name}_boldmap.nii.gz").shape == source.shape[:3]
+    # the effective degrees of freedom: the kept components and the window's average course, far below T
+    edf = nib.load(out / f"{stem}_desc-mppca_stat-edf_boldmap.nii.gz").get_fdata()
+    rank = nib.load(out / f"{stem}_desc-mppca_stat-rank_boldmap.nii.gz").get_fdata()
+    np.testing.assert_allclose(edf[brain], rank[brain] + 1, rtol=1e-5)
+    assert 1 < np.median(edf[brain]) < source.shape[3] / 2
+    assert sidecar["QC"]["EffectiveDOFMedian"] == pytest.approx(np.median(edf[brain]), rel=0.2)
+    assert any("temporal degrees of freedom" in warning for warning in sidecar["Warnings"])
     figures = out / "sub-01" / "figures"
     name = (raw / relpath).name.replace("_bold.nii.gz", "")
     for kind in ("tsnr", "carpet", "noisemap", "mosaic"):
@@ -91,24 +99,6 @@ def test_raw_layout_gives_fmriprep_the_denoised_bold(bold_dataset, tmp_path, cap
     assert metadata["RepetitionTime"] == 2.0 and "Denoising" not in metadata  # nothing the next pipeline does not know
 
 
-def test_nordic_with_noise_scans(bold_dataset, tmp_path, capsys):
-    raw, relpath, truth, _ = bold_dataset
-    code = main([str(raw), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
-                 "--participant-label", "01", "--session-label", "post", "--skip-bids-validation",
-                 "--methods", "nordic", "--nordic-noise-volumes", "4"])
-    assert code == 0, capsys.readouterr().err
-    stem = relpath.replace("_bold.nii.gz", "")
-    out = tmp_path / "out"
-    denoised = nib.load(out / f"{stem}_desc-nordic_bold.nii.gz")
-    assert denoised.shape[3] == nib.load(raw / relpath).shape[3] - 4
-    sidecar = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())
-    assert sidecar["NoiseScansRemoved"] == 4 and any("noise scans" in w for w in sidecar["Warnings"])
-    assert sidecar["Provenance"]["Details"]["threshold_source"] == "noise volumes"
-    noise = nib.load(out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").get_fdata()
-    assert noise.shape == denoised.shape[:3] and np.median(noise[noise > 0]) > 0 and np.isfinite(noise).all()
-    assert "[moeller2021]" in (out / "logs" / "CITATION.md").read_text()
-
-
 @pytest.fixture
 def multiecho_dataset(dataset):
     from bids_denoise.testing.bold_phantom import make_bold_phantom, write_bold_run
@@ -122,30 +112,28 @@ def test_echoes_of_a_complex_run_are_denoised_together_and_written_echo_by_echo(
                                                                                  capsys):
     raw, phantom, relpaths = multiecho_dataset
     before = tree_digest(raw)
-    assert run_app(raw, tmp_path, "--methods", "mppca", "nordic") == 0, capsys.readouterr().err
+    assert run_app(raw, tmp_path) == 0, capsys.readouterr().err
     assert tree_digest(raw) == before
     out = tmp_path / "out"
     assert not list(out.rglob("*part-phase_desc-*"))  # a phase image is not a run of its own
     for echo, relpath in enumerate(relpaths):
         stem = relpath.replace("_bold.nii.gz", "")
         noisy_error = rmse(phantom.magnitude[echo], phantom.clean[echo], phantom.mask)
-        for method in ("mppca", "nordic"):
+        for method in ("mppca",):
             image = nib.load(out / f"{stem}_desc-{method}_bold.nii.gz")
             assert image.shape == phantom.magnitude[echo].shape
             assert rmse(image.get_fdata(), phantom.clean[echo], phantom.mask) < 0.35 * noisy_error, (echo, method)
             sidecar = json.loads((out / f"{stem}_desc-{method}_bold.json").read_text())
             assert sidecar["EchoTime"] == pytest.approx(phantom.echo_times[echo])
             job = sidecar["Provenance"]["Details"]["job"]
-            # NORDIC takes the echoes together, MP-PCA one by one (its default: measured better on BOLD)
-            assert job["kind"] == "echoes" and job["together"] == (method == "nordic")
+            # MP-PCA takes the echoes one by one (its default: measured better on BOLD)
+            assert job["kind"] == "echoes" and not job["together"]
             assert job["volumes"] == [40, 40, 40]
             assert set(sidecar["Provenance"]["InputDigests"]) >= {
                 name.replace("part-mag", part) for name in map(lambda r: r.split("/")[-1], relpaths)
                 for part in ("part-mag", "part-phase")}
             noise = nib.load(out / f"{stem}_desc-{method}_stat-noise_boldmap.nii.gz").get_fdata()
             assert noise.ndim == 3 and np.isfinite(noise).all() and (noise > 0).mean() > 0.5
-        nordic = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())["Provenance"]["Details"]
-        assert nordic["complex"] and nordic["joint"] and nordic["n_echoes"] == 3
         mppca = json.loads((out / f"{stem}_desc-mppca_bold.json").read_text())
         runs = mppca["Provenance"]["Details"]["runs"]
         # BOLD's auto: the magnitude denoised at the noise level the phase's imaginary channel measures
@@ -158,19 +146,22 @@ def test_echoes_of_a_complex_run_are_denoised_together_and_written_echo_by_echo(
         assert n_errors == 0, errors
 
 
-def test_echoes_one_by_one_and_the_magnitude_alone_on_request(multiecho_dataset, tmp_path, capsys):
+def test_echoes_together_as_complex_data_or_the_magnitude_alone_on_request(multiecho_dataset, tmp_path, capsys):
     raw, phantom, relpaths = multiecho_dataset
-    code = run_app(raw, tmp_path, "--methods", "nordic", "mppca", "--nordic-echoes", "separate", "--nordic-phase",
-                   "ignore", "--mppca-echoes", "joint", "--mppca-phase", "use")
+    code = run_app(raw, tmp_path, "--mppca-echoes", "joint", "--mppca-phase", "use")
     assert code == 0, capsys.readouterr().err
     stem = relpaths[1].replace("_bold.nii.gz", "")
-    sidecar = json.loads((tmp_path / "out" / f"{stem}_desc-nordic_bold.json").read_text())
-    details = sidecar["Provenance"]["Details"]
-    assert not details["joint"] and not details["complex"]
-    assert any("phase image was not used" in warning for warning in sidecar["Warnings"])
     mppca = json.loads((tmp_path / "out" / f"{stem}_desc-mppca_bold.json").read_text())["Provenance"]["Details"]
     assert mppca["job"]["together"] and mppca["configuration"]["complex"]
     assert mppca["configuration"]["noise_floor"] == "none"
+    noisy_error = rmse(phantom.magnitude[1], phantom.clean[1], phantom.mask)
+    image = nib.load(tmp_path / "out" / f"{stem}_desc-mppca_bold.nii.gz").get_fdata()
+    assert rmse(image, phantom.clean[1], phantom.mask) < 0.5 * noisy_error
+    code = run_app(raw, tmp_path, "--mppca-phase", "ignore", out="magnitude")
+    assert code == 0, capsys.readouterr().err
+    sidecar = json.loads((tmp_path / "magnitude" / f"{stem}_desc-mppca_bold.json").read_text())
+    assert [run["configuration"]["complex"] for run in sidecar["Provenance"]["Details"]["runs"]] == [False] * 3
+    assert any("phase image was not used" in warning for warning in sidecar["Warnings"])
 
 
 def test_bad_complex_and_multi_echo_input_is_refused_one_line_each(multiecho_dataset, tmp_path, capsys):
@@ -214,45 +205,9 @@ def test_bad_complex_and_multi_echo_input_is_refused_one_line_each(multiecho_dat
     assert not list((tmp_path / "grids").rglob("*task-rest*desc-mppca_bold.nii.gz"))
 
 
-def test_nordic_with_a_noise_map(bold_dataset, tmp_path, capsys):
-    """``--nordic-noise-map``: a g-factor / noise map divides the data before and multiplies after; the
-    noise map written is the one given; a map of the wrong shape is refused naming the file."""
-    raw, relpath, _, _ = bold_dataset
-    source = nib.load(raw / relpath)
-    sigma = np.linspace(4.0, 8.0, source.shape[0])[:, None, None] * np.ones(source.shape[:3], dtype=np.float32)
-    good, bad = tmp_path / "sigma.nii.gz", tmp_path / "sigma_bad.nii.gz"
-    nib.save(nib.Nifti1Image(sigma.astype(np.float32), source.affine), good)
-    nib.save(nib.Nifti1Image(sigma[:-1].astype(np.float32), source.affine), bad)
-    stem = relpath.replace("_bold.nii.gz", "")
-    for value, expected in ((good, 0), (bad, 65)):
-        out = tmp_path / f"out_{value.name}"
-        code = main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), "--participant-label", "01",
-                     "--session-label", "post", "--skip-bids-validation", "--methods", "nordic",
-                     "--nordic-noise-map", str(value)])
-        err = capsys.readouterr().err
-        assert code == expected, err
-        if expected:
-            assert "sigma_bad.nii.gz: a noise map of shape" in err
-            continue
-        details = json.loads((out / f"{stem}_desc-nordic_bold.json").read_text())["Provenance"]["Details"]
-        assert details["noise_map"]
-        written = nib.load(out / f"{stem}_desc-nordic_stat-noise_boldmap.nii.gz").get_fdata()
-        np.testing.assert_allclose(written, sigma, rtol=1e-5)
-
-
-def test_two_noise_levels_for_nordic_are_a_usage_error(bold_dataset, tmp_path, capsys):
-    raw, _, _, _ = bold_dataset
-    code = main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation", "--methods", "nordic",
-                 "--nordic-noise-map", "5", "--nordic-noise-volumes", "4"])
-    assert code == 64
-    err = capsys.readouterr().err
-    assert "--nordic-noise-map and --nordic-noise-volumes both set the noise level" in err
-    assert not (tmp_path / "out").exists()
-
-
 def test_phase_units_come_from_the_values_or_the_sidecar_and_an_unknown_range_is_refused(dataset, tmp_path, capsys):
     """The same complex run with its phase in radians, degrees, scanner units 0..4095 (where radians, or a
-    signed range, used to be assumed) gives the same NORDIC result; a range that fits no unit is one line
+    signed range, used to be assumed) gives the same result of MP-PCA on the complex series; a range that fits no unit is one line
     naming the phase file (exit 65); a sidecar's Units is what the values are read in."""
     from bids_denoise.testing.bold_phantom import make_bold_phantom, write_bold_run
 
@@ -271,17 +226,17 @@ def test_phase_units_come_from_the_values_or_the_sidecar_and_an_unknown_range_is
     results = {}
     for name, values in stored.items():
         nib.save(nib.Nifti1Image(values.astype(np.float32), image.affine), phase_path)
-        code = run_app(raw, tmp_path, "--methods", "nordic", out=f"out_{name}")
+        code = run_app(raw, tmp_path, "--mppca-phase", "use", out=f"out_{name}")
         assert code == 0, capsys.readouterr().err
-        (output,) = (tmp_path / f"out_{name}").rglob("*_desc-nordic_bold.nii.gz")
+        (output,) = (tmp_path / f"out_{name}").rglob("*_desc-mppca_bold.nii.gz")
         results[name] = nib.load(output).get_fdata()
     for name in ("degrees", "unsigned"):
         assert np.allclose(results[name], results["radians"], rtol=1e-4, atol=1e-3), name
     nib.save(nib.Nifti1Image((radians * 3000).astype(np.float32), image.affine), phase_path)
-    code = run_app(raw, tmp_path, "--methods", "nordic", out="out_unknown")
+    code = run_app(raw, tmp_path, "--mppca-phase", "use", out="out_unknown")
     err = capsys.readouterr().err
     assert code == 65 and f"{phase_path}: phase values from" in err and "no units known here" in err, err
     sidecar.write_text(json.dumps(dict(metadata, Units="rad")))
-    code = run_app(raw, tmp_path, "--methods", "nordic", out="out_stated")
+    code = run_app(raw, tmp_path, "--mppca-phase", "use", out="out_stated")
     err = capsys.readouterr().err
     assert code == 65 and "its sidecar says the phase is in radians, but its values span" in err, err

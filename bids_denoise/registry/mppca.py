@@ -25,21 +25,24 @@ from bids_denoise.registry._references import (
     VERAART2016,
 )
 
-#: What ``auto`` means for each modality (measured: ``benchmarks/dwi_defaults.py`` for DWI — hard shrinkage, since
-#: the Frobenius shrinker's extra PSNR costs white-matter FA above DIPY's on the crossing-fibre phantom —
-#: ``benchmarks/bold.py`` for BOLD, where the centre voxel with each voxel's temporal mean removed and the
-#: window's average course kept leaks less noise into neighbours and keeps more physiology than
-#: dwidenoise's mode, with fewer false positives than the DWI configuration).
+#: What ``auto`` means for each modality. DWI (``benchmarks/dwi_defaults.py``): hard shrinkage, since the
+#: Frobenius shrinker's extra PSNR costs white-matter FA above DIPY's on the crossing-fibre phantom. BOLD
+#: (``benchmarks/bold_glm.py``, nilearn's GLM on phantoms from two generators): a 3x3x3 window, so that a
+#: task course can enter a voxel's kept subspace only from voxels within sqrt(3) of it (dwidenoise's window,
+#: 7x7x7 at 200 volumes, drew a false-positive halo up to 5 voxels around activation), each voxel's temporal
+#: mean removed and the window's average course kept, the windows averaged with Gaussian weights.
 AUTO = {
     "dwi": {"aggregate": "overcomplete", "demean": True, "shrinkage": "hard", "noise_floor": "koay",
             "phase": "use"},
-    "bold": {"aggregate": "centre", "demean": "time", "shrinkage": "hard", "noise_floor": "none", "phase": "noise"},
+    "bold": {"aggregate": "gaussian", "demean": "time", "shrinkage": "hard", "noise_floor": "none",
+             "phase": "noise", "extent": (3, 3, 3)},
 }
 
 
 def resolve(parameters, modality) -> dict:
-    """The parameters with each ``auto`` replaced by the modality's choice."""
-    return {key: AUTO[modality][key] if key in AUTO[modality] and value == "auto" else value
+    """The parameters with each ``auto`` replaced by the modality's choice (an extent left unset is auto:
+    dwidenoise's rule for DWI, :data:`AUTO`'s window for BOLD)."""
+    return {key: AUTO[modality][key] if key in AUTO[modality] and value in ("auto", None) else value
             for key, value in parameters.items()}
 
 
@@ -105,6 +108,22 @@ def run(inputs, parameters) -> MethodResult:
                              "(input - output)^2, to compare with the square of the noise map (more: signal or "
                              "noise floor removed too; less: noise left)", per_run=True),
     }
+    if demean == "time":
+        maps["edf"] = OutputMap(
+            (rank + 1).astype(np.float32),
+            "Effective temporal degrees of freedom of the denoised fluctuation per voxel: the components kept "
+            "(rank) plus the window's average course, the trace of the operator that rebuilt the voxel. A GLM "
+            "fitted to the output sees at most this many noise dimensions, not the number of volumes: its "
+            "t-values are inflated near activation", summary_key="EffectiveDOFMedian")
+        median_edf = float(np.median(maps["edf"].array[rank > 0])) if (rank > 0).any() else 0.0
+        n_volumes = inputs.data.shape[3] // max(1, len(inputs.split(inputs.data)))
+        if median_edf < n_volumes / 2:
+            warnings.append(
+                f"the denoised series keep a median of {median_edf:.1f} temporal degrees of freedom per voxel of "
+                f"{n_volumes} volumes (stat-edf map): a first-level GLM's t and z values are inflated, by about "
+                f"sqrt((T - p) / (edf - p)) where the task lies in the kept components (near activation); "
+                "compare effect sizes (betas) at the group level or use permutation tests, not first-level "
+                "thresholds")
     details.update({"extent": list(result.extent), "masked": mask is not None, "solver": result.solver,
                     "configuration": result.parameters})
     if inputs.job == "echoes":
@@ -124,7 +143,8 @@ def _variance_removed(before, after):
 
 
 def describe(parameters) -> str:
-    extent = parameters["extent"] or "the default (smallest odd cube holding at least as many voxels as volumes)"
+    extent = parameters["extent"] or ("the default (for DWI the smallest odd cube holding at least as many voxels as "
+                                      "volumes, for BOLD 3x3x3)")
     if parameters["noise_map"] is not None:
         noise = "a given noise level"
     else:
@@ -171,8 +191,8 @@ SPEC = register(MethodSpec(
     name="mppca",
     title="MP-PCA",
     summary="Marchenko-Pastur PCA in a sliding window; for DWI by default with optimal shrinkage, overcomplete "
-            "averaging and noise-floor removal, for BOLD as dwidenoise with each voxel's temporal mean removed (each "
-            "mode an option); complex runs, one "
+            "averaging and noise-floor removal, for BOLD in a 3x3x3 window with Gaussian averaging and each voxel's "
+            "temporal mean removed (each mode an option); complex runs, one "
             "noise estimate per session on request; noise, rank and variance-removed maps",
     run=run,
     describe=describe,
@@ -196,8 +216,11 @@ SPEC = register(MethodSpec(
                  "demean": None,
                  "shrinkage": ("auto",) + MPPCAOptions.choices_of("shrinkage"),
                  "noise_floor": ("auto",) + MPPCAOptions.choices_of("noise_floor")},
-        helps={"aggregate": "rebuild the window centre (dwidenoise) or average all windows (DIPY), uniformly or "
-                            "with Gaussian weights; auto (default): overcomplete for DWI, centre for BOLD",
+        helps={"extent": "window size: one odd number or 'x,y,z'; auto (default): as dwidenoise for DWI (the "
+                         "smallest odd cube holding at least as many voxels as volumes), 3x3x3 for BOLD (larger "
+                         "windows draw false positives around activation)",
+               "aggregate": "rebuild the window centre (dwidenoise) or average all windows (DIPY), uniformly or "
+                            "with Gaussian weights; auto (default): overcomplete for DWI, gaussian for BOLD",
                "demean": "remove each window's mean before the PCA (true, as DIPY), not (false, as dwidenoise), "
                          "each shell's (shell), or each voxel's temporal mean with the window's average "
                          "fluctuation kept (time: less noise spread into neighbours); auto (default): true for "

@@ -79,7 +79,7 @@ def _ellipsoid_case(geometry, shape, n_volumes, tr, bold_change, snr, seed, kind
     echoes = 3 if kind == "echoes" else 1
     phantom = make_bold_phantom(shape, n_volumes, tr, snr=snr, n_echoes=echoes, complex_data=True,
                                 bold_change=0.0 if null else bold_change, seed=seed)
-    region = make_bold_phantom(shape, 8, tr, snr=snr, seed=seed).active if null else phantom.active
+    region = make_bold_phantom(shape, 30, tr, snr=snr, seed=seed).active if null else phantom.active
     grey = phantom.mask & (head_coordinates(shape)[1] >= 0.65)  # the generator's grey-matter rim
     return Case(geometry, kind, null, snr, seed, tr, phantom.magnitude,
                 phantom.phase if kind == "complex" else None, phantom.clean, phantom.mask, grey,

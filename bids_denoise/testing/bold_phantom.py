@@ -160,7 +160,6 @@ def make_bold_phantom(shape=(24, 24, 12), n_volumes=80, tr=2.0, *, snr=15.0, n_e
     brain = radius < 1.0
     csf = brain & (radius < 0.2)
     white = brain & ~csf & (radius < 0.65)
-    grey = brain & ~csf & ~white
     shading = 1.0 + 0.1 * np.cos(3 * grid[..., 0]) * np.cos(2 * grid[..., 1])
     s0 = np.where(csf, 1.3, np.where(white, 0.95, 1.0)) * shading * brain
     t2star = np.where(csf, 0.120, np.where(white, 0.045, 0.050)) * brain

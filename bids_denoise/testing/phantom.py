@@ -71,7 +71,6 @@ def make_phantom(shape=(24, 24, 14), *, n_b0=3, shells=((1000.0, 24),), noise_si
     brain = radius < 1.0
     csf = brain & (radius < 0.25)
     white = brain & ~csf & (radius < 0.75)
-    grey = brain & ~csf & ~white
 
     bvals = [0.0] * n_b0
     bvecs = [np.zeros(3)] * n_b0

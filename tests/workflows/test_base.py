@@ -23,9 +23,10 @@ def _run(root, relpath, modality):
                source=Source.from_relpath(relpath), modality=modality)
 
 
-def _config(tmp_path, methods, **nipype):
+def _config(tmp_path, methods, parameters=None, **nipype):
     specs = load_all()
-    workflow = Workflow(methods=methods, parameters={name: specs[name].defaults() for name in methods}, seed=4)
+    workflow = Workflow(methods=methods, parameters={name: dict(specs[name].defaults(), **(parameters or {}))
+                                                     for name in methods}, seed=4)
     return RunConfig(Execution(Path("/data"), tmp_path / "out", tmp_path / "work"), Nipype(**nipype), workflow)
 
 
@@ -66,17 +67,17 @@ def test_gpu_nodes_ask_a_batch_plugin_for_a_gpu(tmp_path):
 def test_a_job_of_echoes_is_read_once_and_written_run_by_run(tmp_path):
     """Three echoes: one load and one method node for the job, then each echo its own outputs."""
     specs = load_all()
-    config = _config(tmp_path, ["nordic"])
+    config = _config(tmp_path, ["mppca"], {"echoes": "joint"})
     runs = [_run(tmp_path, f"sub-01/func/sub-01_task-rest_echo-{e}_bold.nii.gz", "bold") for e in (1, 2, 3)]
     job = Job(runs, "echoes", (30, 30, 30))
     assert job.label == "sub-01_task-rest_bold"
-    workflow = init_participant_wf("01", [job], [specs["nordic"]], config, device="cpu",
+    workflow = init_participant_wf("01", [job], [specs["mppca"]], config, device="cpu",
                                    failure_dir=str(tmp_path / "f"), versions={})
     nodes = sorted(n.split(".", 1)[1] for n in workflow.list_node_names())
-    per_run = [f"nordic_{k}{i}" for i in range(3) for k in ("run", "report_run", "sink_run", "report_sink_run")]
-    assert nodes == sorted(["load_run", "nordic_denoise"] + per_run)
-    denoise = workflow.get_node("sub_01_task_rest_bold_wf.nordic_denoise")
+    per_run = [f"mppca_{k}{i}" for i in range(3) for k in ("run", "report_run", "sink_run", "report_sink_run")]
+    assert nodes == sorted(["load_run", "mppca_denoise"] + per_run)
+    denoise = workflow.get_node("sub_01_task_rest_bold_wf.mppca_denoise")
     assert denoise.inputs.members == [30, 30, 30] and denoise.inputs.job == "echoes"
     assert [Path(p).name for p in denoise.inputs.reference_files] == [r.path.name for r in runs]
-    sinks = [workflow.get_node(f"sub_01_task_rest_bold_wf.nordic_sink_run{i}") for i in range(3)]
+    sinks = [workflow.get_node(f"sub_01_task_rest_bold_wf.mppca_sink_run{i}") for i in range(3)]
     assert [sink.inputs.source_relpath for sink in sinks] == [run.relpath for run in runs]

@@ -32,6 +32,9 @@ log_dir="$output_dir/logs/slurm"
 mkdir -p "$log_dir"
 extra=$(printf ' %q' "$@")
 labels_q=$(printf ' %q' "${labels[@]}")
+# the work root as the task script reads it: WORK_ROOT as given, else the node's own TMPDIR (expanded there)
+# shellcheck disable=SC2016
+work_root=${WORK_ROOT:-'${TMPDIR:-/tmp}'}
 
 array_id=$(sbatch --parsable ${SBATCH_ARGS:--c 2 --mem=8G -t 04:00:00} \
     --job-name=bids-denoise --array=0-$((${#labels[@]} - 1)) \
@@ -40,7 +43,7 @@ array_id=$(sbatch --parsable ${SBATCH_ARGS:--c 2 --mem=8G -t 04:00:00} \
 set -euo pipefail
 labels=($labels_q)
 label=\${labels[\$SLURM_ARRAY_TASK_ID]}
-work="${WORK_ROOT:-\${TMPDIR:-/tmp}}/bids-denoise_\${SLURM_ARRAY_JOB_ID}_\${SLURM_ARRAY_TASK_ID}"
+work="$work_root/bids-denoise_\${SLURM_ARRAY_JOB_ID}_\${SLURM_ARRAY_TASK_ID}"
 mkdir -p "\$work"
 trap 'rm -rf "\$work"' EXIT
 $app "$bids_dir" "$output_dir" participant --participant-label "\$label" -w "\$work" --nprocs "\${SLURM_CPUS_PER_TASK:-1}" $extra

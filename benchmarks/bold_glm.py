@@ -17,7 +17,8 @@ of the dwidenoise-rule window, 7x7x7 here, temporal means removed); MP-PCA in ``
 jointly, as it was run).
 
 Columns per (geometry, kind, tSNR), the mean of the seeds: ROI mean t; t gain over the noisy input;
-grey-matter false-positive rates 0-2, 2-5 and beyond 5 voxels from the active region; the null run's
+grey-matter false-positive rates 0-2, 2-5 and beyond 5 voxels from the active region (and, in a table
+of their own, per 1-voxel distance bin up to 12: the window's reach); the null run's
 false-positive rate over grey matter; and the targets: ``2-5`` FP 2-5 at most 1.5x the noisy input's,
 ``>5`` FP beyond 5 at most the noisy input's, ``null`` at most the noisy input's, ``gain`` t gain at or
 above the Gaussian's. The last table counts the blocks where each row meets each target.
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
               ("noisy input", "1.5-voxel Gaussian")}
     results = defaultdict(lambda: defaultdict(list))  # (geometry, kind, snr) -> (row, metric) -> values
     seconds = defaultdict(list)
+    profiles = defaultdict(list)  # row -> per task run, FP per 1-voxel distance bin
     for geometry in args.geometries:
         for snr in args.snrs:
             for seed in args.seeds:
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
                             else:
                                 for key in ("roi_t", "fp_0-2", "fp_2-5", "fp_>5"):
                                     block[name, key].append(scores[key])
+                                profiles[name].append(scores["fp_profile"])
                 print(f"done {geometry} tSNR {snr:g} seed {seed}", file=sys.stderr, flush=True)
     met = defaultdict(lambda: defaultdict(int))
     for (geometry, kind, snr), block in results.items():
@@ -146,6 +149,11 @@ def main(argv=None) -> int:
                           " ".join(target for target, ok in checks.items() if ok) or "-"])
         print(f"\n{geometry}, {kind}, tSNR {snr:g} ({args.scorer}; FP in % of grey-matter voxels)")
         table(lines, ["row", "ROI t", "t gain", "FP 0-2", "FP 2-5", "FP >5", "null FP", "targets met"])
+    bins = [f"({low},{low + 1}]" for low in range(12)]
+    print(f"\nFalse positives by distance from the active region (% of grey-matter voxels, 1-voxel bins, mean "
+          f"over the task runs; {args.scorer})")
+    table([[name, *(f"{100 * value:.2f}" for value in np.nanmean(np.array(profiles[name], dtype=float), axis=0))]
+           for name in chosen], ["row", *bins])
     print(f"\nTargets met, blocks of {len(results)} ({args.scorer}); seconds: median per run, one thread")
     table([[name, *(f"{met[name][t]}/{met[name]['blocks']}" for t in ("2-5", ">5", "null", "gain", "all")),
             f"{np.median(seconds[name]):.1f}"] for name in chosen],

@@ -552,3 +552,29 @@ def test_labels_too_long_for_file_names_are_refused_before_the_run(tmp_path, cap
     err = one_error_line(capsys, code, 65, f"{long}: its outputs' names would be up to",
                          "more than the file system allows")
     assert "File name too long" not in err
+
+
+@pytest.mark.timeout(300)
+def test_a_run_from_a_session_that_already_ran_torch_threads_completes(dataset, tmp_path, capsys):
+    """A forked worker of a process whose OpenMP pool is running waits for ever (GNU libgomp): the last CI
+    hung so. Runs started from a Python session start their workers from a fork server; the command
+    line (a fresh process) still forks them."""
+    import torch
+
+    from bids_denoise.engine import worker_start_method
+
+    raw, _ = dataset
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        matrix = torch.randn(512, 512)
+        assert torch.isfinite(matrix @ matrix).all()  # the pool is up in this process now
+        assert worker_start_method() == "forkserver"
+        code = run_app(raw, tmp_path, "--methods", "patch2self", "--nprocs", "2", "--omp-nthreads", "2")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err
+    fresh = subprocess.run([sys.executable, "-c", "import bids_denoise.cli.run as r, bids_denoise.engine as e; "
+                            "e.mark_fresh_process(); print(e.worker_start_method())"],
+                           capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "fork"

@@ -62,12 +62,20 @@ def denoise(name, phantom, seed):
 
         sigma = estimate_sigma(data.astype(np.float64), N=1)
         return nlmeans(data.astype(np.float64), sigma=sigma, mask=phantom.mask, rician=True)
+    import shutil
+    import tempfile
+
     from bids_denoise.contract import MethodInputs
     from bids_denoise.registry import load_all
 
     spec = load_all()[name]
-    inputs = MethodInputs(data=data, affine=np.eye(4), bvals=phantom.bvals, bvecs=phantom.bvecs, seed=seed)
-    return spec.run(inputs, spec.parse({})).image
+    work = tempfile.mkdtemp(prefix="few_directions_")  # the learned methods keep their weights there
+    try:
+        inputs = MethodInputs(data=data, affine=np.eye(4), bvals=phantom.bvals, bvecs=phantom.bvecs, seed=seed,
+                              work_dir=work)
+        return spec.run(inputs, spec.parse({})).image
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -104,6 +112,8 @@ def main(argv=None) -> int:
             psnr = float(np.mean([value for b, value in shell_psnr(out, phantom).items() if b > 0]))
             errors = tensor_errors(out, phantom, reference)
             results[name, case] = (psnr, errors["fa"], errors["md"] * 1e3)
+            print(f"  {name}: {psnr:.2f} dB, FA error {errors['fa']:.4f}, MD error {errors['md'] * 1e3:.4f} "
+                  f"({seconds[name][-1]:.0f} s)", file=sys.stderr, flush=True)
         print(f"done {generator} {directions} directions SNR {snr:g} seed {seed}", file=sys.stderr, flush=True)
     for generator in args.generators:
         for directions in args.directions:

@@ -1,8 +1,29 @@
-"""Helpers for the benchmarks: run a case in a fresh process (``bids_denoise.testing.resources``), print a table."""
+"""Helpers for the benchmarks: run a case in a fresh process (``bids_denoise.testing.resources``), run a method
+through its registration, print a table."""
 
 from __future__ import annotations
 
 from bids_denoise.testing.resources import measure, measure_best  # noqa: F401  (the benchmarks' helpers)
+
+
+def run_registered(method, data, bvals=None, bvecs=None, values=None, seed=0):
+    """``method`` on a series through its registration, as the app runs it (its defaults with ``values``), in a
+    throw-away work directory (the learned methods keep their weights there). Returns the output image."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from bids_denoise import registry
+    from bids_denoise.contract import MethodInputs
+
+    spec = registry.load_all()[method]
+    work = tempfile.mkdtemp(prefix=f"{method}_")
+    try:
+        inputs = MethodInputs(data=data, affine=np.eye(4), bvals=bvals, bvecs=bvecs, seed=seed, work_dir=work)
+        return spec.run(inputs, spec.parse(values or {})).image
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def table(rows, headers):

@@ -39,18 +39,9 @@ from _common import table  # noqa: E402
 
 
 def app_mppca(case, **changes):
-    """Each echo through the registry's ``mppca`` run, with the phase where the run has one."""
-    from bids_denoise.contract import MethodInputs
-    from bids_denoise.registry import load_all
+    from bids_denoise.testing.bold_glm import registered
 
-    spec = load_all()["mppca"]
-    parameters = spec.parse(changes)
-    outputs = []
-    for echo, series in enumerate(case.magnitude):
-        phase = None if case.phase is None else case.phase[echo]
-        inputs = MethodInputs(data=series, affine=case.affine, phase=phase)
-        outputs.append(spec.run(inputs, parameters).image)
-    return outputs
+    return registered(case, "mppca", **changes)
 
 
 def previous_default(case):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table  # noqa: E402
+from _common import run_registered, table  # noqa: E402
 
 CLASSICAL = ("noisy", "DIPY mppca", "DIPY patch2self", "DIPY nlmeans")
 OURS = ("mppca", "patch2self", "median", "noise2self", "p2snet")
@@ -62,20 +62,7 @@ def denoise(name, phantom, seed):
 
         sigma = estimate_sigma(data.astype(np.float64), N=1)
         return nlmeans(data.astype(np.float64), sigma=sigma, mask=phantom.mask, rician=True)
-    import shutil
-    import tempfile
-
-    from bids_denoise.contract import MethodInputs
-    from bids_denoise.registry import load_all
-
-    spec = load_all()[name]
-    work = tempfile.mkdtemp(prefix="few_directions_")  # the learned methods keep their weights there
-    try:
-        inputs = MethodInputs(data=data, affine=np.eye(4), bvals=phantom.bvals, bvecs=phantom.bvecs, seed=seed,
-                              work_dir=work)
-        return spec.run(inputs, spec.parse({})).image
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_registered(name, data, phantom.bvals, phantom.bvecs, seed=seed)
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import measure, table  # noqa: E402
+from _common import measure, run_registered, table  # noqa: E402
 
 REAL = {  # name: (shape, volumes, modality)
     "research DWI 140x140x90x100": ((140, 140, 90), 100, "dwi"),
@@ -70,19 +70,12 @@ def runner(method):
 
     def run(payload):
         from bids_denoise import registry
-        from bids_denoise.contract import MethodInputs
 
         data, bvals, bvecs = payload
         spec = registry.load_all()[method]
         values = {key: value for key, value in LEARNED_BUDGET.items() if spec.learned
                   and key in {param.name for param in spec.params}}
-        work = Path(tempfile.mkdtemp())
-        try:
-            result = spec.run(MethodInputs(data=data, affine=np.eye(4), bvals=bvals, bvecs=bvecs, work_dir=work),
-                              spec.parse(values))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        return float(np.mean(result.image))
+        return float(np.mean(run_registered(method, data, bvals, bvecs, values)))
 
     return run
 

@@ -84,6 +84,21 @@ def cross_validation_folds(bvals, folds=5, seed=0) -> list[np.ndarray]:
     return [np.array(sorted(held_out), dtype=int) for held_out in dealt if held_out]
 
 
+def score_job(run, inputs) -> Score:
+    """The leak-free score of a method on the single run of ``inputs`` (a
+    :class:`~bids_denoise.contract.MethodInputs`): ``run(part) -> image`` denoises ``part``, the run
+    without a fold's volumes (its phase left out); :func:`dwi_score` where the run has b-values, else
+    :func:`bold_score`."""
+    from dataclasses import replace
+
+    def denoise(data, bvals=None, bvecs=None):
+        return run(replace(inputs, data=data, bvals=bvals, bvecs=bvecs, phase=None))
+
+    if inputs.bvals is not None:
+        return dwi_score(denoise, inputs.data, inputs.bvals, inputs.bvecs, seed=inputs.seed)
+    return bold_score(denoise, inputs.data)
+
+
 def dwi_score(denoise, data, bvals, bvecs, *, folds=5, seed=0, mask=None) -> Score:
     """The leak-free score of ``denoise(data, bvals, bvecs) -> denoised`` on a DWI run.
 

@@ -11,15 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bids_denoise.contract import MethodInputs
-from bids_denoise.registry import load_all
-from bids_denoise.testing.bold_glm import gaussian, make_case, score
+from bids_denoise.testing.bold_glm import gaussian, make_case, registered, score
 
 
 def _mppca(case, **changes):
-    spec = load_all()["mppca"]
-    parameters = spec.parse(changes)
-    return [spec.run(MethodInputs(data=series, affine=case.affine), parameters).image for series in case.magnitude]
+    return registered(case, "mppca", **changes)
 
 
 def _judge(geometry, snr, denoise):

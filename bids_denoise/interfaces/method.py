@@ -160,17 +160,10 @@ def evaluate_job(spec, parameters, jobs, results, work_dir) -> dict:
             continue
         folder = Path(work_dir) / f"evaluation-{number}"
         folder.mkdir(exist_ok=True)
-
-        def denoise(data, bvals=None, bvecs=None, inputs=inputs, folder=folder):
-            part = replace(inputs, data=data, bvals=bvals, bvecs=bvecs, phase=None, work_dir=folder)
-            return spec.run(part, parameters).image
-
-        if inputs.bvals is not None:
-            score = evaluate.dwi_score(denoise, inputs.data, inputs.bvals, inputs.bvecs, seed=inputs.seed)
-            fa = evaluate.fa_change(inputs.data, result.image, inputs.bvals, inputs.bvecs) \
-                if result.image.shape == inputs.data.shape else {}
-        else:
-            score, fa = evaluate.bold_score(lambda data: denoise(data), inputs.data), {}
+        score = evaluate.score_job(lambda part, folder=folder: spec.run(replace(part, work_dir=folder), parameters).image,
+                                   inputs)
+        fa = evaluate.fa_change(inputs.data, result.image, inputs.bvals, inputs.bvecs) \
+            if inputs.bvals is not None and result.image.shape == inputs.data.shape else {}
         scores.append(dict(score.as_dict(), helps=score.helps, **fa))
     return scores[0] if len(scores) == 1 else {"runs": scores}
 

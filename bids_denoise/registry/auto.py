@@ -13,8 +13,6 @@ classical methods for a DWI run. Learned methods are not candidates (they would 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from bids_denoise.contract import MethodResult, MethodSpec, Param
 from bids_denoise.registry import register
 
@@ -62,15 +60,7 @@ def run(inputs, parameters) -> MethodResult:
         name, changes, _ = CANDIDATES[label]
         spec = methods[name]
         chosen = spec.parse(changes)
-
-        def denoise(data, bvals=None, bvecs=None, spec=spec, chosen=chosen):
-            part = replace(inputs, data=data, bvals=bvals, bvecs=bvecs, phase=None)
-            return spec.run(part, chosen).image
-
-        if modality == "dwi":
-            score = evaluate.dwi_score(denoise, inputs.data, inputs.bvals, inputs.bvecs, seed=inputs.seed)
-        else:
-            score = evaluate.bold_score(lambda data, denoise=denoise: denoise(data), inputs.data)
+        score = evaluate.score_job(lambda part, spec=spec, chosen=chosen: spec.run(part, chosen).image, inputs)
         table.append({"method": label, **score.as_dict()})
         if score.helps and (best is None or score.rmse < best[2].rmse):
             best = (name, chosen, score, label)

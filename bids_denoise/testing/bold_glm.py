@@ -115,6 +115,19 @@ def make_case(geometry, snr, seed, kind="magnitude", null=False, *, shape=None, 
                      snr, seed, kind, null)
 
 
+def registered(case: Case, method: str, **changes) -> list:
+    """Each echo of ``case`` through ``method``'s registration, as the app runs it (with the phase of a complex
+    run), its parameters the defaults with ``changes``."""
+    from bids_denoise.contract import MethodInputs
+    from bids_denoise.registry import load_all
+
+    spec = load_all()[method]
+    parameters = spec.parse(changes)
+    phases = case.phase if case.phase is not None else [None] * len(case.magnitude)
+    return [spec.run(MethodInputs(data=series, affine=case.affine, phase=phase), parameters).image
+            for series, phase in zip(case.magnitude, phases)]
+
+
 def gaussian(case: Case, fwhm=GAUSSIAN_FWHM) -> list:
     """The reference row: each echo smoothed in space by a Gaussian of ``fwhm`` voxels."""
     sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))

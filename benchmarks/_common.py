@@ -6,9 +6,10 @@ from __future__ import annotations
 from bids_denoise.testing.resources import measure, measure_best  # noqa: F401  (the benchmarks' helpers)
 
 
-def run_registered(method, data, bvals=None, bvecs=None, values=None, seed=0):
+def run_registered(method, data, bvals=None, bvecs=None, values=None, seed=0, members=(), job="run"):
     """``method`` on a series through its registration, as the app runs it (its defaults with ``values``), in a
-    throw-away work directory (the learned methods keep their weights there). Returns the output image."""
+    throw-away work directory (the learned methods keep their weights there); ``members`` and ``job`` describe
+    runs stacked along the volume axis (``"session"``). Returns the output image."""
     import shutil
     import tempfile
 
@@ -20,7 +21,8 @@ def run_registered(method, data, bvals=None, bvecs=None, values=None, seed=0):
     spec = registry.load_all()[method]
     work = tempfile.mkdtemp(prefix=f"{method}_")
     try:
-        inputs = MethodInputs(data=data, affine=np.eye(4), bvals=bvals, bvecs=bvecs, seed=seed, work_dir=work)
+        inputs = MethodInputs(data=data, affine=np.eye(4), bvals=bvals, bvecs=bvecs, seed=seed, work_dir=work,
+                              members=tuple(members), job=job)
         return spec.run(inputs, spec.parse(values or {})).image
     finally:
         shutil.rmtree(work, ignore_errors=True)

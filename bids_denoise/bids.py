@@ -34,7 +34,7 @@ class NothingSelectedError(ValueError):
 #: What each modality selects: (datatype, suffixes, bids-filter-file keys)
 MODALITIES = {
     "dwi": ("dwi", ["dwi"], ["dwi"]),
-    "anat": ("anat", ["T1w", "T2w"], ["t1w", "t2w"]),
+    "anat": ("anat", ["T1w", "T2w", "FLAIR"], ["t1w", "t2w", "flair"]),
     "bold": ("func", ["bold"], ["bold"]),
 }
 

@@ -299,8 +299,10 @@ def test_bad_run_is_reported_skipped_and_others_complete(dataset, tmp_path, caps
     out = tmp_path / "out"
     bad_stem = target.name.replace("_dwi.nii.gz", "")
     if broken in ("no_bval", "bval_count"):
-        # the root-level bval is every run's: no run is left, and nothing is written
-        assert not out.exists() or not list(out.rglob("*_desc-*")), sorted(out.rglob("*"))
+        # the root-level bval is every DWI run's: no DWI run is left and none is written; the T1w images
+        # (the default's patchpca) still complete
+        assert not list(out.rglob("*_desc-*_dwi*")), sorted(out.rglob("*"))
+        assert len(list(out.rglob("*_desc-patchpca_T1w.nii.gz"))) == 2
     else:
         assert not list(out.rglob(f"{bad_stem}_desc-*"))
         # the good runs of the participant still completed
@@ -588,3 +590,32 @@ def test_super_resolution_in_the_app(dataset, tmp_path, capsys):
     if find_validator():
         n_errors, errors = validate_dataset(out)
         assert n_errors == 0, errors
+
+
+def test_anatomical_images_get_patchpca_by_default_flair_included(dataset, tmp_path, capsys):
+    """The default methods route 3D images (T1w, T2w, FLAIR) to patchpca: each image denoised closer to its
+    noise-free signal, with its noise and rank maps and a sidecar that cites the method."""
+    raw, truths = dataset
+    anat = raw / "sub-01" / "ses-pre" / "anat"
+    t1w = anat / "sub-01_ses-pre_T1w.nii.gz"
+    flair = anat / "sub-01_ses-pre_FLAIR.nii.gz"
+    shutil.copyfile(t1w, flair)
+    before = tree_digest(raw)
+    code = run_one(raw, tmp_path, "--participant-label", "01", "--session-label", "pre")
+    assert code == 0, capsys.readouterr().err
+    assert tree_digest(raw) == before
+    out = tmp_path / "out" / "sub-01" / "ses-pre" / "anat"
+    signal = nib.load(truths["sub-01/ses-pre/anat/sub-01_ses-pre_T1w.nii.gz"]).get_fdata()
+    brain = signal > 0
+    noisy = nib.load(t1w).get_fdata()
+    for suffix in ("T1w", "FLAIR"):
+        stem = f"sub-01_ses-pre_desc-patchpca_{suffix}"
+        denoised = nib.load(out / f"{stem}.nii.gz").get_fdata()
+        assert denoised.shape == noisy.shape
+        assert rmse(denoised, signal, brain) < 0.8 * rmse(noisy, signal, brain)
+        for name in ("noise", "rank"):
+            assert (out / f"sub-01_ses-pre_desc-patchpca_stat-{name}_{suffix}map.nii.gz").exists()
+        provenance = json.loads((out / f"{stem}.json").read_text())["Provenance"]
+        assert provenance["Method"] == "patchpca"
+        assert provenance["Parameters"]["guide_radius"] == 3
+    assert "manjon2015" in (tmp_path / "out" / "logs" / "CITATION.bib").read_text()

@@ -49,6 +49,31 @@ def test_a_session_mode_estimates_the_noise_once_and_denoises_each_run_with_it(d
     assert "once over all DWI runs of a session" in (tmp_path / "session" / "logs" / "CITATION.md").read_text()
 
 
+def test_noise2noise_trains_on_a_sessions_repeated_runs_together(dataset, tmp_path, capsys):
+    """The two runs share their gradient table: with --noise2noise-scope session each volume's repeat in the
+    other run is its training partner (true Noise2Noise pairs), and each run is written as its own."""
+    raw, truths = dataset
+    before = tree_digest(raw)
+    code = run_app(raw, tmp_path, "--methods", "noise2noise", "--noise2noise-scope", "session",
+                   "--noise2noise-epochs", "2", "--noise2noise-steps-per-epoch", "3", "--noise2noise-batch-size", "4")
+    assert code == 0, capsys.readouterr().err
+    assert tree_digest(raw) == before
+    for run in RUNS:
+        sidecar = json.loads((tmp_path / "out" / f"{run}_desc-noise2noise_dwi.json").read_text())
+        details = sidecar["Provenance"]["Details"]
+        assert details["job"]["kind"] == "session" and details["job"]["volumes"] == [18, 18]
+        assert details["session_runs"] == 2
+        # every diffusion-weighted volume of either run has its repeat in the other run
+        weighted = int((np.loadtxt(raw / "dwi.bval") > 50).sum())
+        assert details["pairs_across_runs"] >= 2 * weighted
+        signal = nib.load(truths[f"{run}_dwi.nii.gz"]).get_fdata()
+        brain = signal[..., 0] > 0
+        noisy = nib.load(raw / f"{run}_dwi.nii.gz").get_fdata()
+        denoised = nib.load(tmp_path / "out" / f"{run}_desc-noise2noise_dwi.nii.gz").get_fdata()
+        assert denoised.shape == noisy.shape
+        assert rmse(denoised, signal, brain) <= rmse(noisy, signal, brain)  # blended: never worse
+
+
 def _write_complex_run(raw, phantom, name):
     folder = raw / "sub-01" / "ses-pre" / "dwi"
     for part, array in (("mag", phantom.noisy), ("phase", phantom.phase)):

@@ -67,6 +67,16 @@ MANJON2013 = Reference(
 )
 
 
+MANJON2015 = Reference(
+    "manjon2015",
+    "Manjon JV, Coupe P, Buades A. MRI noise estimation and denoising using non-local PCA. Medical Image Analysis "
+    "22(1):35-47, 2015.",
+    "@article{manjon2015,\n  author={Manj{\\'o}n, Jos{\\'e} V. and Coup{\\'e}, Pierrick and Buades, Antonio},\n"
+    "  title={MRI noise estimation and denoising using non-local PCA},\n  journal={Medical Image Analysis},\n"
+    "  volume={22},\n  number={1},\n  pages={35--47},\n  year={2015}\n}",
+)
+
+
 EICHNER2015 = Reference(
     "eichner2015",
     "Eichner C, Cauley SF, Cohen-Adad J, Moller HE, Turner R, Setsompop K, Wald LL. Real diffusion-weighted MRI "

@@ -39,6 +39,12 @@ def _bold(shape, volumes):
     return make_bold_phantom(shape, volumes, snr=15.0, seed=0).magnitude[0].astype(np.float32), None, None
 
 
+def _anat(shape, volumes):
+    from bids_denoise.testing.anat_phantom import make_anatomical_phantom
+
+    return make_anatomical_phantom("synthetic", "T1w", shape=shape, snr=10.0, seed=0).noisy, None, None
+
+
 def _run(method):
     def run(payload):
         data, bvals, bvecs = payload
@@ -55,6 +61,7 @@ CASES = [
     ("mppca", _bold, 60, ((32, 32, 20), (48, 48, 24))),
     ("patch2self", _dwi, 40, ((32, 32, 20), (48, 48, 24))),
     ("median", _dwi, 16, ((24, 24, 16), (36, 36, 20))),
+    ("patchpca", _anat, 1, ((48, 48, 32), (80, 80, 48))),
 ]
 
 

@@ -12,8 +12,8 @@ on the noise-free signal.
 
 Rows: the noisy run; the mean of the two runs (not a denoiser of each run, the classical use of a repeat,
 for reference); DIPY's ``mppca`` on the run (patch radius 2); our ``mppca`` at its default on the run, and
-on both runs stacked into one series (one decomposition over twice the volumes; a function call, not an
-app option); ``noise2noise`` at its defaults with ``--noise2noise-scope run`` (pairs within the run: the
+with ``--mppca-noise-scope joint`` (the session's runs stacked, one decomposition over twice the volumes);
+``noise2noise`` at its defaults with ``--noise2noise-scope run`` (pairs within the run: the
 b0 has no partner here, so it has nothing to train on) and ``session`` (each volume paired with its
 repeat in the other run), both through their registrations as the app runs them.
 """
@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import run_registered, table  # noqa: E402
 
-ROWS = ("noisy", "mean of the two runs", "DIPY mppca", "mppca", "mppca, runs stacked", "noise2noise run",
+ROWS = ("noisy", "mean of the two runs", "DIPY mppca", "mppca", "mppca joint", "noise2noise run",
         "noise2noise session")
 
 
@@ -67,8 +67,9 @@ def denoise(name, phantom, second, seed):
         return run_registered("mppca", first, phantom.bvals, phantom.bvecs, seed=seed)
     both = np.concatenate([first, second], axis=3)
     bvals, bvecs = np.concatenate([phantom.bvals] * 2), np.concatenate([phantom.bvecs] * 2, axis=1)
-    if name == "mppca, runs stacked":
-        return run_registered("mppca", both, bvals, bvecs, seed=seed)[..., :n]
+    if name == "mppca joint":
+        return run_registered("mppca", both, bvals, bvecs, values={"noise_scope": "joint"}, seed=seed,
+                              members=(n, n), job="session")[..., :n]
     if name == "noise2noise run":
         return run_registered("noise2noise", first, phantom.bvals, phantom.bvecs, seed=seed)
     if name == "noise2noise session":

@@ -49,6 +49,24 @@ def test_a_session_mode_estimates_the_noise_once_and_denoises_each_run_with_it(d
     assert "once over all DWI runs of a session" in (tmp_path / "session" / "logs" / "CITATION.md").read_text()
 
 
+def test_a_joint_session_denoises_the_repeated_runs_in_one_decomposition(dataset, tmp_path, capsys):
+    """--mppca-noise-scope joint: the session's two runs (one protocol) are decomposed together, which removes more
+    noise from each than a decomposition of the run alone (benchmarks/repeated_runs.py measures it at size)."""
+    raw, truths = dataset
+    assert run_app(raw, tmp_path, "--mppca-noise-scope", "joint", out="joint") == 0, capsys.readouterr().err
+    assert run_app(raw, tmp_path, out="runs") == 0, capsys.readouterr().err
+    for run in RUNS:
+        signal = nib.load(truths[f"{run}_dwi.nii.gz"]).get_fdata()
+        brain = signal[..., 0] > 0
+        noisy = nib.load(raw / f"{run}_dwi.nii.gz").get_fdata()
+        joint, alone = (nib.load(tmp_path / out / f"{run}_desc-mppca_dwi.nii.gz").get_fdata() for out in ("joint", "runs"))
+        assert joint.shape == noisy.shape
+        assert rmse(joint, signal, brain) < rmse(alone, signal, brain) < rmse(noisy, signal, brain)
+        details = json.loads((tmp_path / "joint" / f"{run}_desc-mppca_dwi.json").read_text())["Provenance"]["Details"]
+        assert details["job"]["kind"] == "session" and details["noise_scope"].startswith("joint")
+    assert "one decomposition over their stacked volumes" in (tmp_path / "joint" / "logs" / "CITATION.md").read_text()
+
+
 def test_noise2noise_trains_on_a_sessions_repeated_runs_together(dataset, tmp_path, capsys):
     """The two runs share their gradient table: with --noise2noise-scope session each volume's repeat in the
     other run is its training partner (true Noise2Noise pairs), and each run is written as its own."""

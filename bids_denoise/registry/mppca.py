@@ -79,7 +79,12 @@ def run(inputs, parameters) -> MethodResult:
         return mppca(data, options, mask=mask, noise_sigma=sigma, bvals=bvals if demean == "shell" else None,
                      phase=phase, device=inputs.device)
 
-    if inputs.job == "session" and noise_sigma is None:
+    if inputs.job == "session" and parameters["noise_scope"] == "joint":
+        # one decomposition over the stacked runs: each window sees every run's volumes
+        result = denoise(inputs.data, inputs.bvals, phase, noise_sigma)
+        image, noise, rank = result.denoised, result.noise_sigma, result.rank
+        details["noise_scope"] = "joint: one decomposition over the session's stacked runs"
+    elif inputs.job == "session" and noise_sigma is None:
         # one noise estimate over every run of the session, then each run denoised with it
         estimate = denoise(inputs.data, inputs.bvals, phase, None)
         results = [denoise(data, bvals, run_phase, estimate.noise_sigma)
@@ -103,7 +108,9 @@ def run(inputs, parameters) -> MethodResult:
         "noise": OutputMap(noise, "MP-PCA noise level: standard deviation of the noise per voxel",
                            summary_key="NoiseSigmaMedian"),
         "rank": OutputMap(rank, "MP-PCA rank: number of signal components kept per voxel"
-                          + (" (mean over the session's runs)" if inputs.job == "session" else "")),
+                          + {"session": " (mean over the session's runs)",
+                             "joint": " (of the one decomposition over the session's stacked runs)"}.get(
+                              parameters["noise_scope"] if inputs.job == "session" else "", "")),
         "removed": OutputMap(removed, "Variance removed per voxel: the mean over the run's volumes of "
                              "(input - output)^2, to compare with the square of the noise map (more: signal or "
                              "noise floor removed too; less: noise left)", per_run=True),
@@ -169,6 +176,9 @@ def describe(parameters) -> str:
         extra += " The echoes of multi-echo BOLD runs were denoised together, with one decomposition."
     if parameters["noise_scope"] == "session":
         extra += " The noise level was estimated once over all DWI runs of a session and each run denoised with it."
+    if parameters["noise_scope"] == "joint":
+        extra += (" The DWI runs of a session on the same grid were denoised together, with one decomposition over "
+                  "their stacked volumes.")
     return (f"The image series were denoised with Marchenko-Pastur PCA [veraart2016] in a sliding window of extent "
             f"{extent}, with {noise}; {how}; the noise level was mapped per voxel.{extra}")
 
@@ -200,7 +210,7 @@ SPEC = register(MethodSpec(
     modalities=("dwi", "bold"),
     default=True,
     joint=lambda parameters: ("session",) + (("echoes",) if parameters["echoes"] == "joint" else ()),
-    session=lambda parameters: parameters["noise_scope"] == "session",
+    session=lambda parameters: parameters["noise_scope"] in ("session", "joint"),
     takes_phase=True,
     # the cost is one small eigenproblem per window: the compiled CPU solver does about 15,000
     # windows a second on one core here, while torch's batched CUDA eigh did about 1,000 68x68
@@ -239,7 +249,9 @@ SPEC = register(MethodSpec(
                         "run's grid, that sets the threshold instead of estimating it"),
         Param("noise_scope", str, "run",
               "estimate the noise level per run (run, default) or once over all DWI runs of a session with the "
-              "same grid and denoise each run with it (session)", choices=("run", "session")),
+              "same grid and denoise each run with it (session), or denoise those runs together, one decomposition "
+              "over their stacked volumes (joint: for repeated runs with no motion between them; measured better "
+              "than each run alone)", choices=("run", "session", "joint")),
         Param("phase", str, "auto",
               "complex runs (part-mag with a part-phase image): denoise the phase-demodulated complex series (use), "
               "the magnitude with the noise level the phase's imaginary channel measures (noise) "

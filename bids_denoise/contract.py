@@ -285,9 +285,8 @@ class MethodSpec:
     ``role`` is ``"denoise"`` (offered by ``--methods``) or ``"superres"``
     (offered by ``--super-resolution``). ``joint`` names the jobs of several runs
     the method denoises as one (``"echoes"``, ``"session"``: see :class:`MethodInputs`; or a function of the
-    parameters that returns them);
-    ``session(parameters)``, where given, says whether these parameters want the DWI
-    runs of a session read together; ``takes_phase`` that the method uses the phase
+    parameters that returns them): parameters whose kinds hold ``"session"`` want the DWI runs of a session
+    read together; ``takes_phase`` that the method uses the phase
     of complex runs; ``check(parameters)``, where given, returns the usage error of parameter values
     that cannot go together (the CLI exits 64 with it), or None.
     """
@@ -313,7 +312,6 @@ class MethodSpec:
     #: ``mem_per_input``)
     memory: Callable[[tuple], float] | None = None
     joint: tuple | Callable[[dict], tuple] = ()
-    session: Callable[[dict], bool] | None = None
     takes_phase: bool = False
     #: ``check(parameters)``: a one-line usage error for values that cannot go together, or None
     check: Callable[[dict], str | None] | None = None
@@ -335,7 +333,8 @@ class MethodSpec:
         return tuple(self.joint(parameters) if callable(self.joint) else self.joint)
 
     def wants_session(self, parameters: dict) -> bool:
-        return self.session is not None and bool(self.session(self.parse(parameters)))
+        """Whether these parameters want the DWI runs of a session read together (a ``"session"`` job)."""
+        return "session" in self.joint_kinds(self.parse(parameters))
 
     def defaults(self) -> dict:
         return {param.name: param.default for param in self.params}

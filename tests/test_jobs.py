@@ -72,10 +72,16 @@ def test_noise2noise_trains_on_a_sessions_repeated_runs_together(dataset, tmp_pa
     other run is its training partner (true Noise2Noise pairs), and each run is written as its own."""
     raw, truths = dataset
     before = tree_digest(raw)
-    code = run_app(raw, tmp_path, "--methods", "noise2noise", "--noise2noise-scope", "session",
+    code = run_app(raw, tmp_path, "--methods", "mppca", "noise2noise", "--noise2noise-scope", "session",
                    "--noise2noise-epochs", "2", "--noise2noise-steps-per-epoch", "3", "--noise2noise-batch-size", "4")
     assert code == 0, capsys.readouterr().err
     assert tree_digest(raw) == before
+    # the session job Noise2Noise asked for leaves mppca (run scope) denoising each run alone: its own noise map
+    noise = [nib.load(tmp_path / "out" / f"{run}_desc-mppca_stat-noise_dwimap.nii.gz").get_fdata() for run in RUNS]
+    assert not np.array_equal(*noise)
+    for run in RUNS:
+        details = json.loads((tmp_path / "out" / f"{run}_desc-mppca_dwi.json").read_text())["Provenance"]["Details"]
+        assert "noise_scope" not in details
     for run in RUNS:
         sidecar = json.loads((tmp_path / "out" / f"{run}_desc-noise2noise_dwi.json").read_text())
         details = sidecar["Provenance"]["Details"]

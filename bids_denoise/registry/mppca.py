@@ -79,12 +79,8 @@ def run(inputs, parameters) -> MethodResult:
         return mppca(data, options, mask=mask, noise_sigma=sigma, bvals=bvals if demean == "shell" else None,
                      phase=phase, device=inputs.device)
 
-    if inputs.job == "session" and parameters["noise_scope"] == "joint":
-        # one decomposition over the stacked runs: each window sees every run's volumes
-        result = denoise(inputs.data, inputs.bvals, phase, noise_sigma)
-        image, noise, rank = result.denoised, result.noise_sigma, result.rank
-        details["noise_scope"] = "joint: one decomposition over the session's stacked runs"
-    elif inputs.job == "session" and noise_sigma is None:
+    scope = parameters["noise_scope"] if inputs.job == "session" else "run"
+    if scope == "session" and noise_sigma is None:
         # one noise estimate over every run of the session, then each run denoised with it
         estimate = denoise(inputs.data, inputs.bvals, phase, None)
         results = [denoise(data, bvals, run_phase, estimate.noise_sigma)
@@ -95,9 +91,13 @@ def run(inputs, parameters) -> MethodResult:
         result = results[0]
         details["noise_scope"] = "session: estimated over the stacked runs, each run denoised with it"
     else:
-        if inputs.job == "session":
+        # one decomposition over the series: the run, or the session's stacked runs (joint: each window sees every
+        # run's volumes)
+        if scope == "session":
             warnings.append("a noise level was given or measured in the phase: the session's runs were each denoised "
                             "with it")
+        elif scope == "joint":
+            details["noise_scope"] = "joint: one decomposition over the session's stacked runs"
         result = denoise(inputs.data, inputs.bvals, phase, noise_sigma)
         image, noise, rank = result.denoised, result.noise_sigma, result.rank
     removed = np.stack([_variance_removed(before, after) for before, after in
@@ -109,8 +109,7 @@ def run(inputs, parameters) -> MethodResult:
                            summary_key="NoiseSigmaMedian"),
         "rank": OutputMap(rank, "MP-PCA rank: number of signal components kept per voxel"
                           + {"session": " (mean over the session's runs)",
-                             "joint": " (of the one decomposition over the session's stacked runs)"}.get(
-                              parameters["noise_scope"] if inputs.job == "session" else "", "")),
+                             "joint": " (of the one decomposition over the session's stacked runs)"}.get(scope, "")),
         "removed": OutputMap(removed, "Variance removed per voxel: the mean over the run's volumes of "
                              "(input - output)^2, to compare with the square of the noise map (more: signal or "
                              "noise floor removed too; less: noise left)", per_run=True),
@@ -209,8 +208,10 @@ SPEC = register(MethodSpec(
     references=(VERAART2016, CORDEROGRANDE2019, GAVISH2017, KOAY2006, MANJON2013, EICHNER2015),
     modalities=("dwi", "bold"),
     default=True,
-    joint=lambda parameters: ("session",) + (("echoes",) if parameters["echoes"] == "joint" else ()),
-    session=lambda parameters: parameters["noise_scope"] in ("session", "joint"),
+    # the runs of a session only for a session-wide scope: with --mppca-noise-scope run, a session job another
+    # method asked for is denoised run by run
+    joint=lambda parameters: (("session",) if parameters["noise_scope"] in ("session", "joint") else ())
+    + (("echoes",) if parameters["echoes"] == "joint" else ()),
     takes_phase=True,
     # the cost is one small eigenproblem per window: the compiled CPU solver does about 15,000
     # windows a second on one core here, while torch's batched CUDA eigh did about 1,000 68x68

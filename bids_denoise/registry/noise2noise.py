@@ -27,10 +27,11 @@ def run(inputs, parameters) -> MethodResult:
         "weights": None if result.state_dict is None else save_weights(result.state_dict, inputs.work_dir),
     }
     warnings = list(result.warnings)
-    runs = len(inputs.member_volumes)
     if inputs.job == "session":
+        runs = len(inputs.member_volumes)
+        run_of = np.repeat(np.arange(runs), inputs.member_volumes)  # each stacked volume's run
         details["session_runs"] = runs
-        across = sum(1 for a, b, _ in result.pairs if _run_of(a, inputs) != _run_of(b, inputs))
+        across = sum(1 for a, b, _ in result.pairs if run_of[a] != run_of[b])
         details["pairs_across_runs"] = across
         if runs > 1 and not across:
             warnings.append(f"the session's {runs} DWI runs share no direction within the maximum angle: each run was "
@@ -42,10 +43,6 @@ def run(inputs, parameters) -> MethodResult:
                    else "DWI series returned unchanged: Noise2Noise found no repeated measurement to train on")
     return MethodResult(result.denoised, description, details=details, warnings=warnings,
                         tables={"Volume pairs used for training": pairs} if pairs else {})
-
-
-def _run_of(volume, inputs) -> int:
-    return int(np.searchsorted(np.cumsum(inputs.member_volumes), volume, side="right"))
 
 
 def describe(parameters) -> str:
@@ -79,7 +76,6 @@ SPEC = register(MethodSpec(
     # measured: 12-14x the series in extra memory (benchmarks/scale.py)
     mem_per_input=14.0,
     joint=lambda parameters: ("session",) if parameters["scope"] == "session" else (),
-    session=lambda parameters: parameters["scope"] == "session",
     params=params_from(Noise2NoiseOptions, helps={
         "pairing": "pair repeated measurements (repeats: b0s, directions within --noise2noise-max-angle) or each "
                    "volume with the nearest direction of its shell (nearest: biases FA)"}) + (

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import run_registered, table  # noqa: E402
+from few_directions import make as few_direction_phantom  # noqa: E402
 
 ROWS = ("noisy", "mean of the two runs", "DIPY mppca", "mppca", "mppca joint", "noise2noise run",
         "noise2noise session")
@@ -36,15 +37,7 @@ ROWS = ("noisy", "mean of the two runs", "DIPY mppca", "mppca", "mppca joint", "
 
 def make(generator, directions, snr, seed):
     """The first run (a Phantom) and the second run's noisy series (same signal, independent noise)."""
-    shells = ((1000.0, int(directions)),)
-    if generator == "head":
-        from bids_denoise.testing.phantom import make_phantom
-
-        phantom = make_phantom((40, 48, 28), n_b0=1, shells=shells, noise_sigma=1.0 / snr, seed=seed)
-    else:
-        from bids_denoise.testing.multitensor_phantom import make_multitensor_phantom
-
-        phantom = make_multitensor_phantom(n_b0=1, shells=shells, snr=snr, seed=seed)
+    phantom = few_direction_phantom(generator, directions, snr, seed)  # the few-direction benchmark's phantoms
     sigma = 1000.0 / snr
     rng = np.random.default_rng([seed, 2])
     signal = phantom.signal.astype(np.float64)

@@ -14,13 +14,14 @@ def run(inputs, parameters) -> MethodResult:
     options = PatchPCAOptions.from_values(parameters)
     result = patch_pca(inputs.data, options, device=inputs.device)
     image = result.denoised.reshape(inputs.data.shape)
+    values = (2 * options.patch_radius + 1) ** 3
     maps = {
         "noise": OutputMap(result.noise_sigma, "Patch PCA noise level: standard deviation of the noise per voxel, "
                            "from the Marchenko-Pastur fit of the window's patches", summary_key="NoiseSigmaMedian"),
         "rank": OutputMap(result.rank, "Patch PCA rank: signal components kept per voxel (of "
-                          f"{(2 * options.patch_radius + 1) ** 3} patch values; window-averaged)"),
+                          f"{values} patch values; window-averaged)"),
     }
-    details = {"patch_values": (2 * options.patch_radius + 1) ** 3, "window": [options.extent] * 3,
+    details = {"patch_values": values, "window": [options.extent] * 3,
                "rank_median": float(np.median(result.rank))}
     return MethodResult(image, "Image denoised with Marchenko-Pastur PCA of its patches", maps=maps,
                         details=details)

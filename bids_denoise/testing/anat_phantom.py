@@ -9,8 +9,9 @@ hyperintense in FLAIR, a fraction of the white matter's signal) and Rician noise
 brain signal over sigma.
 
 :func:`anatomical_scores` scores a denoised image: PSNR and SSIM in the brain, the lesion's contrast
-against a shell of white matter around it, and the grey/white edge contrast, each kept as a fraction of
-the noise-free image's (the edge: white and grey matter within 2 voxels of each other) (1 = kept; blurring lowers both; noise does not bias either).
+against a shell of white matter around it, and the grey/white edge contrast (white and grey matter within
+2 voxels of each other), each kept as a fraction of the noise-free image's (1 = kept; blurring lowers
+both; noise does not bias either).
 """
 
 from __future__ import annotations
@@ -49,12 +50,21 @@ def _block(shape, full_shape):
     return tuple(slice(a, a + s) for a, s in zip(starts, shape))
 
 
-def _mni_tissue(shape):
+@functools.lru_cache(maxsize=1)
+def _mni_templates():
+    """nilearn's MNI152 2009 T1, grey- and white-matter maps at 1 mm, read once (read-only arrays)."""
     from nilearn import datasets
 
-    t1 = datasets.load_mni152_template(resolution=1).get_fdata()
-    grey = datasets.load_mni152_gm_template(resolution=1).get_fdata()
-    white = datasets.load_mni152_wm_template(resolution=1).get_fdata()
+    images = (datasets.load_mni152_template(resolution=1), datasets.load_mni152_gm_template(resolution=1),
+              datasets.load_mni152_wm_template(resolution=1))
+    arrays = tuple(image.get_fdata() for image in images)
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+def _mni_tissue(shape):
+    t1, grey, white = _mni_templates()
     block = _block(shape, t1.shape)
     t1, grey, white = t1[block], grey[block], white[block]
     brain = t1 > 0.05

@@ -65,14 +65,18 @@ def denoise(name, phantom, seed):
     return run_registered(name, data, phantom.bvals, phantom.bvecs, seed=seed)
 
 
-def real_cut(folder, directions=12, b_target=1200.0):
-    """MRtrix3's multi-shell test series cut to one b0 and ``directions`` of its b=1200 directions, spread
+#: the real series of ``--real`` (MRtrix3's test data, shared/data/mrtrix3): file stem, the shell to cut
+REAL_SERIES = (("msmt_dwi", 1200.0), ("dwi", 3000.0))
+
+
+def real_cut(folder, stem="msmt_dwi", b_target=1200.0, directions=12):
+    """One of MRtrix3's test series cut to one b0 and ``directions`` of its directions at ``b_target``, spread
     (greedy farthest point, antipodes the same): a real few-direction protocol."""
     import nibabel as nib
 
-    data = nib.load(folder / "msmt_dwi.nii.gz").get_fdata(dtype=np.float32)
-    bvals = np.loadtxt(folder / "msmt_dwi.bval")
-    bvecs = np.loadtxt(folder / "msmt_dwi.bvec")
+    data = nib.load(folder / f"{stem}.nii.gz").get_fdata(dtype=np.float32)
+    bvals = np.loadtxt(folder / f"{stem}.bval")
+    bvecs = np.loadtxt(folder / f"{stem}.bvec")
     shell = np.flatnonzero(np.abs(bvals - b_target) < 100)
     chosen = [int(shell[0])]
     while len(chosen) < directions:
@@ -82,13 +86,13 @@ def real_cut(folder, directions=12, b_target=1200.0):
     return data[..., keep], bvals[keep], bvecs[:, keep]
 
 
-def real_rows(folder, rows, seed):
-    """The leak-free score (``bids_denoise.evaluate.dwi_score``) of each row on the real cut."""
+def real_rows(folder, rows, seed, stem, b_target):
+    """The leak-free score (``bids_denoise.evaluate.dwi_score``) of each row on a real cut."""
     from types import SimpleNamespace
 
     from bids_denoise.evaluate import dwi_score
 
-    data, bvals, bvecs = real_cut(folder)
+    data, bvals, bvecs = real_cut(folder, stem, b_target)
     lines = []
     for name in rows:
         if name == "noisy":
@@ -106,8 +110,8 @@ def real_rows(folder, rows, seed):
             continue
         lines.append([name, f"{score.r2:.4f}", f"{score.r2_without:.4f}", f"{score.rmse / score.rmse_without:.3f}",
                       f"{time.perf_counter() - start:.0f}"])
-    print(f"\nMRtrix3's multi-shell series cut to 1 b0 + 12 directions at b=1200 ({data.shape}): held-out raw volumes "
-          "predicted leak-free (5 folds)")
+    print(f"\nMRtrix3's {stem} series cut to 1 b0 + 12 directions at b={b_target:g} ({data.shape}): held-out raw "
+          "volumes predicted leak-free (5 folds)")
     table(lines, ["row", "R² denoised", "R² raw", "RMSE ratio", "s"])
 
 
@@ -119,8 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--generators", nargs="+", default=["head", "multitensor"])
     parser.add_argument("--rows", nargs="+", help="a subset of the rows (by the start of their names)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--real", type=Path, help="a folder with MRtrix3's msmt_dwi series (shared/data/mrtrix3): "
-                                                  "score the rows on it cut to 1 b0 + 12 directions instead")
+    parser.add_argument("--real", type=Path, help="a folder with MRtrix3's test series (shared/data/mrtrix3): score "
+                                                  "the rows on its msmt_dwi (b=1200) and dwi (b=3000) series, each "
+                                                  "cut to 1 b0 + 12 directions, instead")
     args = parser.parse_args(argv)
     import torch
 
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
     rows = [name for name in CLASSICAL + OURS
             if name == "noisy" or not args.rows or any(name.startswith(prefix) for prefix in args.rows)]
     if args.real:
-        real_rows(args.real, rows, args.seeds[0])
+        for stem, b_target in REAL_SERIES:
+            real_rows(args.real, rows, args.seeds[0], stem, b_target)
         return 0
     cases = [(generator, directions, snr, seed) for generator in args.generators for directions in args.directions
              for snr in args.snr for seed in args.seeds]
